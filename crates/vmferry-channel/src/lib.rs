@@ -13,3 +13,4 @@ pub mod peercred;
 pub mod pump;
 pub mod tls;
 pub mod transport;
+pub mod x509_data;

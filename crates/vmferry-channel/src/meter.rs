@@ -1,1 +1,26 @@
-//! TODO
+//! Byte counters shared by all streams of one migration (the metering filter).
+//! Counting must never block or allocate on the data path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Plaintext bytes carried "forward" (local unix side → TLS peer) and "backward".
+#[derive(Debug, Default)]
+pub struct Meter {
+    forward: AtomicU64,
+    backward: AtomicU64,
+}
+
+impl Meter {
+    pub fn add_forward(&self, n: u64) {
+        self.forward.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_backward(&self, n: u64) {
+        self.backward.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn forward(&self) -> u64 {
+        self.forward.load(Ordering::Relaxed)
+    }
+    pub fn backward(&self) -> u64 {
+        self.backward.load(Ordering::Relaxed)
+    }
+}

@@ -1,1 +1,22 @@
-//! placeholder
+//! The vmferry daemon as a library: the control server, the registry of managed VMs, and
+//! the source and destination halves of a migration.
+//!
+//! The binary (`vmferry serve`) is a thin wrapper; tests start a [`Server`] directly.
+//! This crate must never build its own TLS configuration or copy migration bytes itself:
+//! both belong to `vmferry-channel`, so that security lives in one place.
+
+pub mod accel;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod controller;
+pub mod error;
+pub mod migration;
+pub mod qemu_cmd;
+pub mod server;
+pub mod vms;
+
+pub use client::{ControlClient, ControlTarget};
+pub use config::DaemonConfig;
+pub use error::DaemonError;
+pub use server::Server;

@@ -1,1 +1,34 @@
-fn main() {}
+//! `vmferry`: the command line. Thin: every behaviour lives in the library crates; this
+//! file parses flags, renders progress and prints errors as one line with their causes.
+
+mod cli;
+mod migrate_cmd;
+mod units;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMFERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.default_log_level()));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = cli::run(args) {
+        // The whole cause chain on one line, so an operator sees why at a glance.
+        let mut msg = format!("{e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            let s_text = s.to_string();
+            if !msg.contains(&s_text) {
+                msg.push_str(": ");
+                msg.push_str(&s_text);
+            }
+            src = s.source();
+        }
+        eprintln!("vmferry: error: {msg}");
+        std::process::exit(1);
+    }
+}

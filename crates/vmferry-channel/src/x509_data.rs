@@ -1,0 +1,92 @@
+//! x509 mode of the data channel: both daemons use their CA-signed host certificates.
+//!
+//! A data connection must still name its migration in the TLS server name (so the
+//! destination can route it on its shared port), so the name the destination's
+//! certificate is checked against cannot be the SNI: it is fixed here, per connection, to
+//! the destination's host name or the operator's `--tls-hostname`. Everything else —
+//! chain, expiry, signatures — is webpki's ordinary verification.
+
+use crate::certs::HostCredentials;
+use crate::tls::{self, TlsError};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::sync::Arc;
+
+/// Verifies the server's chain against our CA for a fixed name, whatever SNI was sent.
+#[derive(Debug)]
+struct FixedNameVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _sni: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client (source) side: our host certificate as client certificate; the destination's
+/// must chain to our CA and be valid for `expected_name`.
+pub fn client_config(
+    creds: &HostCredentials,
+    expected_name: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &creds.ca {
+        roots
+            .add(c.clone())
+            .map_err(|e| TlsError::Config(format!("CA certificate in {}: {e}", creds.dir.display())))?;
+    }
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("cannot build the certificate verifier: {e}")))?;
+    let name = ServerName::try_from(expected_name.to_string())
+        .map_err(|_| TlsError::Config(format!("{expected_name:?} is not a valid TLS host name")))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(|e| TlsError::Config(format!("host certificate in {}: {e}", creds.dir.display())))?;
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// Server (destination) side: the same mutual-TLS rules as the control API.
+pub fn server_config(creds: &HostCredentials) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    tls::control_server_config(creds)
+}

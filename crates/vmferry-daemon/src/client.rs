@@ -1,0 +1,245 @@
+//! The controller's side of a control connection: connect (mutual TLS or the local unix
+//! socket), say hello, send requests and wait for their answers with a deadline.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmferry_channel::certs::HostCredentials;
+use vmferry_channel::framed::{self, FrameError, MAX_FRAME};
+use vmferry_channel::{tls, transport};
+use vmferry_proto::{Hello, Request, RequestBody, Response, ResponseBody, WireError, PROTOCOL_VERSION};
+
+/// Where a daemon's control API is: `host:port` (TLS) or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlTarget {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ControlTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(ControlTarget::Unix(PathBuf::from(p)));
+        }
+        if s.starts_with('/') {
+            return Ok(ControlTarget::Unix(PathBuf::from(s)));
+        }
+        if !s.contains(':') {
+            return Err(format!(
+                "daemon address {s:?} needs a port (host:port) or a unix socket path"
+            ));
+        }
+        Ok(ControlTarget::Tcp(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for ControlTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlTarget::Tcp(a) => f.write_str(a),
+            ControlTarget::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("{peer}: {source}")]
+    Remote {
+        peer: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("{peer} did not answer within {secs} s")]
+    Timeout { peer: String, secs: u64 },
+    #[error("{peer}: {msg}")]
+    Protocol { peer: String, msg: String },
+}
+
+trait Conn: Read + Write + Send {
+    fn set_timeout(&mut self, t: Option<Duration>);
+}
+
+impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_timeout(&mut self, t: Option<Duration>) {
+        let _ = self.sock.set_read_timeout(t);
+        let _ = self.sock.set_write_timeout(t);
+    }
+}
+
+impl Conn for UnixStream {
+    fn set_timeout(&mut self, t: Option<Duration>) {
+        let _ = self.set_read_timeout(t);
+        let _ = self.set_write_timeout(t);
+    }
+}
+
+/// A connected, greeted control session.
+pub struct ControlClient {
+    conn: Box<dyn Conn>,
+    peer: String,
+    next_id: u64,
+    /// What the daemon said of itself in its hello.
+    pub daemon_agent: String,
+}
+
+impl std::fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlClient").field("peer", &self.peer).finish()
+    }
+}
+
+/// How long connecting (TCP + TLS + hello) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ControlClient {
+    /// Connects to a daemon. TCP needs credentials (the controller's certificate);
+    /// `tls_hostname` overrides the name the daemon's certificate must carry.
+    pub fn connect(
+        target: &ControlTarget,
+        creds: Option<&HostCredentials>,
+        tls_hostname: Option<&str>,
+    ) -> Result<ControlClient, ClientError> {
+        let peer = target.to_string();
+        let conn: Box<dyn Conn> = match target {
+            ControlTarget::Unix(path) => Box::new(UnixStream::connect(path).map_err(|e| {
+                ClientError::Connect(format!(
+                    "cannot reach the daemon's control socket {}: {e}",
+                    path.display()
+                ))
+            })?),
+            ControlTarget::Tcp(addr) => {
+                let creds = creds.ok_or_else(|| {
+                    ClientError::Connect(format!(
+                        "connecting to {addr} needs a certificate: give --certs DIR"
+                    ))
+                })?;
+                let cfg = tls::control_client_config(creds)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                let tcp = transport::connect_tcp(addr, CONNECT_TIMEOUT)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                let name = match tls_hostname {
+                    Some(n) => n.to_string(),
+                    None => crate::migration::source::host_of(addr),
+                };
+                Box::new(
+                    tls::connect(tcp, &name, cfg, CONNECT_TIMEOUT, addr)
+                        .map_err(|e| ClientError::Connect(e.to_string()))?,
+                )
+            }
+        };
+        let mut c = ControlClient {
+            conn,
+            peer,
+            next_id: 1,
+            daemon_agent: String::new(),
+        };
+        c.conn.set_timeout(Some(CONNECT_TIMEOUT));
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            agent: format!("vmferry {} (controller)", env!("CARGO_PKG_VERSION")),
+        };
+        framed::write_json(&mut c.conn, &hello).map_err(|e| c.frame_error(e))?;
+        // The daemon answers a hello with its own, or with an error response.
+        let v: serde_json::Value = framed::read_json(&mut c.conn, MAX_FRAME)
+            .map_err(|e| c.frame_error(e))?
+            .ok_or_else(|| ClientError::Protocol {
+                peer: c.peer.clone(),
+                msg: "closed the connection after our hello".into(),
+            })?;
+        if let Ok(Response {
+            body: ResponseBody::Error { error },
+            ..
+        }) = serde_json::from_value::<Response>(v.clone())
+        {
+            return Err(ClientError::Remote {
+                peer: c.peer.clone(),
+                source: error,
+            });
+        }
+        let theirs: Hello = serde_json::from_value(v).map_err(|e| ClientError::Protocol {
+            peer: c.peer.clone(),
+            msg: format!("bad hello: {e}"),
+        })?;
+        c.daemon_agent = theirs.agent;
+        Ok(c)
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn frame_error(&self, e: FrameError) -> ClientError {
+        match e {
+            FrameError::Timeout => ClientError::Timeout {
+                peer: self.peer.clone(),
+                secs: 0,
+            },
+            other => ClientError::Protocol {
+                peer: self.peer.clone(),
+                msg: other.to_string(),
+            },
+        }
+    }
+
+    /// Sends one request and waits up to `timeout` for its answer. An error reply comes
+    /// back as [`ClientError::Remote`].
+    pub fn call(&mut self, body: RequestBody, timeout: Duration) -> Result<ResponseBody, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conn.set_timeout(Some(timeout));
+        framed::write_json(&mut self.conn, &Request { id, body }).map_err(|e| self.frame_error(e))?;
+        let resp: Response = match framed::read_json(&mut self.conn, MAX_FRAME) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(ClientError::Protocol {
+                    peer: self.peer.clone(),
+                    msg: "the daemon closed the connection".into(),
+                })
+            }
+            Err(FrameError::Timeout) => {
+                return Err(ClientError::Timeout {
+                    peer: self.peer.clone(),
+                    secs: timeout.as_secs(),
+                })
+            }
+            Err(e) => return Err(self.frame_error(e)),
+        };
+        if let ResponseBody::Error { error } = resp.body {
+            return Err(ClientError::Remote {
+                peer: self.peer.clone(),
+                source: error,
+            });
+        }
+        if resp.id != id {
+            return Err(ClientError::Protocol {
+                peer: self.peer.clone(),
+                msg: format!("answered request {} while we asked {id}", resp.id),
+            });
+        }
+        Ok(resp.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_targets_parse_addresses_and_socket_paths() {
+        assert_eq!(
+            "127.0.0.1:4700".parse::<ControlTarget>(),
+            Ok(ControlTarget::Tcp("127.0.0.1:4700".into()))
+        );
+        assert_eq!(
+            "/run/vmferry/control.sock".parse::<ControlTarget>(),
+            Ok(ControlTarget::Unix("/run/vmferry/control.sock".into()))
+        );
+        assert!("hostonly".parse::<ControlTarget>().is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! The QEMU command line for a managed VM, built from its spec.
+//!
+//! Source and destination must build the same machine from the same spec, or QEMU refuses
+//! the incoming state: everything that shapes the guest comes from [`VmSpec`] only, never
+//! from the host it runs on.
+
+use std::path::Path;
+use vmferry_proto::{Accel, VmSpec};
+
+/// Per-VM files on the daemon's host.
+#[derive(Debug, Clone)]
+pub struct VmPaths<'a> {
+    pub qmp: &'a Path,
+    pub serial_log: &'a Path,
+}
+
+/// Arguments after the binary name. `incoming` starts the QEMU paused, waiting for a
+/// migration (`-S -incoming defer`).
+pub fn qemu_args(spec: &VmSpec, paths: &VmPaths<'_>, incoming: bool) -> Vec<String> {
+    let accel = match spec.accel {
+        Accel::Kvm => "kvm",
+        // Auto must have been resolved before; TCG is the safe reading.
+        Accel::Tcg | Accel::Auto => "tcg",
+    };
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", spec.name),
+        "-machine".into(),
+        format!("q35,accel={accel}"),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-serial".into(),
+        format!("file:{}", paths.serial_log.display()),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", paths.qmp.display()),
+    ];
+    if let Some(k) = &spec.kernel {
+        a.push("-kernel".into());
+        a.push(k.clone());
+    }
+    if let Some(i) = &spec.initrd {
+        a.push("-initrd".into());
+        a.push(i.clone());
+    }
+    if let Some(ap) = &spec.append {
+        a.push("-append".into());
+        a.push(ap.clone());
+    }
+    for (n, d) in spec.disks.iter().enumerate() {
+        let format = if d.ends_with(".qcow2") { "qcow2" } else { "raw" };
+        a.push("-drive".into());
+        a.push(format!(
+            "file={d},if=virtio,format={format},cache=none,id=disk{n}"
+        ));
+    }
+    if incoming {
+        a.push("-S".into());
+        a.push("-incoming".into());
+        a.push("defer".into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmferry_proto::VmName;
+
+    #[test]
+    fn an_incoming_vm_starts_paused_and_deferred() {
+        let spec = VmSpec {
+            name: VmName::new("g").expect("valid"),
+            memory_mib: 128,
+            cpus: 2,
+            kernel: Some("/k".into()),
+            initrd: None,
+            append: Some("console=ttyS0 quiet".into()),
+            disks: vec!["/d.qcow2".into()],
+            accel: Accel::Tcg,
+        };
+        let p = VmPaths {
+            qmp: Path::new("/s/qmp.sock"),
+            serial_log: Path::new("/s/serial.log"),
+        };
+        let a = qemu_args(&spec, &p, true);
+        let joined = a.join(" ");
+        assert!(joined.contains("-incoming defer"), "{joined}");
+        assert!(joined.contains("-S"));
+        assert!(joined.contains("accel=tcg"));
+        assert!(joined.contains("format=qcow2"));
+        // the append string stays one argument
+        assert!(a.iter().any(|x| x == "console=ttyS0 quiet"));
+        assert!(!qemu_args(&spec, &p, false).join(" ").contains("incoming"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The daemon's listeners: the TCP port (mutual TLS; control and data connections share
+//! it, told apart by the TLS server name) and the local unix control socket (peer
+//! credentials).
+//!
+//! Every accepted connection gets its own thread and a handshake deadline, so a silent or
+//! hostile peer costs one thread for a bounded time and never blocks another client.
+
+use crate::config::DaemonConfig;
+use crate::control::{serve_control, Caller};
+use crate::error::{DaemonError, Result};
+use crate::migration::Migrations;
+use crate::vms::{lock, VmRegistry};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vmferry_channel::certs::HostCredentials;
+use vmferry_channel::{peercred, tls};
+use vmferry_proto::MigrationId;
+
+/// How long a new connection may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many connections may be in their handshake at once.
+const MAX_PENDING: usize = 64;
+
+/// Shared state of a running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: DaemonConfig,
+    pub vms: VmRegistry,
+    pub migrations: Migrations,
+    /// The host identity, when a certs dir is configured.
+    creds: Option<HostCredentials>,
+    control_tls: Option<Arc<rustls::ServerConfig>>,
+    pub hostname: String,
+}
+
+impl Daemon {
+    /// The host's CA-signed credentials, needed for x509 data channels.
+    pub fn credentials(&self) -> Result<HostCredentials> {
+        self.creds.clone().ok_or_else(|| {
+            DaemonError::BadRequest("this daemon has no certificates configured (--certs)".into())
+        })
+    }
+}
+
+/// A bound, not yet running daemon. Tests bind on `127.0.0.1:0` and read the port.
+#[derive(Debug)]
+pub struct Server {
+    daemon: Arc<Daemon>,
+    tcp: Option<TcpListener>,
+    unix: UnixListener,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn bind(config: DaemonConfig) -> Result<Server> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            DaemonError::Internal(format!(
+                "cannot create state dir {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+        let creds = match &config.certs {
+            Some(dir) => Some(
+                HostCredentials::load(dir).map_err(|e| DaemonError::BadRequest(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let control_tls = match &creds {
+            Some(c) => Some(
+                tls::control_server_config(c).map_err(|e| DaemonError::BadRequest(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let tcp = match &config.listen {
+            Some(addr) => {
+                if control_tls.is_none() {
+                    return Err(DaemonError::BadRequest(format!(
+                        "listening on {addr} needs certificates: give --certs DIR (see `vmferry certs`)"
+                    )));
+                }
+                Some(TcpListener::bind(addr).map_err(|e| {
+                    DaemonError::BadRequest(format!("cannot listen on {addr}: {e}"))
+                })?)
+            }
+            None => None,
+        };
+        let sock = config.control_socket();
+        let _ = std::fs::remove_file(&sock);
+        let unix = UnixListener::bind(&sock).map_err(|e| {
+            DaemonError::BadRequest(format!("cannot listen on {}: {e}", sock.display()))
+        })?;
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
+        Ok(Server {
+            daemon: Arc::new(Daemon {
+                config,
+                vms,
+                migrations: Migrations::default(),
+                creds,
+                control_tls,
+                hostname,
+            }),
+            tcp,
+            unix,
+            shutdown: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn daemon(&self) -> Arc<Daemon> {
+        self.daemon.clone()
+    }
+
+    /// Serves until the process ends.
+    pub fn run(self) -> Result<()> {
+        let daemon = self.daemon.clone();
+        let unix = self.unix;
+        let d2 = daemon.clone();
+        std::thread::Builder::new()
+            .name("accept-unix".into())
+            .spawn(move || accept_unix(d2, unix))
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let d3 = daemon.clone();
+        std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || sweep(d3))
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        match self.tcp {
+            Some(tcp) => accept_tcp(daemon, tcp, self.shutdown),
+            None => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        }
+    }
+}
+
+fn accept_unix(daemon: Arc<Daemon>, listener: UnixListener) {
+    let me = nix::unistd::geteuid().as_raw();
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let daemon = daemon.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-unix".into())
+            .spawn(move || {
+                let cred = match peercred::peer_cred(&conn) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("unix control connection refused: no peer credentials: {e}");
+                        return;
+                    }
+                };
+                let allowed = cred.uid == 0
+                    || cred.uid == me
+                    || daemon.config.allowed_uids.contains(&cred.uid);
+                let who = format!("uid {} (pid {:?})", cred.uid, cred.pid);
+                if !allowed {
+                    tracing::warn!(caller = %who, "unix control connection refused: uid not allowed");
+                    refuse_unix(conn, &who);
+                    return;
+                }
+                tracing::info!(caller = %who, "unix control connection accepted");
+                let mut conn = conn;
+                serve_control(&daemon, &mut conn, &Caller { who }, |s, t| {
+                    let _ = s.set_read_timeout(t);
+                });
+            });
+    }
+}
+
+fn refuse_unix(mut conn: UnixStream, who: &str) {
+    let err = vmferry_proto::WireError::new(
+        vmferry_proto::ErrorKind::Denied,
+        format!("{who} is not allowed on this daemon's control socket (allowed_uids)"),
+    );
+    let _ = vmferry_channel::framed::write_json(
+        &mut conn,
+        &vmferry_proto::Response {
+            id: 0,
+            body: vmferry_proto::ResponseBody::Error { error: err },
+        },
+    );
+}
+
+fn accept_tcp(daemon: Arc<Daemon>, listener: TcpListener, shutdown: Arc<AtomicBool>) -> Result<()> {
+    let pending = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(conn) = conn else { continue };
+        if pending.load(Ordering::SeqCst) >= MAX_PENDING {
+            tracing::warn!("too many connections in handshake; dropping one");
+            continue;
+        }
+        pending.fetch_add(1, Ordering::SeqCst);
+        let daemon = daemon.clone();
+        let pending = pending.clone();
+        let _ = std::thread::Builder::new()
+            .name("conn-tcp".into())
+            .spawn(move || handle_tcp(daemon, conn, pending));
+    }
+    Ok(())
+}
+
+fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>) {
+    let peer = conn
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown peer".into());
+    let Some(control) = daemon.control_tls.clone() else {
+        pending.fetch_sub(1, Ordering::SeqCst);
+        return;
+    };
+    let mut route: Option<Arc<crate::migration::DestinationMigration>> = None;
+    let accepted = tls::accept(conn, HANDSHAKE_TIMEOUT, |sni| {
+        match sni.and_then(tls::migration_id_from_sni) {
+            Some(id) => {
+                let m = MigrationId::new(id)
+                    .ok()
+                    .and_then(|id| daemon.migrations.destination(&id).ok())?;
+                let cfg = m.data_config()?;
+                route = Some(m);
+                Some(cfg)
+            }
+            None => Some(control),
+        }
+    });
+    pending.fetch_sub(1, Ordering::SeqCst);
+    let (mut stream, _sni) = match accepted {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, "connection refused: {e}");
+            return;
+        }
+    };
+    match route {
+        Some(m) => {
+            tracing::info!(%peer, migration = %m.id, "data connection accepted");
+            if let Err(e) = m.serve_data(stream) {
+                tracing::warn!(%peer, migration = %m.id, "data connection ended: {e}");
+            }
+        }
+        None => {
+            let who = client_name(&stream).unwrap_or_else(|| "client".into());
+            let who = format!("{who} at {peer}");
+            tracing::info!(caller = %who, "control connection accepted");
+            serve_control(&daemon, &mut stream, &Caller { who }, |s, t| {
+                let _ = s.sock.set_read_timeout(t);
+            });
+        }
+    }
+}
+
+/// The subject of the client's certificate, for logs.
+fn client_name(s: &rustls::StreamOwned<rustls::ServerConnection, TcpStream>) -> Option<String> {
+    let cert = s.conn.peer_certificates()?.first()?;
+    Some(tls::subject_of(cert))
+}
+
+/// Drops prepared migrations nobody connected to before their credentials expired.
+fn sweep(daemon: Arc<Daemon>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(5));
+        let expired: Vec<_> = lock(&daemon.migrations.destinations)
+            .values()
+            .filter(|m| m.expired())
+            .cloned()
+            .collect();
+        for m in expired {
+            m.abort(&daemon, "its one-time credentials expired unused");
+        }
+    }
+}

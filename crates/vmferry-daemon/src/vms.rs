@@ -1,0 +1,304 @@
+//! The registry of VMs this daemon manages: it starts their QEMU, owns their QMP socket,
+//! and stops them.
+//!
+//! The daemon is the only QMP client of a managed VM (QEMU serves one client at a time):
+//! everything that talks to such a QEMU goes through [`ManagedVm::with_qmp`]. A VM's
+//! files live in `state_dir/vms/NAME/`; names are validated before they reach a path.
+
+use crate::accel::{AccelChoice, AccelResolver};
+use crate::error::{DaemonError, Result};
+use crate::qemu_cmd::{qemu_args, VmPaths};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vmferry_proto::{Accel, VmInfo, VmName, VmSpec};
+use vmferry_qmp::{Qmp, QmpError};
+
+/// How long a freshly started QEMU may take to open its QMP socket.
+const QMP_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// One QEMU process the daemon started.
+#[derive(Debug)]
+pub struct ManagedVm {
+    /// The spec with the accelerator resolved.
+    pub spec: VmSpec,
+    pub dir: PathBuf,
+    pub qmp_path: PathBuf,
+    pub serial_log: PathBuf,
+    /// QEMU's stderr, for error messages when it exits.
+    pub qemu_log: PathBuf,
+    /// Why this accelerator, for the operator.
+    pub accel_reason: String,
+    child: Mutex<Child>,
+    qmp: Mutex<Option<Qmp>>,
+}
+
+impl ManagedVm {
+    /// Runs `f` with this VM's QMP connection, reconnecting if an earlier call broke it.
+    pub fn with_qmp<R>(&self, f: impl FnOnce(&mut Qmp) -> Result<R, QmpError>) -> Result<R> {
+        let mut guard = lock(&self.qmp);
+        if guard.is_none() {
+            if let Some(reason) = self.exit_reason() {
+                return Err(DaemonError::Qemu(reason));
+            }
+            *guard = Some(Qmp::connect(&self.qmp_path, Duration::from_secs(5))?);
+        }
+        let Some(q) = guard.as_mut() else {
+            return Err(DaemonError::Internal("QMP connection vanished".into()));
+        };
+        match f(q) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // A broken connection is dropped so the next call reconnects; a command
+                // error leaves it usable.
+                if !matches!(e, QmpError::Command { .. }) {
+                    *guard = None;
+                    if let Some(reason) = self.exit_reason() {
+                        return Err(DaemonError::Qemu(reason));
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        lock(&self.child).id()
+    }
+
+    /// `Some(why)` once QEMU has exited, with the end of its stderr.
+    pub fn exit_reason(&self) -> Option<String> {
+        let status = lock(&self.child).try_wait().ok().flatten()?;
+        let tail = log_tail(&self.qemu_log, 600);
+        Some(if tail.is_empty() {
+            format!("QEMU for VM '{}' exited ({status})", self.spec.name)
+        } else {
+            format!("QEMU for VM '{}' exited ({status}): {tail}", self.spec.name)
+        })
+    }
+
+    /// QEMU's run state, or `exited`.
+    pub fn state(&self) -> String {
+        if self.exit_reason().is_some() {
+            return "exited".into();
+        }
+        match self.with_qmp(|q| q.query_status()) {
+            Ok(s) => s.status,
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            spec: self.spec.clone(),
+            state: self.state(),
+            pid: Some(self.pid()),
+            serial_log: self.serial_log.display().to_string(),
+        }
+    }
+
+    /// Asks QEMU to quit, then kills it if it has not gone within `grace`.
+    pub fn shutdown(&self, grace: Duration) {
+        let _ = self.with_qmp(|q| q.quit());
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if lock(&self.child).try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    /// Kills QEMU at once (an incoming QEMU holds nothing worth saving).
+    pub fn kill(&self) {
+        let mut c = lock(&self.child);
+        let _ = c.kill();
+        let _ = c.wait();
+        *lock(&self.qmp) = None;
+        let _ = std::fs::remove_file(&self.qmp_path);
+    }
+}
+
+fn log_tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// All managed VMs of this daemon.
+#[derive(Debug)]
+pub struct VmRegistry {
+    vms: Mutex<HashMap<VmName, Arc<ManagedVm>>>,
+    /// Names being started, so two starts of one name cannot race.
+    starting: Mutex<HashSet<VmName>>,
+    dir: PathBuf,
+    qemu: String,
+    default_accel: Accel,
+    accel: AccelResolver,
+}
+
+impl VmRegistry {
+    pub fn new(state_dir: &Path, qemu: String, default_accel: Accel) -> Self {
+        VmRegistry {
+            vms: Mutex::new(HashMap::new()),
+            starting: Mutex::new(HashSet::new()),
+            dir: state_dir.join("vms"),
+            qemu,
+            default_accel,
+            accel: AccelResolver::default(),
+        }
+    }
+
+    /// Starts a VM. `incoming` starts it paused waiting for a migration, and then the
+    /// spec's accelerator is used as given (the source already resolved it).
+    pub fn start(&self, mut spec: VmSpec, incoming: bool) -> Result<Arc<ManagedVm>> {
+        spec.check().map_err(DaemonError::BadRequest)?;
+        let name = spec.name.clone();
+        {
+            let vms = lock(&self.vms);
+            let mut starting = lock(&self.starting);
+            if vms.contains_key(&name) || !starting.insert(name.clone()) {
+                return Err(DaemonError::Exists(format!(
+                    "a VM named '{name}' already exists on this host"
+                )));
+            }
+        }
+        let result = self.launch(&mut spec, incoming);
+        lock(&self.starting).remove(&name);
+        let vm = Arc::new(result?);
+        lock(&self.vms).insert(name, vm.clone());
+        Ok(vm)
+    }
+
+    fn launch(&self, spec: &mut VmSpec, incoming: bool) -> Result<ManagedVm> {
+        let dir = self.dir.join(spec.name.as_str());
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            DaemonError::Internal(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        let requested = if spec.accel == Accel::Auto {
+            self.default_accel
+        } else {
+            spec.accel
+        };
+        let AccelChoice { accel, reason } = self.accel.resolve(requested, &self.qemu, spec, &dir);
+        spec.accel = accel;
+        let qmp_path = dir.join("qmp.sock");
+        let serial_log = dir.join("serial.log");
+        let qemu_log = dir.join("qemu.log");
+        let _ = std::fs::remove_file(&qmp_path);
+        let _ = std::fs::remove_file(&serial_log);
+        let args = qemu_args(
+            spec,
+            &VmPaths {
+                qmp: &qmp_path,
+                serial_log: &serial_log,
+            },
+            incoming,
+        );
+        let stderr = File::create(&qemu_log).map_err(|e| {
+            DaemonError::Internal(format!("cannot create {}: {e}", qemu_log.display()))
+        })?;
+        tracing::info!(vm = %spec.name, %accel, incoming, "starting QEMU: {} {}", self.qemu, args.join(" "));
+        let child = Command::new(&self.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| DaemonError::Qemu(format!("cannot run '{}': {e}", self.qemu)))?;
+        let vm = ManagedVm {
+            spec: spec.clone(),
+            dir,
+            qmp_path,
+            serial_log,
+            qemu_log,
+            accel_reason: reason,
+            child: Mutex::new(child),
+            qmp: Mutex::new(None),
+        };
+        let deadline = Instant::now() + QMP_START_TIMEOUT;
+        loop {
+            if let Some(reason) = vm.exit_reason() {
+                return Err(DaemonError::Qemu(reason));
+            }
+            if vm.qmp_path.exists() {
+                match Qmp::connect(&vm.qmp_path, Duration::from_secs(2)) {
+                    Ok(q) => {
+                        *lock(&vm.qmp) = Some(q);
+                        return Ok(vm);
+                    }
+                    Err(e) if Instant::now() >= deadline => {
+                        vm.kill();
+                        return Err(DaemonError::Qemu(format!(
+                            "QEMU for VM '{}' did not answer on QMP: {e}",
+                            spec.name
+                        )));
+                    }
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                vm.kill();
+                return Err(DaemonError::Timeout(format!(
+                    "QEMU for VM '{}' did not open its QMP socket within {} s",
+                    spec.name,
+                    QMP_START_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, name: &VmName) -> Result<Arc<ManagedVm>> {
+        lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DaemonError::NotFound(format!("no VM named '{name}' on this host")))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<Arc<ManagedVm>> = lock(&self.vms).values().cloned().collect();
+        let mut infos: Vec<VmInfo> = vms.iter().map(|v| v.info()).collect();
+        infos.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        infos
+    }
+
+    /// Stops a VM (quit, then kill) and forgets it.
+    pub fn stop(&self, name: &VmName) -> Result<()> {
+        let vm = lock(&self.vms).remove(name).ok_or_else(|| {
+            DaemonError::NotFound(format!("no VM named '{name}' on this host"))
+        })?;
+        vm.shutdown(Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Forgets a VM without touching its process (after it was killed or migrated away).
+    pub fn forget(&self, name: &VmName) {
+        lock(&self.vms).remove(name);
+    }
+
+    /// Kills every VM (daemon shutdown in tests; production leaves VMs running).
+    pub fn kill_all(&self) {
+        let vms: Vec<Arc<ManagedVm>> = lock(&self.vms).drain().map(|(_, v)| v).collect();
+        for v in vms {
+            v.kill();
+        }
+    }
+}

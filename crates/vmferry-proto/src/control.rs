@@ -1,0 +1,286 @@
+//! Control messages between a controller and a daemon.
+//!
+//! Framing (a 4-byte length before each JSON document) is the channel crate's job; this
+//! module only defines what the documents mean. A daemon answers every [`Request`] with
+//! exactly one [`Response`] carrying the same `id`.
+
+use crate::cookie::{Cookie, MigrationOptions};
+use crate::error::WireError;
+use crate::names::{MigrationId, VmName};
+use serde::{Deserialize, Serialize};
+
+/// The first message on every control connection, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Who is speaking, for logs: e.g. `vmferry 0.1.0 (controller)`.
+    pub agent: String,
+}
+
+/// A request from a controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: RequestBody,
+}
+
+/// What a controller asks for. Source-side phases: `Begin`, `Perform`, `Status`, `Confirm`;
+/// destination-side: `Prepare`, `Finish`, `Abort`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RequestBody {
+    Ping,
+    VmStart { spec: VmSpec },
+    VmList,
+    VmStop { name: VmName },
+    Begin {
+        migration: MigrationId,
+        vm: VmRef,
+        options: MigrationOptions,
+    },
+    Prepare { cookie: Cookie, vm: VmRef },
+    Perform { cookie: Cookie },
+    Status { migration: MigrationId },
+    Finish { migration: MigrationId },
+    Confirm { migration: MigrationId, success: bool },
+    Abort { migration: MigrationId, reason: String },
+}
+
+impl RequestBody {
+    /// A short name for logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            RequestBody::Ping => "ping",
+            RequestBody::VmStart { .. } => "vm_start",
+            RequestBody::VmList => "vm_list",
+            RequestBody::VmStop { .. } => "vm_stop",
+            RequestBody::Begin { .. } => "begin",
+            RequestBody::Prepare { .. } => "prepare",
+            RequestBody::Perform { .. } => "perform",
+            RequestBody::Status { .. } => "status",
+            RequestBody::Finish { .. } => "finish",
+            RequestBody::Confirm { .. } => "confirm",
+            RequestBody::Abort { .. } => "abort",
+        }
+    }
+}
+
+/// A daemon's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ResponseBody {
+    Pong { host: String },
+    Done,
+    Vm { vm: VmInfo },
+    Vms { vms: Vec<VmInfo> },
+    Cookie { cookie: Cookie },
+    Status { status: MigrationStatus },
+    Error { error: WireError },
+}
+
+/// Which VM a phase is about: one the daemon manages, or a QEMU started by someone else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmRef {
+    Managed { name: VmName },
+    /// Attach mode: the daemon only carries the stream of this QEMU, reached by its QMP
+    /// socket on the daemon's host. A destination QEMU must run with `-incoming defer`.
+    Attached { qmp: String },
+}
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM if it really runs a guest on this host, else TCG (the daemon says which).
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// Everything needed to start an identical QEMU on another host. Paths must name the same
+/// files on both hosts (shared storage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: VmName,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub append: Option<String>,
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// `Auto` in a start request; always resolved to `Kvm` or `Tcg` in a running VM's spec,
+    /// because a destination must use the accelerator the source uses.
+    #[serde(default)]
+    pub accel: Accel,
+}
+
+/// Limits that keep a peer's VM spec from asking for absurd resources.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_CPUS: u32 = 512;
+pub const MAX_DISKS: usize = 16;
+
+impl VmSpec {
+    /// Checks the parts serde cannot: sizes, counts, and that paths are absolute.
+    pub fn check(&self) -> Result<(), String> {
+        if self.memory_mib < 16 || self.memory_mib > MAX_MEMORY_MIB {
+            return Err(format!(
+                "memory {} MiB is out of range (16..={MAX_MEMORY_MIB})",
+                self.memory_mib
+            ));
+        }
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(format!("cpus {} is out of range (1..={MAX_CPUS})", self.cpus));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(format!("{} disks given; at most {MAX_DISKS}", self.disks.len()));
+        }
+        let paths = self
+            .kernel
+            .iter()
+            .chain(self.initrd.iter())
+            .chain(self.disks.iter());
+        for p in paths {
+            if !p.starts_with('/') || p.contains(',') {
+                return Err(format!(
+                    "path {p:?} must be absolute and must not contain ','"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A VM as a daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub spec: VmSpec,
+    /// QEMU's run state (`running`, `paused`, `inmigrate`, ...), or `exited`.
+    pub state: String,
+    pub pid: Option<u32>,
+    /// Where the guest's serial console is written on the daemon's host.
+    pub serial_log: String,
+}
+
+/// Where a migration stands, as the source reports it while it runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// `setup`, `active`, `completed`, `failed`, `cancelled`, ... as QEMU says it.
+    pub qemu_status: String,
+    /// True once the daemon will not change this status any more.
+    pub finished: bool,
+    pub ram_total: u64,
+    pub ram_transferred: u64,
+    pub ram_remaining: u64,
+    /// QEMU's own rate estimate, in megabits per second.
+    pub mbps: f64,
+    /// Plaintext bytes the daemon carried to the peer, over all streams.
+    pub channel_bytes: u64,
+    pub streams: u32,
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub transport: String,
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: VmName::new("g1").expect("valid"),
+            memory_mib: 256,
+            cpus: 1,
+            kernel: Some("/k".into()),
+            initrd: None,
+            append: None,
+            disks: vec![],
+            accel: Accel::Tcg,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_through_json() {
+        let r = Request {
+            id: 7,
+            body: RequestBody::VmStart { spec: spec() },
+        };
+        let text = serde_json::to_string(&r).expect("serializes");
+        assert!(text.contains("\"op\":\"vm_start\""), "{text}");
+        let back: Request = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn unknown_request_kinds_are_named_in_the_error() {
+        let err = serde_json::from_str::<Request>(r#"{"id":1,"op":"format_disk"}"#)
+            .expect_err("must be refused");
+        assert!(err.to_string().contains("format_disk"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_from_a_newer_peer_are_ignored() {
+        let r: Request = serde_json::from_str(r#"{"id":1,"op":"ping","future":true}"#)
+            .expect("tolerated");
+        assert_eq!(r.body, RequestBody::Ping);
+    }
+
+    #[test]
+    fn vm_specs_with_absurd_or_unsafe_values_are_refused() {
+        let mut s = spec();
+        assert!(s.check().is_ok());
+        s.memory_mib = 1 << 30;
+        assert!(s.check().is_err());
+        let mut s = spec();
+        s.cpus = 0;
+        assert!(s.check().is_err());
+        let mut s = spec();
+        s.kernel = Some("relative/k".into());
+        assert!(s.check().is_err());
+        let mut s = spec();
+        s.disks = vec!["/d,readonly=off".into()];
+        assert!(s.check().unwrap_err().contains("','"));
+    }
+
+    #[test]
+    fn accel_parses_only_known_names() {
+        assert_eq!("tcg".parse::<Accel>(), Ok(Accel::Tcg));
+        assert!("xen".parse::<Accel>().is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! The data-channel preamble: the first bytes a source sends inside a fresh TLS data
+//! connection, saying which stream of the migration this is.
+//!
+//! The destination needs the index because QEMU 7.2 takes the first connection it sees as
+//! the main migration channel: stream 0 must reach the destination QEMU before any multifd
+//! stream. The migration itself is already bound by the TLS identity (SNI + pinned
+//! certificate); the preamble adds no authority of its own.
+
+/// Size of an encoded preamble.
+pub const PREAMBLE_LEN: usize = 8;
+const MAGIC: &[u8; 4] = b"VMF1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    /// 0 is QEMU's main channel, 1.. are multifd channels.
+    pub stream: u16,
+    /// How many streams the migration has in all.
+    pub streams: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreambleError {
+    #[error("data connection does not start with a vmferry preamble (got {0:02x?}); is the peer a vmferry daemon of the same version?")]
+    BadMagic([u8; 4]),
+    #[error("data connection claims to be stream {stream} of {streams}")]
+    BadIndex { stream: u16, streams: u16 },
+}
+
+impl Preamble {
+    pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
+        let mut b = [0u8; PREAMBLE_LEN];
+        b[..4].copy_from_slice(MAGIC);
+        b[4..6].copy_from_slice(&self.stream.to_be_bytes());
+        b[6..8].copy_from_slice(&self.streams.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; PREAMBLE_LEN]) -> Result<Self, PreambleError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if &magic != MAGIC {
+            return Err(PreambleError::BadMagic(magic));
+        }
+        let p = Preamble {
+            stream: u16::from_be_bytes([b[4], b[5]]),
+            streams: u16::from_be_bytes([b[6], b[7]]),
+        };
+        if p.streams == 0 || p.stream >= p.streams {
+            return Err(PreambleError::BadIndex {
+                stream: p.stream,
+                streams: p.streams,
+            });
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preamble_round_trips() {
+        let p = Preamble {
+            stream: 3,
+            streams: 5,
+        };
+        assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+    }
+
+    #[test]
+    fn a_preamble_with_wrong_magic_or_index_is_refused() {
+        assert!(matches!(
+            Preamble::decode(b"QEVM\0\0\0\x01"),
+            Err(PreambleError::BadMagic(_))
+        ));
+        let p = Preamble {
+            stream: 5,
+            streams: 5,
+        };
+        assert!(matches!(
+            Preamble::decode(&p.encode()),
+            Err(PreambleError::BadIndex { .. })
+        ));
+    }
+}

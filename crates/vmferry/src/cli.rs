@@ -1,0 +1,318 @@
+//! Command-line definitions and the small commands (serve, certs, vm).
+
+use crate::units::{parse_bytes, parse_memory_mib};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use vmferry_channel::certs::{self, HostCredentials, IssueOptions};
+use vmferry_daemon::client::ControlClient;
+use vmferry_daemon::{ControlTarget, DaemonConfig, Server};
+use vmferry_proto::{Accel, RequestBody, ResponseBody, VmName, VmSpec};
+
+/// Default local control socket of a daemon with the default state dir.
+pub const DEFAULT_DAEMON: &str = "/var/lib/vmferry/control.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "vmferry", version, about = "Secure, fast live migration for unmodified QEMU")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More logging (VMFERRY_LOG overrides).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+impl Cli {
+    pub fn default_log_level(&self) -> &'static str {
+        match (&self.command, self.verbose) {
+            (_, true) => "debug",
+            (Command::Serve(_), false) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the per-host daemon.
+    Serve(ServeArgs),
+    /// Make a CA and host certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Manage VMs on a daemon.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live-migrate a VM from one daemon to another.
+    Migrate(crate::migrate_cmd::MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Control (and data) address, host:port, served with mutual TLS.
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Certs dir with ca.pem, cert.pem, key.pem.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    #[arg(long)]
+    pub qemu: Option<String>,
+    /// Default accelerator for VMs: auto, kvm or tcg.
+    #[arg(long)]
+    pub accel: Option<Accel>,
+    /// Address peers dial for data, if not the one controllers use.
+    #[arg(long)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA in DIR (ca.pem, ca-key.pem).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "vmferry CA")]
+        cn: String,
+    },
+    /// Issue a host certificate (server and client) signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The host's name (CN and DNS SAN).
+        #[arg(long)]
+        host: String,
+        /// IP address SANs.
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// Extra DNS SANs.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Organization (O=) in the subject.
+        #[arg(long)]
+        org: Option<String>,
+        /// Where to write cert.pem, key.pem and a copy of ca.pem (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The daemon: host:port (TLS) or a unix socket path.
+    #[arg(long, env = "VMFERRY_DAEMON", default_value = DEFAULT_DAEMON)]
+    pub daemon: ControlTarget,
+    /// Certs dir for TLS connections.
+    #[arg(long, env = "VMFERRY_CERTS")]
+    pub certs: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Start a VM managed by the daemon.
+    Start {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long)]
+        append: Option<String>,
+        /// A disk image on shared storage (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        accel: Accel,
+    },
+    /// List the daemon's VMs.
+    List {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Certs(c) => certs_cmd(c),
+        Command::Vm(v) => vm_cmd(v),
+        Command::Migrate(m) => crate::migrate_cmd::run(m),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut config = match &a.config {
+        Some(p) => DaemonConfig::from_file(p).map_err(|e| anyhow!(e))?,
+        None => DaemonConfig::new(
+            a.state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/var/lib/vmferry")),
+        ),
+    };
+    if let Some(s) = a.state_dir {
+        config.state_dir = s;
+    }
+    if a.listen.is_some() {
+        config.listen = a.listen;
+    }
+    if a.certs.is_some() {
+        config.certs = a.certs;
+    }
+    if let Some(q) = a.qemu {
+        config.qemu = q;
+    }
+    if let Some(x) = a.accel {
+        config.accel = x;
+    }
+    if a.advertise.is_some() {
+        config.advertise = a.advertise;
+    }
+    let server = Server::bind(config.clone()).context("cannot start the daemon")?;
+    tracing::info!(
+        listen = ?server.local_addr(),
+        socket = %config.control_socket().display(),
+        "vmferry daemon serving"
+    );
+    server.run().context("daemon stopped")?;
+    Ok(())
+}
+
+fn certs_cmd(c: CertsCommand) -> Result<()> {
+    match c {
+        CertsCommand::Init { dir, cn } => {
+            certs::init_ca(&dir, &cn)?;
+            println!("CA created in {}", dir.display());
+        }
+        CertsCommand::Issue {
+            dir,
+            host,
+            ips,
+            dns,
+            org,
+            out,
+            days,
+        } => {
+            let mut o = IssueOptions::new(&host);
+            o.ips = ips;
+            o.extra_dns = dns;
+            o.organization = org;
+            o.not_after = o.not_before + time::Duration::days(i64::from(days));
+            let out = out.unwrap_or_else(|| dir.clone());
+            certs::issue_host(&dir, &out, &o)?;
+            println!("certificate for {host} written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn load_creds(dir: &Option<PathBuf>) -> Result<Option<HostCredentials>> {
+    match dir {
+        Some(d) => Ok(Some(HostCredentials::load(d)?)),
+        None => Ok(None),
+    }
+}
+
+fn connect(d: &DaemonArgs) -> Result<ControlClient> {
+    let creds = load_creds(&d.certs)?;
+    Ok(ControlClient::connect(&d.daemon, creds.as_ref(), None)?)
+}
+
+const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn vm_cmd(v: VmCommand) -> Result<()> {
+    match v {
+        VmCommand::Start {
+            name,
+            daemon,
+            memory,
+            cpus,
+            kernel,
+            initrd,
+            append,
+            disks,
+            accel,
+        } => {
+            let abs = |p: PathBuf| -> Result<String> {
+                let p = std::fs::canonicalize(&p)
+                    .with_context(|| format!("{} does not exist", p.display()))?;
+                Ok(p.display().to_string())
+            };
+            let spec = VmSpec {
+                name: VmName::new(name)?,
+                memory_mib: parse_memory_mib(&memory).map_err(|e| anyhow!(e))?,
+                cpus,
+                kernel: kernel.map(abs).transpose()?,
+                initrd: initrd.map(abs).transpose()?,
+                append,
+                disks: disks.into_iter().map(abs).collect::<Result<_>>()?,
+                accel,
+            };
+            spec.check().map_err(|e| anyhow!(e))?;
+            let mut c = connect(&daemon)?;
+            match c.call(RequestBody::VmStart { spec }, VM_TIMEOUT)? {
+                ResponseBody::Vm { vm } => println!(
+                    "VM '{}' started on {} (accel {}, pid {}, state {}, serial log {})",
+                    vm.spec.name,
+                    c.peer(),
+                    vm.spec.accel,
+                    vm.pid.map(|p| p.to_string()).unwrap_or_default(),
+                    vm.state,
+                    vm.serial_log
+                ),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        VmCommand::List { daemon, json } => {
+            let mut c = connect(&daemon)?;
+            match c.call(RequestBody::VmList, VM_TIMEOUT)? {
+                ResponseBody::Vms { vms } => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&vms)?);
+                    } else {
+                        println!("{:<20} {:<12} {:>8} {:>5} {:<5}", "NAME", "STATE", "MEMORY", "CPUS", "ACCEL");
+                        for vm in vms {
+                            println!(
+                                "{:<20} {:<12} {:>7}M {:>5} {:<5}",
+                                vm.spec.name, vm.state, vm.spec.memory_mib, vm.spec.cpus, vm.spec.accel
+                            );
+                        }
+                    }
+                }
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        VmCommand::Stop { name, daemon } => {
+            let name = VmName::new(name)?;
+            let mut c = connect(&daemon)?;
+            c.call(RequestBody::VmStop { name: name.clone() }, VM_TIMEOUT)?;
+            println!("VM '{name}' stopped");
+        }
+    }
+    Ok(())
+}
+
+// Keep the size parser reachable for flags that take sizes.
+pub fn bandwidth(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}

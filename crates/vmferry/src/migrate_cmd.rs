@@ -1,0 +1,190 @@
+//! `vmferry migrate`: runs the controller, shows progress, prints the summary.
+
+use crate::cli::load_creds;
+use crate::units::human_bytes;
+use anyhow::{anyhow, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vmferry_daemon::controller::{self, MigrationPlan, MigrationReport};
+use vmferry_daemon::ControlTarget;
+use vmferry_proto::{DataAuth, MigrationOptions, MigrationStatus, VmName, VmRef};
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The managed VM to migrate (omit with --src-qmp/--dst-qmp: attach mode).
+    pub name: Option<String>,
+    /// Source daemon: host:port or a unix socket path.
+    #[arg(long)]
+    pub from: ControlTarget,
+    /// Destination daemon: host:port or a unix socket path.
+    #[arg(long)]
+    pub to: ControlTarget,
+    /// Attach mode: QMP socket of a running source QEMU (on the source daemon's host).
+    #[arg(long, requires = "dst_qmp")]
+    pub src_qmp: Option<PathBuf>,
+    /// Attach mode: QMP socket of a destination QEMU started with -incoming defer.
+    #[arg(long, requires = "src_qmp")]
+    pub dst_qmp: Option<PathBuf>,
+    /// Certs dir: the controller's certificate for both daemons.
+    #[arg(long, env = "VMFERRY_CERTS")]
+    pub certs: Option<PathBuf>,
+    /// Multifd channels (0 = one stream).
+    #[arg(long, default_value_t = 0)]
+    pub multifd: u32,
+    /// Bandwidth cap, e.g. 500M (bytes/s); 0 = unlimited.
+    #[arg(long, default_value = "0", value_parser = crate::cli::bandwidth)]
+    pub max_bandwidth: u64,
+    /// Longest pause QEMU may take at switch-over, in ms (0 = QEMU's default).
+    #[arg(long, default_value_t = 0)]
+    pub downtime_limit: u64,
+    /// How the data channel authenticates: pinned (per-migration identities) or x509.
+    #[arg(long, default_value = "pinned")]
+    pub data_auth: String,
+    /// With x509: the name the destination's certificate must carry.
+    #[arg(long)]
+    pub tls_hostname: Option<String>,
+    /// host:port the source dials for data (default: the destination's address).
+    #[arg(long)]
+    pub data_address: Option<String>,
+    /// Give up and roll back after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Machine-readable progress and result, one JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: MigrateArgs) -> Result<()> {
+    let (source_vm, destination_vm) = match (&a.name, &a.src_qmp, &a.dst_qmp) {
+        (Some(n), None, None) => {
+            let name = VmName::new(n.clone())?;
+            (
+                VmRef::Managed { name: name.clone() },
+                VmRef::Managed { name },
+            )
+        }
+        (None, Some(s), Some(d)) => (
+            VmRef::Attached {
+                qmp: s.display().to_string(),
+            },
+            VmRef::Attached {
+                qmp: d.display().to_string(),
+            },
+        ),
+        (Some(_), Some(_), _) => {
+            return Err(anyhow!("give either a VM name or --src-qmp/--dst-qmp, not both"))
+        }
+        _ => return Err(anyhow!("give a VM name, or --src-qmp and --dst-qmp (attach mode)")),
+    };
+    let data_auth = match a.data_auth.as_str() {
+        "pinned" => DataAuth::Pinned,
+        "x509" => DataAuth::X509 {
+            tls_hostname: a.tls_hostname.clone(),
+        },
+        other => return Err(anyhow!("unknown --data-auth {other:?}: use pinned or x509")),
+    };
+    if a.tls_hostname.is_some() && data_auth == DataAuth::Pinned {
+        return Err(anyhow!("--tls-hostname goes with --data-auth x509"));
+    }
+    let plan = MigrationPlan {
+        source: a.from.clone(),
+        destination: a.to.clone(),
+        source_vm,
+        destination_vm,
+        options: MigrationOptions {
+            multifd: a.multifd,
+            max_bandwidth: a.max_bandwidth,
+            data_auth,
+            downtime_limit_ms: a.downtime_limit,
+        },
+        data_address: a.data_address.clone(),
+        timeout: a.timeout.map(Duration::from_secs),
+    };
+    let creds = load_creds(&a.certs)?;
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if c.swap(true, Ordering::SeqCst) {
+                eprintln!("vmferry: still rolling back, please wait");
+            } else {
+                eprintln!("vmferry: cancelling; the source VM will keep running");
+            }
+        });
+    }
+
+    let bar = if !a.json && std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let json = a.json;
+    let progress = |st: &MigrationStatus| {
+        if let Some(b) = &bar {
+            b.set_length(st.ram_total.max(1));
+            b.set_position(st.ram_transferred.min(st.ram_total));
+            b.set_message(st.qemu_status.clone());
+        }
+        if json {
+            let line = serde_json::json!({
+                "event": "progress",
+                "status": st.qemu_status,
+                "ram_total": st.ram_total,
+                "ram_transferred": st.ram_transferred,
+                "ram_remaining": st.ram_remaining,
+                "mbps": st.mbps,
+                "channel_bytes": st.channel_bytes,
+            });
+            println!("{line}");
+        }
+    };
+    let result = controller::migrate(&plan, creds.as_ref(), progress, &cancel);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(report) => {
+            print_report(&report, json);
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "result", "ok": false, "error": e.to_string()})
+                );
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn print_report(r: &MigrationReport, json: bool) {
+    if json {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["event"] = "result".into();
+        v["ok"] = true.into();
+        println!("{v}");
+        return;
+    }
+    println!("migration {} completed", r.migration);
+    println!("  transport   {} ({} stream{}, TLS 1.3)", r.transport, r.streams, if r.streams == 1 { "" } else { "s" });
+    println!("  total time  {:.2} s (QEMU: {})", r.total_time_ms as f64 / 1000.0,
+        r.qemu_total_time_ms.map(|t| format!("{t} ms")).unwrap_or_else(|| "n/a".into()));
+    println!("  data        {}", human_bytes(r.bytes));
+    println!("  throughput  {:.0} Mbit/s", r.throughput_mbps);
+    println!("  downtime    {}", r.downtime_ms.map(|d| format!("{d} ms")).unwrap_or_else(|| "n/a".into()));
+}

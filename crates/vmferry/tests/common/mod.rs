@@ -1,0 +1,180 @@
+//! Shared pieces of the end-to-end tests: the vmferry binary, certificates, daemons.
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use vmferry_testkit::netns::Host;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vmferry");
+
+pub fn vmferry() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("VMFERRY_DAEMON").env_remove("VMFERRY_CERTS");
+    c
+}
+
+/// Runs a command and returns its output, failing the test with stderr on spawn errors.
+pub fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null());
+    match c.output() {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run {c:?}: {e}"),
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A CA and one certs dir per host name (cert for the name and `ip`), plus one for the
+/// controller, all made with `vmferry certs`.
+pub struct Pki {
+    pub root: PathBuf,
+}
+
+impl Pki {
+    pub fn new(root: &Path) -> Result<Pki> {
+        let ca = root.join("ca");
+        let o = run({
+            let mut c = vmferry();
+            c.args(["certs", "init", "--dir"]).arg(&ca);
+            c
+        });
+        if !o.status.success() {
+            bail!("certs init failed: {}", text(&o));
+        }
+        Ok(Pki {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    /// Issues a certificate for `host` (+ IP SAN) into its own dir and returns the dir.
+    pub fn issue(&self, host: &str, ip: Option<&str>) -> Result<PathBuf> {
+        let out = self.root.join(host);
+        let mut c = vmferry();
+        c.args(["certs", "issue", "--dir"])
+            .arg(self.ca_dir())
+            .args(["--host", host, "--out"])
+            .arg(&out);
+        if let Some(ip) = ip {
+            c.args(["--ip", ip]);
+        }
+        let o = run(c);
+        if !o.status.success() {
+            bail!("certs issue failed: {}", text(&o));
+        }
+        Ok(out)
+    }
+}
+
+/// A `vmferry serve` process, killed (with the VMs it started) on drop.
+pub struct DaemonProc {
+    pub child: Child,
+    pub addr: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProc {
+    /// Starts a daemon (inside `host`'s namespace if given) and waits until its port
+    /// accepts connections.
+    pub fn start(
+        host: Option<&Host>,
+        addr: &str,
+        state_dir: &Path,
+        certs: &Path,
+        extra: &[&str],
+    ) -> Result<DaemonProc> {
+        std::fs::create_dir_all(state_dir)?;
+        let log = state_dir.with_extension("log");
+        let logf = std::fs::File::create(&log)?;
+        let mut c = match host {
+            Some(h) => h.command(BIN),
+            None => Command::new(BIN),
+        };
+        c.args(["serve", "--listen", addr, "--state-dir"])
+            .arg(state_dir)
+            .arg("--certs")
+            .arg(certs)
+            .args(extra)
+            .env("VMFERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        let child = c.spawn().context("spawn vmferry serve")?;
+        let mut d = DaemonProc {
+            child,
+            addr: addr.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !d.state_dir.join("control.sock").exists() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                bail!("daemon exited ({st}): {}", d.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not start: {}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        self.kill();
+        // QEMUs the daemon started outlive it by design; tests must not leak them.
+        kill_qemus_under(&self.state_dir);
+    }
+}
+
+/// Kills every QEMU whose command line mentions `dir` (the VMs of one test daemon).
+pub fn kill_qemus_under(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // A zombie is not alive.
+    !stat
+        .rsplit(')')
+        .next()
+        .map(|s| s.trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}

@@ -1,0 +1,171 @@
+//! End to end: a real guest migrates between two hosts (network namespaces joined by a
+//! veth pair), each running its own `vmferry serve`; and when the destination dies
+//! mid-migration, the source guest keeps running.
+
+mod common;
+
+use anyhow::Result;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use vmferry_testkit::guest::guest_image;
+use vmferry_testkit::netns::TwoHosts;
+use vmferry_testkit::serial::{heartbeats, wait_for_heartbeat};
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    hosts: TwoHosts,
+    ctl: std::path::PathBuf,
+    a_addr: String,
+    b_addr: String,
+    da: DaemonProc,
+    db: DaemonProc,
+}
+
+fn setup(tag: &str) -> Result<Setup> {
+    let tmp = tempfile::tempdir()?;
+    let hosts = TwoHosts::new(tag)?;
+    let pki = Pki::new(tmp.path())?;
+    let a_certs = pki.issue("hosta", Some(&hosts.a.ip.to_string()))?;
+    let b_certs = pki.issue("hostb", Some(&hosts.b.ip.to_string()))?;
+    let ctl = pki.issue("controller", None)?;
+    let a_addr = format!("{}:4700", hosts.a.ip);
+    let b_addr = format!("{}:4700", hosts.b.ip);
+    let da = DaemonProc::start(Some(&hosts.a), &a_addr, &tmp.path().join("a"), &a_certs, &["--accel", "tcg"])?;
+    let db = DaemonProc::start(Some(&hosts.b), &b_addr, &tmp.path().join("b"), &b_certs, &["--accel", "tcg"])?;
+    Ok(Setup {
+        tmp,
+        hosts,
+        ctl,
+        a_addr,
+        b_addr,
+        da,
+        db,
+    })
+}
+
+fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
+    let img = guest_image()?;
+    let mut c = s.hosts.a.command(BIN);
+    c.args(["vm", "start", name, "--daemon", &s.a_addr, "--certs"])
+        .arg(&s.ctl)
+        .args(["--memory", "256M", "--cpus", "1", "--accel", "tcg", "--kernel"])
+        .arg(&img.kernel)
+        .arg("--initrd")
+        .arg(&img.initrd)
+        .args(["--append", &img.append]);
+    let o = run(c);
+    assert!(o.status.success(), "vm start: {}", text(&o));
+    let list = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c
+    });
+    assert!(list.status.success(), "vm list: {}", text(&list));
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    let pid = vms[0]["pid"].as_u64().expect("pid in vm list") as u32;
+    let log = s.da.state_dir.join("vms").join(name).join("serial.log");
+    Ok((pid, log))
+}
+
+#[test]
+fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()> {
+    let s = setup("live")?;
+    let (src_pid, src_log) = start_guest(&s, "g1")?;
+    let before = wait_for_heartbeat(&src_log, 3, Duration::from_secs(90))?;
+
+    let mut c = s.hosts.a.command(BIN);
+    c.args(["migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--certs"])
+        .arg(&s.ctl);
+    let o = run(c);
+    assert!(o.status.success(), "migrate: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let result: serde_json::Value = serde_json::from_str(
+        out.lines().last().expect("a result line"),
+    )?;
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["transport"], "direct");
+    assert!(result["bytes"].as_u64().unwrap_or(0) > 1 << 20, "{result}");
+
+    // The counter continues on the destination: its console starts where the source
+    // stopped, never from 1, and keeps rising.
+    let dst_log = s.db.state_dir.join("vms/g1/serial.log");
+    let after = wait_for_heartbeat(&dst_log, before + 3, Duration::from_secs(60))?;
+    let dst_beats = heartbeats(&dst_log);
+    let first = *dst_beats.first().expect("heartbeats on the destination");
+    assert!(first >= before, "destination restarted counting at {first} (source was at {before})");
+    assert!(after > first);
+
+    // The source QEMU is gone and the source daemon no longer lists the VM.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(src_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pid_alive(src_pid), "source QEMU {src_pid} still runs");
+    let list = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c
+    });
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(vms.as_array().map(|a| a.len()), Some(0), "{vms}");
+    drop(s.tmp);
+    Ok(())
+}
+
+#[test]
+fn killing_the_destination_mid_migration_keeps_the_source_guest_running() -> Result<()> {
+    let mut s = setup("fail")?;
+    let (src_pid, src_log) = start_guest(&s, "g2")?;
+    wait_for_heartbeat(&src_log, 2, Duration::from_secs(90))?;
+
+    // A slow migration, so there is time to kill the destination in the middle of it.
+    let mut c = s.hosts.a.command(BIN);
+    c.args(["migrate", "g2", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--max-bandwidth", "2M", "--certs"])
+        .arg(&s.ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    // Wait until guest memory is really flowing.
+    loop {
+        let Some(line) = lines.next() else { panic!("migrate ended before data flowed") };
+        let v: serde_json::Value = serde_json::from_str(&line?)?;
+        if v["ram_transferred"].as_u64().unwrap_or(0) > 1 << 20 {
+            break;
+        }
+    }
+    s.db.kill();
+    kill_qemus_under(&s.db.state_dir);
+
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "migrate hung after the destination died");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err)?;
+    assert!(!status.success(), "migrate must fail");
+    assert!(err.contains("failed"), "no cause given: {err}");
+    assert!(err.contains("source VM keeps running"), "{err}");
+
+    // The source guest is alive, running, and its heartbeat goes on.
+    assert!(pid_alive(src_pid));
+    let last = *heartbeats(&src_log).last().expect("beats");
+    wait_for_heartbeat(&src_log, last + 3, Duration::from_secs(30))?;
+    let list = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c
+    });
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(vms[0]["state"], "running", "{vms}");
+    Ok(())
+}
