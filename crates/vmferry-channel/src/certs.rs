@@ -73,7 +73,11 @@ pub fn init_ca(dir: &Path, common_name: &str) -> Result<(), CertError> {
     p.not_before = now - time::Duration::hours(1);
     p.not_after = now + time::Duration::days(3650);
     let cert = p.self_signed(&key).map_err(gen)?;
-    write_file(&dir.join("ca-key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(
+        &dir.join("ca-key.pem"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_file(&ca_pem, cert.pem().as_bytes(), 0o644)?;
     Ok(())
 }
@@ -121,10 +125,11 @@ pub fn issue_host(ca_dir: &Path, out_dir: &Path, o: &IssueOptions) -> Result<(),
         path: ca_key_path.clone(),
         reason: e.to_string(),
     })?;
-    let ca_params = rcgen::CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::Bad {
-        path: ca_pem_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let ca_params =
+        rcgen::CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::Bad {
+            path: ca_pem_path.clone(),
+            reason: e.to_string(),
+        })?;
     let ca = ca_params.self_signed(&ca_key).map_err(gen)?;
 
     let mut names = vec![o.host.clone()];
@@ -152,7 +157,11 @@ pub fn issue_host(ca_dir: &Path, out_dir: &Path, o: &IssueOptions) -> Result<(),
         path: out_dir.to_path_buf(),
         source: e,
     })?;
-    write_file(&out_dir.join("key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(
+        &out_dir.join("key.pem"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_file(&out_dir.join("cert.pem"), cert.pem().as_bytes(), 0o644)?;
     if out_dir.join("ca.pem") != ca_pem_path {
         write_file(&out_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
@@ -248,7 +257,10 @@ mod tests {
         assert_eq!(c.chain.len(), 1);
         assert_eq!(c.ca.len(), 1);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(d.path().join("a/key.pem")).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(d.path().join("a/key.pem"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

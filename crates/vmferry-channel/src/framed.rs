@@ -110,7 +110,10 @@ mod tests {
 
     #[test]
     fn eof_mid_frame_is_an_error_and_eof_between_frames_is_not() {
-        assert!(matches!(read_frame(&mut Cursor::new(vec![]), MAX_FRAME), Ok(None)));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(vec![]), MAX_FRAME),
+            Ok(None)
+        ));
         assert!(matches!(
             read_frame(&mut Cursor::new(vec![0, 0, 0, 9, 1]), MAX_FRAME),
             Err(FrameError::Truncated)

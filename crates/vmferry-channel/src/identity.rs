@@ -79,8 +79,9 @@ impl EphemeralIdentity {
     pub fn generate(label: &str) -> Result<Self, IdentityError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IdentityError::Generate(e.to_string()))?;
-        let mut params = rcgen::CertificateParams::new(vec![crate::tls::PINNED_SERVER_NAME.to_string()])
-            .map_err(|e| IdentityError::Generate(e.to_string()))?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![crate::tls::PINNED_SERVER_NAME.to_string()])
+                .map_err(|e| IdentityError::Generate(e.to_string()))?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, label);
@@ -126,7 +127,13 @@ mod tests {
 
     #[test]
     fn malformed_fingerprints_are_refused() {
-        for bad in ["", "sha256:", "md5:00", &format!("sha256:{}", "g".repeat(64)), &format!("sha256:{}", "a".repeat(63))] {
+        for bad in [
+            "",
+            "sha256:",
+            "md5:00",
+            &format!("sha256:{}", "g".repeat(64)),
+            &format!("sha256:{}", "a".repeat(63)),
+        ] {
             assert!(bad.parse::<Fingerprint>().is_err(), "{bad}");
         }
     }

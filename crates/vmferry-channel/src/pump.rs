@@ -242,7 +242,9 @@ fn run(
         }
         if fds.is_empty() {
             // Waiting on nothing yet not done cannot happen; fail loudly instead of hanging.
-            return Err(peer_err("pump has nothing to wait for (internal error)".into()));
+            return Err(peer_err(
+                "pump has nothing to wait for (internal error)".into(),
+            ));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
@@ -303,8 +305,14 @@ mod tests {
             tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
         });
         let tcp = TcpStream::connect(&addr).expect("connect");
-        let cs = tls::connect(tcp, tls::PINNED_SERVER_NAME, ccfg, Duration::from_secs(5), &addr)
-            .expect("client tls");
+        let cs = tls::connect(
+            tcp,
+            tls::PINNED_SERVER_NAME,
+            ccfg,
+            Duration::from_secs(5),
+            &addr,
+        )
+        .expect("client tls");
         let (ss, _) = srv.join().expect("join");
         let (src_qemu, a_local) = UnixStream::pair().expect("pair");
         let (dst_qemu, b_local) = UnixStream::pair().expect("pair");
@@ -313,10 +321,24 @@ mod tests {
         let tcp_b = ss.sock.try_clone().expect("clone");
         let sa = stop_a.clone();
         let a = std::thread::spawn(move || {
-            pump(a_local, rustls::Connection::Client(cs.conn), cs.sock, "b", &Meter::default(), &sa)
+            pump(
+                a_local,
+                rustls::Connection::Client(cs.conn),
+                cs.sock,
+                "b",
+                &Meter::default(),
+                &sa,
+            )
         });
         let b = std::thread::spawn(move || {
-            pump(b_local, rustls::Connection::Server(ss.conn), ss.sock, "a", &Meter::default(), &stop_b)
+            pump(
+                b_local,
+                rustls::Connection::Server(ss.conn),
+                ss.sock,
+                "a",
+                &Meter::default(),
+                &stop_b,
+            )
         });
         Rig {
             src_qemu,
@@ -404,7 +426,10 @@ mod tests {
         // Cut the TCP connection under the destination pump, as a crash or attacker would.
         r.tcp_b.shutdown(Shutdown::Both).expect("cut");
         let e = r.a.join().expect("a").expect_err("must fail");
-        assert!(matches!(e, PumpError::Truncated { .. } | PumpError::Peer { .. }), "{e}");
+        assert!(
+            matches!(e, PumpError::Truncated { .. } | PumpError::Peer { .. }),
+            "{e}"
+        );
         drop(r.b.join());
         drop(r.dst_qemu);
     }

@@ -153,7 +153,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -162,7 +167,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -192,7 +202,12 @@ impl ClientCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -201,7 +216,12 @@ impl ClientCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -272,7 +292,8 @@ fn io_err(peer: &str, e: std::io::Error, timeout: Duration) -> TlsError {
                 peer: peer.to_string(),
             }
         }
-        ErrorKind::InvalidData => match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        ErrorKind::InvalidData => match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
             Some(r) => TlsError::Handshake(describe(r, peer)),
             None => TlsError::Io {
                 peer: peer.to_string(),
@@ -291,7 +312,10 @@ pub fn describe(e: &rustls::Error, peer: &str) -> String {
     use rustls::Error as E;
     match e {
         E::InvalidCertificate(c) => match c {
-            CertificateError::NotValidForNameContext { expected, presented } => {
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => {
                 let exp = match expected {
                     ServerName::DnsName(d) => d.as_ref().to_string(),
                     ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
@@ -321,9 +345,9 @@ pub fn describe(e: &rustls::Error, peer: &str) -> String {
             CertificateError::NotValidYet => {
                 format!("certificate presented by {peer} is not valid yet")
             }
-            CertificateError::UnknownIssuer => format!(
-                "certificate presented by {peer} is not signed by a CA we trust (ca.pem)"
-            ),
+            CertificateError::UnknownIssuer => {
+                format!("certificate presented by {peer} is not signed by a CA we trust (ca.pem)")
+            }
             CertificateError::BadSignature => {
                 format!("certificate presented by {peer} has a bad signature")
             }
@@ -338,8 +362,12 @@ pub fn describe(e: &rustls::Error, peer: &str) -> String {
                 A::UnknownCA => "our certificate is not signed by a CA it trusts",
                 A::CertificateExpired => "our certificate has expired",
                 A::BadCertificate | A::CertificateUnknown => "it refused our certificate",
-                A::AccessDenied => "it refused our certificate (not the one pinned for this migration?)",
-                A::UnrecognisedName => "it does not know the name we asked for (unknown or expired migration?)",
+                A::AccessDenied => {
+                    "it refused our certificate (not the one pinned for this migration?)"
+                }
+                A::UnrecognisedName => {
+                    "it does not know the name we asked for (unknown or expired migration?)"
+                }
                 A::HandshakeFailure => "no common TLS parameters",
                 _ => "",
             };
@@ -366,7 +394,10 @@ fn fmt_time(t: UnixTime) -> String {
     let secs = t.as_secs() as i64;
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("unix time {secs}"))
 }
 
@@ -433,8 +464,8 @@ pub fn connect(
 ) -> Result<StreamOwned<ClientConnection, TcpStream>, TlsError> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|_| TlsError::Config(format!("{server_name:?} is not a valid TLS server name")))?;
-    let mut conn = ClientConnection::new(config, name)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut conn =
+        ClientConnection::new(config, name).map_err(|e| TlsError::Config(e.to_string()))?;
     finish_handshake(&mut conn, &mut tcp, peer, timeout)?;
     Ok(StreamOwned::new(conn, tcp))
 }
@@ -497,7 +528,14 @@ pub fn accept(
             return Err(TlsError::Handshake(describe(&e, &peer)));
         }
     };
-    match finish_handshake(&mut conn, &mut tcp, &peer, deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))) {
+    match finish_handshake(
+        &mut conn,
+        &mut tcp,
+        &peer,
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+    ) {
         Ok(()) => {}
         Err(e) => {
             // Tell the client why, if rustls queued an alert.
@@ -542,8 +580,12 @@ mod tests {
         let mut o = IssueOptions::new("hosta");
         o.ips = vec!["127.0.0.1".parse().expect("ip")];
         issue_host(&d.path().join("ca"), &d.path().join("a"), &o).expect("a");
-        issue_host(&d.path().join("ca"), &d.path().join("c"), &IssueOptions::new("controller"))
-            .expect("c");
+        issue_host(
+            &d.path().join("ca"),
+            &d.path().join("c"),
+            &IssueOptions::new("controller"),
+        )
+        .expect("c");
         let a = HostCredentials::load(&d.path().join("a")).expect("a");
         let c = HostCredentials::load(&d.path().join("c")).expect("c");
         (d, a, c)
@@ -559,8 +601,10 @@ mod tests {
             let (tcp, _) = l.accept().expect("accept");
             let (mut s, _) = accept(tcp, Duration::from_secs(3), |_| Some(cfg))?;
             let mut b = [0u8; 5];
-            s.read_exact(&mut b).map_err(|e| TlsError::Handshake(describe_io(&e, "client")))?;
-            s.write_all(b"pong!").map_err(|e| TlsError::Handshake(e.to_string()))?;
+            s.read_exact(&mut b)
+                .map_err(|e| TlsError::Handshake(describe_io(&e, "client")))?;
+            s.write_all(b"pong!")
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
             Ok(b.to_vec())
         });
         (addr, h)
@@ -568,7 +612,8 @@ mod tests {
 
     fn client(addr: &str, name: &str, cfg: Arc<ClientConfig>) -> Result<Vec<u8>, String> {
         let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        let mut s = connect(tcp, name, cfg, Duration::from_secs(3), addr).map_err(|e| e.to_string())?;
+        let mut s =
+            connect(tcp, name, cfg, Duration::from_secs(3), addr).map_err(|e| e.to_string())?;
         s.write_all(b"ping!").map_err(|e| describe_io(&e, addr))?;
         let mut b = [0u8; 5];
         s.read_exact(&mut b).map_err(|e| describe_io(&e, addr))?;
@@ -597,28 +642,46 @@ mod tests {
         let s = EphemeralIdentity::generate("s").expect("s");
         let d = EphemeralIdentity::generate("d").expect("d");
         let (addr, h) = serve_one(pinned_server_config(&d, s.fingerprint()).expect("cfg"));
-        let r = client(&addr, PINNED_SERVER_NAME, pinned_client_config(&s, d.fingerprint()).expect("c"));
+        let r = client(
+            &addr,
+            PINNED_SERVER_NAME,
+            pinned_client_config(&s, d.fingerprint()).expect("c"),
+        );
         assert_eq!(r, Ok(b"pong!".to_vec()));
         assert!(h.join().expect("join").is_ok());
 
         // A rogue source with its own identity is refused by the destination.
         let rogue = EphemeralIdentity::generate("rogue").expect("r");
         let (addr, h) = serve_one(pinned_server_config(&d, s.fingerprint()).expect("cfg"));
-        let r = client(&addr, PINNED_SERVER_NAME, pinned_client_config(&rogue, d.fingerprint()).expect("c"));
+        let r = client(
+            &addr,
+            PINNED_SERVER_NAME,
+            pinned_client_config(&rogue, d.fingerprint()).expect("c"),
+        );
         assert!(r.is_err(), "rogue source accepted");
         let e = h.join().expect("join").expect_err("server refuses");
         assert!(e.to_string().contains("pinned"), "{e}");
 
         // A source never talks to a destination with another identity.
         let (addr, _h) = serve_one(pinned_server_config(&rogue, s.fingerprint()).expect("cfg"));
-        let e = client(&addr, PINNED_SERVER_NAME, pinned_client_config(&s, d.fingerprint()).expect("c"))
-            .expect_err("rogue destination");
-        assert!(e.contains("pinned") && e.contains(&d.fingerprint().to_string()), "{e}");
+        let e = client(
+            &addr,
+            PINNED_SERVER_NAME,
+            pinned_client_config(&s, d.fingerprint()).expect("c"),
+        )
+        .expect_err("rogue destination");
+        assert!(
+            e.contains("pinned") && e.contains(&d.fingerprint().to_string()),
+            "{e}"
+        );
     }
 
     #[test]
     fn data_server_names_round_trip() {
-        assert_eq!(migration_id_from_sni(&data_sni("abcd1234")), Some("abcd1234"));
+        assert_eq!(
+            migration_id_from_sni(&data_sni("abcd1234")),
+            Some("abcd1234")
+        );
         assert_eq!(migration_id_from_sni("hosta"), None);
     }
 
@@ -631,9 +694,13 @@ mod tests {
             accept(tcp, Duration::from_secs(2), |_| None).map(|_| ())
         });
         let mut s = TcpStream::connect(addr).expect("c");
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("w");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("w");
         let e = h.join().expect("join").expect_err("refused");
-        assert!(matches!(e, TlsError::Refused { .. } | TlsError::Closed { .. }), "{e}");
+        assert!(
+            matches!(e, TlsError::Refused { .. } | TlsError::Closed { .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -643,7 +710,9 @@ mod tests {
         let _c = TcpStream::connect(addr).expect("c");
         let (tcp, _) = l.accept().expect("accept");
         let t = Instant::now();
-        let e = accept(tcp, Duration::from_millis(300), |_| None).map(|_| ()).expect_err("timeout");
+        let e = accept(tcp, Duration::from_millis(300), |_| None)
+            .map(|_| ())
+            .expect_err("timeout");
         assert!(matches!(e, TlsError::Timeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2));
     }

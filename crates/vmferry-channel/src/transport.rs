@@ -80,7 +80,10 @@ mod tests {
         let addr = l.local_addr().expect("addr").to_string();
         drop(l);
         let e = connect_tcp(&addr, Duration::from_secs(2)).expect_err("refused");
-        assert!(e.to_string().contains("refused") && e.to_string().contains(&addr), "{e}");
+        assert!(
+            e.to_string().contains("refused") && e.to_string().contains(&addr),
+            "{e}"
+        );
     }
 
     #[test]

@@ -66,9 +66,9 @@ pub fn client_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in &creds.ca {
-        roots
-            .add(c.clone())
-            .map_err(|e| TlsError::Config(format!("CA certificate in {}: {e}", creds.dir.display())))?;
+        roots.add(c.clone()).map_err(|e| {
+            TlsError::Config(format!("CA certificate in {}: {e}", creds.dir.display()))
+        })?;
     }
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -81,7 +81,9 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| TlsError::Config(format!("host certificate in {}: {e}", creds.dir.display())))?;
+        .map_err(|e| {
+            TlsError::Config(format!("host certificate in {}: {e}", creds.dir.display()))
+        })?;
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }

@@ -2,7 +2,7 @@
 //!
 //! `/dev/kvm` existing proves little: on a nested layer it may open fine and still
 //! triple-fault a booting guest. So `auto` boots a short probe guest under KVM and watches
-//! whether it keeps running; the result is cached for the daemon's lifetime and the
+//! whether its kernel prints its banner; the result is cached for the daemon's lifetime and the
 //! reason is reported to the operator. The probe must never be mistaken for a VM: it has
 //! its own socket and is always killed.
 
@@ -11,10 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmferry_proto::{Accel, VmSpec};
-use vmferry_qmp::Qmp;
 
-/// How long the probe guest must stay running for KVM to count as working.
-const PROBE_TIME: Duration = Duration::from_millis(2500);
+/// How long the probe guest may take to print its kernel banner under KVM.
+const PROBE_TIME: Duration = Duration::from_millis(4000);
 
 /// A resolved accelerator and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +79,18 @@ fn probe(qemu: &str, spec: &VmSpec, scratch: &Path) -> AccelChoice {
     {
         return tcg("/dev/kvm cannot be opened");
     }
-    let qmp_path = scratch.join("kvm-probe.qmp");
-    let _ = std::fs::remove_file(&qmp_path);
+    let Some(kernel) = &spec.kernel else {
+        return AccelChoice {
+            accel: Accel::Kvm,
+            reason: "auto: /dev/kvm opens; no kernel to probe with, so KVM is assumed to work"
+                .into(),
+        };
+    };
+    // Boot the VM's own kernel under KVM with early console output: a kernel that really
+    // runs prints its banner within milliseconds; a broken nested layer hangs or resets
+    // before that.
+    let log = scratch.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine",
@@ -93,18 +102,14 @@ fn probe(qemu: &str, spec: &VmSpec, scratch: &Path) -> AccelChoice {
         "-display",
         "none",
         "-no-reboot",
-        "-serial",
-        "none",
     ]);
-    cmd.arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-    if let Some(k) = &spec.kernel {
-        cmd.arg("-kernel").arg(k);
-        if let Some(i) = &spec.initrd {
-            cmd.arg("-initrd").arg(i);
-        }
-        cmd.arg("-append").arg("console=ttyS0 panic=-1 quiet");
+    cmd.arg("-serial").arg(format!("file:{}", log.display()));
+    cmd.arg("-kernel").arg(kernel);
+    if let Some(i) = &spec.initrd {
+        cmd.arg("-initrd").arg(i);
     }
+    cmd.arg("-append")
+        .arg("console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -114,35 +119,32 @@ fn probe(qemu: &str, spec: &VmSpec, scratch: &Path) -> AccelChoice {
     };
     let started = Instant::now();
     let verdict = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                break tcg(format!(
-                    "a probe guest under KVM stopped after {:.1} s ({status}): KVM here cannot run a booting guest",
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Ok(None) => {}
-            Err(e) => break tcg(format!("the KVM probe could not be watched: {e}")),
-        }
-        if started.elapsed() >= PROBE_TIME {
-            break match Qmp::connect(&qmp_path, Duration::from_secs(2))
-                .and_then(|mut q| q.query_status())
-            {
-                Ok(s) if s.running => AccelChoice {
-                    accel: Accel::Kvm,
-                    reason: "auto: KVM runs a probe guest here".into(),
-                },
-                Ok(s) => tcg(format!(
-                    "a probe guest under KVM ended in state '{}'",
-                    s.status
-                )),
-                Err(e) => tcg(format!("the KVM probe did not answer: {e}")),
+        let out = std::fs::read(&log).unwrap_or_default();
+        if out.windows(13).any(|w| w == b"Linux version") {
+            break AccelChoice {
+                accel: Accel::Kvm,
+                reason: format!(
+                    "auto: KVM boots a probe guest here ({} ms to its banner)",
+                    started.elapsed().as_millis()
+                ),
             };
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(Some(status)) = child.try_wait() {
+            break tcg(format!(
+                "a probe guest under KVM stopped after {:.1} s ({status}) before printing its banner",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        if started.elapsed() >= PROBE_TIME {
+            break tcg(format!(
+                "a probe guest under KVM printed no kernel banner within {:.1} s: KVM here cannot run a booting guest",
+                PROBE_TIME.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_file(&log);
     verdict
 }

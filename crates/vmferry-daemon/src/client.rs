@@ -9,7 +9,9 @@ use std::time::Duration;
 use vmferry_channel::certs::HostCredentials;
 use vmferry_channel::framed::{self, FrameError, MAX_FRAME};
 use vmferry_channel::{tls, transport};
-use vmferry_proto::{Hello, Request, RequestBody, Response, ResponseBody, WireError, PROTOCOL_VERSION};
+use vmferry_proto::{
+    Hello, Request, RequestBody, Response, ResponseBody, WireError, PROTOCOL_VERSION,
+};
 
 /// Where a daemon's control API is: `host:port` (TLS) or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +92,9 @@ pub struct ControlClient {
 
 impl std::fmt::Debug for ControlClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlClient").field("peer", &self.peer).finish()
+        f.debug_struct("ControlClient")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -189,11 +193,16 @@ impl ControlClient {
 
     /// Sends one request and waits up to `timeout` for its answer. An error reply comes
     /// back as [`ClientError::Remote`].
-    pub fn call(&mut self, body: RequestBody, timeout: Duration) -> Result<ResponseBody, ClientError> {
+    pub fn call(
+        &mut self,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<ResponseBody, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         self.conn.set_timeout(Some(timeout));
-        framed::write_json(&mut self.conn, &Request { id, body }).map_err(|e| self.frame_error(e))?;
+        framed::write_json(&mut self.conn, &Request { id, body })
+            .map_err(|e| self.frame_error(e))?;
         let resp: Response = match framed::read_json(&mut self.conn, MAX_FRAME) {
             Ok(Some(r)) => r,
             Ok(None) => {

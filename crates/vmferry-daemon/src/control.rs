@@ -39,7 +39,14 @@ pub fn serve_control<S: Read + Write>(
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(caller = %caller.who, "control session refused: bad hello: {e}");
-            reply_error(stream, 0, WireError::new(ErrorKind::BadRequest, format!("expected a hello message: {e}")));
+            reply_error(
+                stream,
+                0,
+                WireError::new(
+                    ErrorKind::BadRequest,
+                    format!("expected a hello message: {e}"),
+                ),
+            );
             return;
         }
     };
@@ -60,7 +67,11 @@ pub fn serve_control<S: Read + Write>(
     }
     let mine = Hello {
         version: PROTOCOL_VERSION,
-        agent: format!("vmferry-daemon {} on {}", env!("CARGO_PKG_VERSION"), daemon.hostname),
+        agent: format!(
+            "vmferry-daemon {} on {}",
+            env!("CARGO_PKG_VERSION"),
+            daemon.hostname
+        ),
     };
     if framed::write_json(stream, &mine).is_err() {
         return;
@@ -76,7 +87,11 @@ pub fn serve_control<S: Read + Write>(
             }
             Err(e) => {
                 tracing::warn!(caller = %caller.who, "bad control message: {e}");
-                reply_error(stream, 0, WireError::new(ErrorKind::BadRequest, format!("bad control message: {e}")));
+                reply_error(
+                    stream,
+                    0,
+                    WireError::new(ErrorKind::BadRequest, format!("bad control message: {e}")),
+                );
                 return;
             }
         };
@@ -98,7 +113,13 @@ pub fn serve_control<S: Read + Write>(
 }
 
 fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
-    let _ = framed::write_json(stream, &Response { id, body: ResponseBody::Error { error } });
+    let _ = framed::write_json(
+        stream,
+        &Response {
+            id,
+            body: ResponseBody::Error { error },
+        },
+    );
 }
 
 fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
@@ -151,7 +172,10 @@ fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
             }
         }
         RequestBody::Confirm { migration, success } => {
-            daemon.migrations.source(&migration)?.confirm(daemon, success)?;
+            daemon
+                .migrations
+                .source(&migration)?
+                .confirm(daemon, success)?;
             ResponseBody::Done
         }
         RequestBody::Abort { migration, reason } => {

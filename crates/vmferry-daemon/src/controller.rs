@@ -140,7 +140,12 @@ pub fn migrate(
     }
 
     // perform
-    match d.src.call(RequestBody::Perform { cookie: cookie.clone() }, PERFORM_TIMEOUT) {
+    match d.src.call(
+        RequestBody::Perform {
+            cookie: cookie.clone(),
+        },
+        PERFORM_TIMEOUT,
+    ) {
         Ok(ResponseBody::Done) => {}
         Ok(other) => return Err(d.fail("perform", unexpected_text(&other), true)),
         Err(e) => return Err(d.fail("perform", e.to_string(), true)),
@@ -259,7 +264,9 @@ impl Driver {
             Ok(_) => notes.insert(0, "the source VM keeps running".to_string()),
             Err(e) => notes.insert(
                 0,
-                format!("WARNING: the source could not be told to resume ({e}); check the source VM"),
+                format!(
+                    "WARNING: the source could not be told to resume ({e}); check the source VM"
+                ),
             ),
         }
         format!("; {}", notes.join("; "))

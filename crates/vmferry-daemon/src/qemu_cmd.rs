@@ -53,7 +53,11 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths<'_>, incoming: bool) -> Vec<Stri
         a.push(ap.clone());
     }
     for (n, d) in spec.disks.iter().enumerate() {
-        let format = if d.ends_with(".qcow2") { "qcow2" } else { "raw" };
+        let format = if d.ends_with(".qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
         a.push("-drive".into());
         a.push(format!(
             "file={d},if=virtio,format={format},cache=none,id=disk{n}"

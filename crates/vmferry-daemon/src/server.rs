@@ -72,7 +72,8 @@ impl Server {
         };
         let control_tls = match &creds {
             Some(c) => Some(
-                tls::control_server_config(c).map_err(|e| DaemonError::BadRequest(e.to_string()))?,
+                tls::control_server_config(c)
+                    .map_err(|e| DaemonError::BadRequest(e.to_string()))?,
             ),
             None => None,
         };

@@ -189,9 +189,8 @@ impl VmRegistry {
 
     fn launch(&self, spec: &mut VmSpec, incoming: bool) -> Result<ManagedVm> {
         let dir = self.dir.join(spec.name.as_str());
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            DaemonError::Internal(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DaemonError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let requested = if spec.accel == Accel::Auto {
             self.default_accel
         } else {
@@ -282,9 +281,9 @@ impl VmRegistry {
 
     /// Stops a VM (quit, then kill) and forgets it.
     pub fn stop(&self, name: &VmName) -> Result<()> {
-        let vm = lock(&self.vms).remove(name).ok_or_else(|| {
-            DaemonError::NotFound(format!("no VM named '{name}' on this host"))
-        })?;
+        let vm = lock(&self.vms)
+            .remove(name)
+            .ok_or_else(|| DaemonError::NotFound(format!("no VM named '{name}' on this host")))?;
         vm.shutdown(Duration::from_secs(5));
         Ok(())
     }

@@ -42,17 +42,27 @@ fn client_certs(ca: &Path, out: &Path, o: IssueOptions) -> HostCredentials {
     HostCredentials::load(out).expect("load")
 }
 
-fn connect(d: &Daemon, creds: &HostCredentials, name: Option<&str>) -> Result<ControlClient, ClientError> {
+fn connect(
+    d: &Daemon,
+    creds: &HostCredentials,
+    name: Option<&str>,
+) -> Result<ControlClient, ClientError> {
     ControlClient::connect(&ControlTarget::Tcp(d.addr.clone()), Some(creds), name)
 }
 
 fn good_client(d: &Daemon) -> HostCredentials {
-    client_certs(&d.root.join("ca"), &d.root.join("ctl"), IssueOptions::new("controller"))
+    client_certs(
+        &d.root.join("ca"),
+        &d.root.join("ctl"),
+        IssueOptions::new("controller"),
+    )
 }
 
 fn still_serving(d: &Daemon) {
     let mut c = connect(d, &good_client(d), None).expect("a good client still connects");
-    let r = c.call(RequestBody::Ping, Duration::from_secs(5)).expect("ping");
+    let r = c
+        .call(RequestBody::Ping, Duration::from_secs(5))
+        .expect("ping");
     assert!(matches!(r, ResponseBody::Pong { .. }));
 }
 
@@ -68,13 +78,24 @@ fn a_client_certificate_from_another_ca_is_refused() {
     let other = d.root.join("other-ca");
     certs::init_ca(&other, "rogue CA").expect("ca");
     // The rogue client trusts the real CA for the server, but its own cert is rogue.
-    let creds = client_certs(&other, &d.root.join("rogue"), IssueOptions::new("controller"));
+    let creds = client_certs(
+        &other,
+        &d.root.join("rogue"),
+        IssueOptions::new("controller"),
+    );
     let creds = HostCredentials {
-        ca: HostCredentials::load(&d.root.join("hosta")).expect("load").ca,
+        ca: HostCredentials::load(&d.root.join("hosta"))
+            .expect("load")
+            .ca,
         ..creds
     };
-    let e = connect(&d, &creds, None).expect_err("must be refused").to_string();
-    assert!(e.contains("refused our client certificate") || e.contains("CA"), "{e}");
+    let e = connect(&d, &creds, None)
+        .expect_err("must be refused")
+        .to_string();
+    assert!(
+        e.contains("refused our client certificate") || e.contains("CA"),
+        "{e}"
+    );
     still_serving(&d);
 }
 
@@ -84,7 +105,9 @@ fn a_daemon_certificate_from_an_unknown_ca_is_refused_by_the_client() {
     let other = d.root.join("other-ca2");
     certs::init_ca(&other, "other CA").expect("ca");
     let creds = client_certs(&other, &d.root.join("c2"), IssueOptions::new("controller"));
-    let e = connect(&d, &creds, None).expect_err("must be refused").to_string();
+    let e = connect(&d, &creds, None)
+        .expect_err("must be refused")
+        .to_string();
     assert!(e.contains("not signed by"), "{e}");
     still_serving(&d);
 }
@@ -96,8 +119,13 @@ fn an_expired_client_certificate_is_refused() {
     o.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
     o.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     let creds = client_certs(&d.root.join("ca"), &d.root.join("expired"), o);
-    let e = connect(&d, &creds, None).expect_err("must be refused").to_string();
-    assert!(e.to_lowercase().contains("expired") || e.contains("refused our client certificate"), "{e}");
+    let e = connect(&d, &creds, None)
+        .expect_err("must be refused")
+        .to_string();
+    assert!(
+        e.to_lowercase().contains("expired") || e.contains("refused our client certificate"),
+        "{e}"
+    );
     still_serving(&d);
 }
 
@@ -127,7 +155,13 @@ fn a_client_without_a_certificate_is_refused() {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = TcpStream::connect(&d.addr).expect("tcp");
-    let r = vmferry_channel::tls::connect(tcp, "127.0.0.1", std::sync::Arc::new(cfg), Duration::from_secs(5), &d.addr);
+    let r = vmferry_channel::tls::connect(
+        tcp,
+        "127.0.0.1",
+        std::sync::Arc::new(cfg),
+        Duration::from_secs(5),
+        &d.addr,
+    );
     let mut s = match r {
         Err(e) => {
             let e = e.to_string();
@@ -138,9 +172,15 @@ fn a_client_without_a_certificate_is_refused() {
         Ok(s) => s,
     };
     // TLS 1.3: the client may finish its side before the server's refusal arrives.
-    let _ = vmferry_channel::framed::write_json(&mut s, &serde_json::json!({"version": 1, "agent": "x"}));
+    let _ = vmferry_channel::framed::write_json(
+        &mut s,
+        &serde_json::json!({"version": 1, "agent": "x"}),
+    );
     let r = vmferry_channel::framed::read_frame(&mut s, 1 << 20);
-    assert!(r.is_err() || matches!(r, Ok(None)), "no-certificate client was served: {r:?}");
+    assert!(
+        r.is_err() || matches!(r, Ok(None)),
+        "no-certificate client was served: {r:?}"
+    );
     still_serving(&d);
 }
 
@@ -150,8 +190,9 @@ fn a_garbage_control_message_gets_a_clear_error_and_the_daemon_keeps_serving() {
     let creds = good_client(&d);
     let cfg = vmferry_channel::tls::control_client_config(&creds).expect("cfg");
     let tcp = TcpStream::connect(&d.addr).expect("tcp");
-    let mut s = vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
-        .expect("handshake");
+    let mut s =
+        vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
+            .expect("handshake");
     let _ = s.sock.set_read_timeout(Some(Duration::from_secs(5)));
     vmferry_channel::framed::write_frame(&mut s, b"\x00\xffnot json at all").expect("write");
     let reply = vmferry_channel::framed::read_frame(&mut s, 1 << 20)
@@ -159,7 +200,13 @@ fn a_garbage_control_message_gets_a_clear_error_and_the_daemon_keeps_serving() {
         .expect("not EOF");
     let v: serde_json::Value = serde_json::from_slice(&reply).expect("json reply");
     assert_eq!(v["reply"], "error", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("hello"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hello"),
+        "{v}"
+    );
     still_serving(&d);
 }
 
@@ -169,8 +216,9 @@ fn a_frame_announcing_four_gigabytes_is_dropped_without_allocating() {
     let creds = good_client(&d);
     let cfg = vmferry_channel::tls::control_client_config(&creds).expect("cfg");
     let tcp = TcpStream::connect(&d.addr).expect("tcp");
-    let mut s = vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
-        .expect("handshake");
+    let mut s =
+        vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
+            .expect("handshake");
     let _ = s.sock.set_read_timeout(Some(Duration::from_secs(5)));
     s.write_all(&[0xff, 0xff, 0xff, 0xff]).expect("write");
     s.flush().expect("flush");
@@ -188,11 +236,15 @@ fn a_client_speaking_another_protocol_version_is_refused_with_both_versions() {
     let creds = good_client(&d);
     let cfg = vmferry_channel::tls::control_client_config(&creds).expect("cfg");
     let tcp = TcpStream::connect(&d.addr).expect("tcp");
-    let mut s = vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
-        .expect("handshake");
+    let mut s =
+        vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
+            .expect("handshake");
     let _ = s.sock.set_read_timeout(Some(Duration::from_secs(5)));
-    vmferry_channel::framed::write_json(&mut s, &serde_json::json!({"version": 99, "agent": "future"}))
-        .expect("write");
+    vmferry_channel::framed::write_json(
+        &mut s,
+        &serde_json::json!({"version": 99, "agent": "future"}),
+    )
+    .expect("write");
     let v: serde_json::Value = vmferry_channel::framed::read_json(&mut s, 1 << 20)
         .expect("reply")
         .expect("not EOF");

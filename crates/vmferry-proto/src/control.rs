@@ -31,20 +31,39 @@ pub struct Request {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RequestBody {
     Ping,
-    VmStart { spec: VmSpec },
+    VmStart {
+        spec: VmSpec,
+    },
     VmList,
-    VmStop { name: VmName },
+    VmStop {
+        name: VmName,
+    },
     Begin {
         migration: MigrationId,
         vm: VmRef,
         options: MigrationOptions,
     },
-    Prepare { cookie: Cookie, vm: VmRef },
-    Perform { cookie: Cookie },
-    Status { migration: MigrationId },
-    Finish { migration: MigrationId },
-    Confirm { migration: MigrationId, success: bool },
-    Abort { migration: MigrationId, reason: String },
+    Prepare {
+        cookie: Cookie,
+        vm: VmRef,
+    },
+    Perform {
+        cookie: Cookie,
+    },
+    Status {
+        migration: MigrationId,
+    },
+    Finish {
+        migration: MigrationId,
+    },
+    Confirm {
+        migration: MigrationId,
+        success: bool,
+    },
+    Abort {
+        migration: MigrationId,
+        reason: String,
+    },
 }
 
 impl RequestBody {
@@ -90,10 +109,14 @@ pub enum ResponseBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum VmRef {
-    Managed { name: VmName },
+    Managed {
+        name: VmName,
+    },
     /// Attach mode: the daemon only carries the stream of this QEMU, reached by its QMP
     /// socket on the daemon's host. A destination QEMU must run with `-incoming defer`.
-    Attached { qmp: String },
+    Attached {
+        qmp: String,
+    },
 }
 
 /// How QEMU executes guest code.
@@ -114,7 +137,9 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(format!("unknown accelerator {other:?}: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator {other:?}: use auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -165,10 +190,16 @@ impl VmSpec {
             ));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(format!("cpus {} is out of range (1..={MAX_CPUS})", self.cpus));
+            return Err(format!(
+                "cpus {} is out of range (1..={MAX_CPUS})",
+                self.cpus
+            ));
         }
         if self.disks.len() > MAX_DISKS {
-            return Err(format!("{} disks given; at most {MAX_DISKS}", self.disks.len()));
+            return Err(format!(
+                "{} disks given; at most {MAX_DISKS}",
+                self.disks.len()
+            ));
         }
         let paths = self
             .kernel
@@ -256,8 +287,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_from_a_newer_peer_are_ignored() {
-        let r: Request = serde_json::from_str(r#"{"id":1,"op":"ping","future":true}"#)
-            .expect("tolerated");
+        let r: Request =
+            serde_json::from_str(r#"{"id":1,"op":"ping","future":true}"#).expect("tolerated");
         assert_eq!(r.body, RequestBody::Ping);
     }
 

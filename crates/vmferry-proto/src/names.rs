@@ -31,8 +31,7 @@ impl VmName {
             && s.len() <= 64
             && !s.starts_with('.')
             && !s.starts_with('-')
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if ok {
             Ok(VmName(s))
@@ -49,7 +48,8 @@ impl MigrationId {
     pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
         let s = s.into();
         let ok = (8..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if ok {
             Ok(MigrationId(s))
         } else {
@@ -100,7 +100,15 @@ mod tests {
 
     #[test]
     fn vm_names_that_could_escape_a_directory_are_refused() {
-        for bad in ["", "../x", "a/b", ".hidden", "-flag", "a b", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-flag",
+            "a b",
+            &"x".repeat(65),
+        ] {
             assert!(VmName::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(VmName::new("guest-1.prod_a").is_ok());

@@ -65,7 +65,8 @@ impl Qmp {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(e) => {
-                    let retry = matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
+                    let retry =
+                        matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
                     if !retry || Instant::now() >= deadline {
                         return Err(QmpError::Connect {
                             path: path.to_path_buf(),
@@ -83,9 +84,14 @@ impl Qmp {
             next_id: 1,
             timeout: timeout.max(Duration::from_secs(1)),
         };
-        let greeting = q.read_message(deadline.max(Instant::now() + Duration::from_secs(1)), "greeting")?;
+        let greeting = q.read_message(
+            deadline.max(Instant::now() + Duration::from_secs(1)),
+            "greeting",
+        )?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected a QMP greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected a QMP greeting, got {greeting}"
+            )));
         }
         q.timeout = Duration::from_secs(30);
         q.execute("qmp_capabilities", None)?;
@@ -176,8 +182,16 @@ impl Qmp {
             if let Some(e) = v.get("error") {
                 return Err(QmpError::Command {
                     command: cmd.to_string(),
-                    class: e.get("class").and_then(Value::as_str).unwrap_or("?").to_string(),
-                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("?").to_string(),
+                    class: e
+                        .get("class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_string(),
+                    desc: e
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_string(),
                 });
             }
             return Err(QmpError::Protocol(format!(
@@ -239,16 +253,21 @@ impl Qmp {
             .iter()
             .map(|(c, s)| json!({ "capability": c, "state": s }))
             .collect();
-        self.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
-            .map(|_| ())
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .map(|_| ())
     }
 
     pub fn migrate_set_parameters(&mut self, params: Value) -> Result<(), QmpError> {
-        self.execute("migrate-set-parameters", Some(params)).map(|_| ())
+        self.execute("migrate-set-parameters", Some(params))
+            .map(|_| ())
     }
 
     pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate", Some(json!({ "uri": uri }))).map(|_| ())
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(|_| ())
     }
 
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {

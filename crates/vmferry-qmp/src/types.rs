@@ -128,7 +128,10 @@ impl Event {
         Some(Event {
             name,
             data: v.get("data").cloned().unwrap_or(Value::Null),
-            seconds: ts.and_then(|t| t.get("seconds")).and_then(Value::as_i64).unwrap_or(0),
+            seconds: ts
+                .and_then(|t| t.get("seconds"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
             microseconds: ts
                 .and_then(|t| t.get("microseconds"))
                 .and_then(Value::as_i64)
@@ -156,10 +159,9 @@ mod tests {
         assert!(v.status.is_active());
         let v: MigrationInfo = serde_json::from_str("{}").expect("empty");
         assert_eq!(v.status, MigrationStatus::None);
-        let v: MigrationInfo = serde_json::from_str(
-            r#"{"status":"failed","error-desc":"Unable to write to socket"}"#,
-        )
-        .expect("failed");
+        let v: MigrationInfo =
+            serde_json::from_str(r#"{"status":"failed","error-desc":"Unable to write to socket"}"#)
+                .expect("failed");
         assert!(v.status.is_terminal());
         assert_eq!(v.error_desc.as_deref(), Some("Unable to write to socket"));
     }

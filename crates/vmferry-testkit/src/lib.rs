@@ -1,1 +1,12 @@
-//! placeholder
+//! Test hosts (network namespaces joined by veth pairs), the test guest image, packet
+//! captures, serial-console readers and QEMU helpers for end-to-end tests.
+//!
+//! Everything it creates it removes in `Drop` — processes, namespaces, files — even when a
+//! test panics. It never touches addresses outside its own namespaces or loopback.
+
+pub mod capture;
+pub mod guest;
+pub mod netns;
+pub mod ports;
+pub mod qemu;
+pub mod serial;

@@ -14,7 +14,11 @@ use vmferry_proto::{Accel, RequestBody, ResponseBody, VmName, VmSpec};
 pub const DEFAULT_DAEMON: &str = "/var/lib/vmferry/control.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "vmferry", version, about = "Secure, fast live migration for unmodified QEMU")]
+#[command(
+    name = "vmferry",
+    version,
+    about = "Secure, fast live migration for unmodified QEMU"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -290,11 +294,18 @@ fn vm_cmd(v: VmCommand) -> Result<()> {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&vms)?);
                     } else {
-                        println!("{:<20} {:<12} {:>8} {:>5} {:<5}", "NAME", "STATE", "MEMORY", "CPUS", "ACCEL");
+                        println!(
+                            "{:<20} {:<12} {:>8} {:>5} {:<5}",
+                            "NAME", "STATE", "MEMORY", "CPUS", "ACCEL"
+                        );
                         for vm in vms {
                             println!(
                                 "{:<20} {:<12} {:>7}M {:>5} {:<5}",
-                                vm.spec.name, vm.state, vm.spec.memory_mib, vm.spec.cpus, vm.spec.accel
+                                vm.spec.name,
+                                vm.state,
+                                vm.spec.memory_mib,
+                                vm.spec.cpus,
+                                vm.spec.accel
                             );
                         }
                     }

@@ -77,9 +77,15 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             },
         ),
         (Some(_), Some(_), _) => {
-            return Err(anyhow!("give either a VM name or --src-qmp/--dst-qmp, not both"))
+            return Err(anyhow!(
+                "give either a VM name or --src-qmp/--dst-qmp, not both"
+            ))
         }
-        _ => return Err(anyhow!("give a VM name, or --src-qmp and --dst-qmp (attach mode)")),
+        _ => {
+            return Err(anyhow!(
+                "give a VM name, or --src-qmp and --dst-qmp (attach mode)"
+            ))
+        }
     };
     let data_auth = match a.data_auth.as_str() {
         "pinned" => DataAuth::Pinned,
@@ -181,10 +187,25 @@ fn print_report(r: &MigrationReport, json: bool) {
         return;
     }
     println!("migration {} completed", r.migration);
-    println!("  transport   {} ({} stream{}, TLS 1.3)", r.transport, r.streams, if r.streams == 1 { "" } else { "s" });
-    println!("  total time  {:.2} s (QEMU: {})", r.total_time_ms as f64 / 1000.0,
-        r.qemu_total_time_ms.map(|t| format!("{t} ms")).unwrap_or_else(|| "n/a".into()));
+    println!(
+        "  transport   {} ({} stream{}, TLS 1.3)",
+        r.transport,
+        r.streams,
+        if r.streams == 1 { "" } else { "s" }
+    );
+    println!(
+        "  total time  {:.2} s (QEMU: {})",
+        r.total_time_ms as f64 / 1000.0,
+        r.qemu_total_time_ms
+            .map(|t| format!("{t} ms"))
+            .unwrap_or_else(|| "n/a".into())
+    );
     println!("  data        {}", human_bytes(r.bytes));
     println!("  throughput  {:.0} Mbit/s", r.throughput_mbps);
-    println!("  downtime    {}", r.downtime_ms.map(|d| format!("{d} ms")).unwrap_or_else(|| "n/a".into()));
+    println!(
+        "  downtime    {}",
+        r.downtime_ms
+            .map(|d| format!("{d} ms"))
+            .unwrap_or_else(|| "n/a".into())
+    );
 }

@@ -105,9 +105,12 @@ fn attach_migrate(multifd: u32) -> Result<()> {
     assert!(o.status.success(), "{}", text(&o));
     let o = run({
         let mut c = vmferry();
-        c.args(["certs", "issue", "--dir"])
-            .arg(&certs)
-            .args(["--host", "localhost", "--ip", "127.0.0.1"]);
+        c.args(["certs", "issue", "--dir"]).arg(&certs).args([
+            "--host",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ]);
         c
     });
     assert!(o.status.success(), "{}", text(&o));
@@ -162,11 +165,23 @@ fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
         let d = tmp.path().join("plain");
         std::fs::create_dir_all(&d)?;
         let uri = format!("tcp:{}:4444", hosts.b.ip);
-        let (src, dst) = qemu_pair(&d, src_ram.path(), dst_ram.path(), Some(&hosts.a), Some(&hosts.b), Some(&uri))?;
+        let (src, dst) = qemu_pair(
+            &d,
+            src_ram.path(),
+            dst_ram.path(),
+            Some(&hosts.a),
+            Some(&hosts.b),
+            Some(&uri),
+        )?;
         fill_ram(src_ram.path(), 7, Some(MARKER))?;
-        let cap = Capture::start(&hosts.b, &hosts.b.iface, "tcp port 4444", &d.join("plain.pcap"))?;
+        let cap = Capture::start(
+            &hosts.b,
+            &hosts.b.iface,
+            "tcp port 4444",
+            &d.join("plain.pcap"),
+        )?;
         let mut q = vmferry_qmp::Qmp::connect(&src.qmp, Duration::from_secs(5))?;
-        q.migrate_set_parameters(serde_json::json!({"max-bandwidth": 1u64 << 40}))?;
+        q.migrate_set_parameters(serde_json::json!({"max-bandwidth": 300u64 << 20}))?;
         q.migrate(&uri)?;
         wait_completed(&mut q)?;
         let pcap = cap.stop()?;
@@ -184,8 +199,20 @@ fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
     let ctl = pki.issue("controller", None)?;
     let a_addr = format!("{}:4700", hosts.a.ip);
     let b_addr = format!("{}:4700", hosts.b.ip);
-    let _da = DaemonProc::start(Some(&hosts.a), &a_addr, &tmp.path().join("a"), &a_certs, &[])?;
-    let _db = DaemonProc::start(Some(&hosts.b), &b_addr, &tmp.path().join("b"), &b_certs, &[])?;
+    let _da = DaemonProc::start(
+        Some(&hosts.a),
+        &a_addr,
+        &tmp.path().join("a"),
+        &a_certs,
+        &[],
+    )?;
+    let _db = DaemonProc::start(
+        Some(&hosts.b),
+        &b_addr,
+        &tmp.path().join("b"),
+        &b_certs,
+        &[],
+    )?;
     let (src_ram, dst_ram) = (shm_file("vsrc")?, shm_file("vdst")?);
     let d = tmp.path().join("vmferry");
     std::fs::create_dir_all(&d)?;
@@ -199,14 +226,25 @@ fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
         .arg("--dst-qmp")
         .arg(&dst.qmp)
         .arg("--certs")
-        .arg(&ctl);
+        .arg(&ctl)
+        // Slow enough for tcpdump to keep every packet (it fails the test if it drops any).
+        .args(["--max-bandwidth", "300M"]);
     let o = run(c);
     let pcap = cap.stop()?;
     assert!(o.status.success(), "migrate: {}", text(&o));
-    assert!(same_contents(src_ram.path(), dst_ram.path())?, "RAM differs");
+    assert!(
+        same_contents(src_ram.path(), dst_ram.path())?,
+        "RAM differs"
+    );
     let size = std::fs::metadata(&pcap)?.len();
-    assert!(size > RAM_MIB << 20, "capture too small ({size} bytes) to have seen the migration");
-    assert!(!file_contains(&pcap, MARKER)?, "guest memory crossed the wire in clear");
+    assert!(
+        size > RAM_MIB << 20,
+        "capture too small ({size} bytes) to have seen the migration"
+    );
+    assert!(
+        !file_contains(&pcap, MARKER)?,
+        "guest memory crossed the wire in clear"
+    );
     Ok(())
 }
 
@@ -216,10 +254,15 @@ fn wait_completed(q: &mut vmferry_qmp::Qmp) -> Result<()> {
         let info = q.query_migrate()?;
         match info.status {
             vmferry_qmp::MigrationStatus::Completed => return Ok(()),
-            vmferry_qmp::MigrationStatus::Failed => anyhow::bail!("plain migration failed: {:?}", info.error_desc),
+            vmferry_qmp::MigrationStatus::Failed => {
+                anyhow::bail!("plain migration failed: {:?}", info.error_desc)
+            }
             _ => {}
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "plain migration did not complete");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "plain migration did not complete"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -32,8 +32,20 @@ fn setup(tag: &str) -> Result<Setup> {
     let ctl = pki.issue("controller", None)?;
     let a_addr = format!("{}:4700", hosts.a.ip);
     let b_addr = format!("{}:4700", hosts.b.ip);
-    let da = DaemonProc::start(Some(&hosts.a), &a_addr, &tmp.path().join("a"), &a_certs, &["--accel", "tcg"])?;
-    let db = DaemonProc::start(Some(&hosts.b), &b_addr, &tmp.path().join("b"), &b_certs, &["--accel", "tcg"])?;
+    let da = DaemonProc::start(
+        Some(&hosts.a),
+        &a_addr,
+        &tmp.path().join("a"),
+        &a_certs,
+        &["--accel", "tcg"],
+    )?;
+    let db = DaemonProc::start(
+        Some(&hosts.b),
+        &b_addr,
+        &tmp.path().join("b"),
+        &b_certs,
+        &["--accel", "tcg"],
+    )?;
     Ok(Setup {
         tmp,
         hosts,
@@ -50,7 +62,9 @@ fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
     let mut c = s.hosts.a.command(BIN);
     c.args(["vm", "start", name, "--daemon", &s.a_addr, "--certs"])
         .arg(&s.ctl)
-        .args(["--memory", "256M", "--cpus", "1", "--accel", "tcg", "--kernel"])
+        .args([
+            "--memory", "256M", "--cpus", "1", "--accel", "tcg", "--kernel",
+        ])
         .arg(&img.kernel)
         .arg("--initrd")
         .arg(&img.initrd)
@@ -59,7 +73,8 @@ fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
     assert!(o.status.success(), "vm start: {}", text(&o));
     let list = run({
         let mut c = s.hosts.a.command(BIN);
-        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"])
+            .arg(&s.ctl);
         c
     });
     assert!(list.status.success(), "vm list: {}", text(&list));
@@ -76,14 +91,15 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
     let before = wait_for_heartbeat(&src_log, 3, Duration::from_secs(90))?;
 
     let mut c = s.hosts.a.command(BIN);
-    c.args(["migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--certs"])
-        .arg(&s.ctl);
+    c.args([
+        "migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--certs",
+    ])
+    .arg(&s.ctl);
     let o = run(c);
     assert!(o.status.success(), "migrate: {}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    let result: serde_json::Value = serde_json::from_str(
-        out.lines().last().expect("a result line"),
-    )?;
+    let result: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a result line"))?;
     assert_eq!(result["event"], "result");
     assert_eq!(result["ok"], true);
     assert_eq!(result["transport"], "direct");
@@ -95,7 +111,10 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
     let after = wait_for_heartbeat(&dst_log, before + 3, Duration::from_secs(60))?;
     let dst_beats = heartbeats(&dst_log);
     let first = *dst_beats.first().expect("heartbeats on the destination");
-    assert!(first >= before, "destination restarted counting at {first} (source was at {before})");
+    assert!(
+        first >= before,
+        "destination restarted counting at {first} (source was at {before})"
+    );
     assert!(after > first);
 
     // The source QEMU is gone and the source daemon no longer lists the VM.
@@ -106,7 +125,8 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
     assert!(!pid_alive(src_pid), "source QEMU {src_pid} still runs");
     let list = run({
         let mut c = s.hosts.a.command(BIN);
-        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"])
+            .arg(&s.ctl);
         c
     });
     let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
@@ -123,17 +143,30 @@ fn killing_the_destination_mid_migration_keeps_the_source_guest_running() -> Res
 
     // A slow migration, so there is time to kill the destination in the middle of it.
     let mut c = s.hosts.a.command(BIN);
-    c.args(["migrate", "g2", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--max-bandwidth", "2M", "--certs"])
-        .arg(&s.ctl)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "migrate",
+        "g2",
+        "--from",
+        &s.a_addr,
+        "--to",
+        &s.b_addr,
+        "--json",
+        "--max-bandwidth",
+        "2M",
+        "--certs",
+    ])
+    .arg(&s.ctl)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = c.spawn()?;
     let stdout = child.stdout.take().expect("piped");
     let mut lines = BufReader::new(stdout).lines();
     // Wait until guest memory is really flowing.
     loop {
-        let Some(line) = lines.next() else { panic!("migrate ended before data flowed") };
+        let Some(line) = lines.next() else {
+            panic!("migrate ended before data flowed")
+        };
         let v: serde_json::Value = serde_json::from_str(&line?)?;
         if v["ram_transferred"].as_u64().unwrap_or(0) > 1 << 20 {
             break;
@@ -147,7 +180,10 @@ fn killing_the_destination_mid_migration_keeps_the_source_guest_running() -> Res
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "migrate hung after the destination died");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "migrate hung after the destination died"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
@@ -162,7 +198,8 @@ fn killing_the_destination_mid_migration_keeps_the_source_guest_running() -> Res
     wait_for_heartbeat(&src_log, last + 3, Duration::from_secs(30))?;
     let list = run({
         let mut c = s.hosts.a.command(BIN);
-        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"]).arg(&s.ctl);
+        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"])
+            .arg(&s.ctl);
         c
     });
     let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;

@@ -73,7 +73,9 @@ impl DestinationMigration {
         cookie.check().map_err(DaemonError::BadRequest)?;
         let id = cookie.migration.clone();
         if lock(&daemon.migrations.destinations).contains_key(&id) {
-            return Err(DaemonError::Exists(format!("migration {id} is already prepared here")));
+            return Err(DaemonError::Exists(format!(
+                "migration {id} is already prepared here"
+            )));
         }
         let identity = EphemeralIdentity::generate(&format!("vmferry-destination-{id}"))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
@@ -89,7 +91,9 @@ impl DestinationMigration {
                     .map_err(|e| DaemonError::BadRequest(format!("source fingerprint: {e}")))?;
                 tls::pinned_server_config(&identity, fp)
             }
-            DataAuth::X509 { .. } => vmferry_channel::x509_data::server_config(&daemon.credentials()?),
+            DataAuth::X509 { .. } => {
+                vmferry_channel::x509_data::server_config(&daemon.credentials()?)
+            }
         }
         .map_err(|e| DaemonError::Internal(e.to_string()))?;
 
@@ -269,7 +273,9 @@ impl DestinationMigration {
             &self.meter,
             &stop,
         );
-        let r = r.map(|_| ()).map_err(|e| format!("data stream {k} from {peer}: {e}"));
+        let r = r
+            .map(|_| ())
+            .map_err(|e| format!("data stream {k} from {peer}: {e}"));
         {
             let mut st = lock(&self.streams);
             st.running -= 1;

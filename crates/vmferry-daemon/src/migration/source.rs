@@ -136,7 +136,9 @@ impl SourceMigration {
         };
         let mut sources = lock(&daemon.migrations.sources);
         if sources.contains_key(&id) {
-            return Err(DaemonError::Exists(format!("migration {id} already exists")));
+            return Err(DaemonError::Exists(format!(
+                "migration {id} already exists"
+            )));
         }
         sources.insert(id, Arc::new(m));
         Ok(cookie)
@@ -178,7 +180,9 @@ impl SourceMigration {
                         )
                     })?
                     .parse()
-                    .map_err(|e| DaemonError::BadRequest(format!("destination fingerprint: {e}")))?;
+                    .map_err(|e| {
+                        DaemonError::BadRequest(format!("destination fingerprint: {e}"))
+                    })?;
                 let cfg = tls::pinned_client_config(&self.identity, fp)
                     .map_err(|e| DaemonError::Internal(e.to_string()))?;
                 (cfg, tls::data_sni(self.id.as_str()))
@@ -213,16 +217,17 @@ impl SourceMigration {
             };
             s.write_all(&pre.encode())
                 .and_then(|_| s.flush())
-                .map_err(|e| {
-                    DaemonError::Channel(format!("data stream {k} to {addr}: {e}"))
-                })?;
+                .map_err(|e| DaemonError::Channel(format!("data stream {k} to {addr}: {e}")))?;
             dialed.push(s);
         }
         lock(&self.status).streams = streams;
 
         let _ = std::fs::remove_file(&self.socket_path);
         let listener = UnixListener::bind(&self.socket_path).map_err(|e| {
-            DaemonError::Internal(format!("cannot listen on {}: {e}", self.socket_path.display()))
+            DaemonError::Internal(format!(
+                "cannot listen on {}: {e}",
+                self.socket_path.display()
+            ))
         })?;
 
         let multifd = self.options.multifd;
@@ -310,7 +315,9 @@ impl SourceMigration {
         for (k, stream) in dialed.into_iter().enumerate() {
             let local = loop {
                 if self.cancel.load(Ordering::SeqCst) {
-                    return Err(DaemonError::Cancelled("cancelled before QEMU connected".into()));
+                    return Err(DaemonError::Cancelled(
+                        "cancelled before QEMU connected".into(),
+                    ));
                 }
                 match listener.accept() {
                     Ok((s, _)) => break s,

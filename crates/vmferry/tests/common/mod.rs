@@ -153,10 +153,16 @@ impl Drop for DaemonProc {
 /// Kills every QEMU whose command line mentions `dir` (the VMs of one test daemon).
 pub fn kill_qemus_under(dir: &Path) {
     let needle = dir.display().to_string();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains("qemu-system") && cmd.contains(&needle) {
             let _ = nix::sys::signal::kill(
