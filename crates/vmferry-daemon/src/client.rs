@@ -65,12 +65,24 @@ pub enum ClientError {
 
 trait Conn: Read + Write + Send {
     fn set_timeout(&mut self, t: Option<Duration>);
+    /// Ends the session cleanly (TLS close_notify), so the daemon can tell a finished
+    /// session from a cut one.
+    fn close(&mut self);
 }
 
 impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     fn set_timeout(&mut self, t: Option<Duration>) {
         let _ = self.sock.set_read_timeout(t);
         let _ = self.sock.set_write_timeout(t);
+    }
+    fn close(&mut self) {
+        self.set_timeout(Some(Duration::from_secs(1)));
+        self.conn.send_close_notify();
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut self.sock).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -79,6 +91,7 @@ impl Conn for UnixStream {
         let _ = self.set_read_timeout(t);
         let _ = self.set_write_timeout(t);
     }
+    fn close(&mut self) {}
 }
 
 /// A connected, greeted control session.
@@ -88,6 +101,12 @@ pub struct ControlClient {
     next_id: u64,
     /// What the daemon said of itself in its hello.
     pub daemon_agent: String,
+}
+
+impl Drop for ControlClient {
+    fn drop(&mut self) {
+        self.conn.close();
+    }
 }
 
 impl std::fmt::Debug for ControlClient {

@@ -16,6 +16,8 @@ use vmferry_proto::{
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest long-poll a status request may ask for.
+const MAX_STATUS_WAIT_MS: u64 = 5_000;
 /// How long a session may stay silent between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -154,12 +156,12 @@ fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
             m.perform(daemon, &cookie)?;
             ResponseBody::Done
         }
-        RequestBody::Status { migration } => {
-            let status = match daemon.migrations.source(&migration) {
-                Ok(m) => m.status(),
-                Err(e) => return Err(e),
-            };
-            ResponseBody::Status { status }
+        RequestBody::Status { migration, wait_ms } => {
+            let m = daemon.migrations.source(&migration)?;
+            let wait = std::time::Duration::from_millis(wait_ms.min(MAX_STATUS_WAIT_MS));
+            ResponseBody::Status {
+                status: m.wait_status(wait),
+            }
         }
         RequestBody::Finish { migration } => {
             let m = daemon.migrations.destination(&migration)?;

@@ -21,7 +21,8 @@ const PERFORM_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 const FINISH_TIMEOUT: Duration = Duration::from_secs(180);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(100);
+/// Longest wait of one status long-poll (progress is shown at least this often).
+const POLL: Duration = Duration::from_millis(200);
 
 /// What to migrate, from where to where.
 #[derive(Debug, Clone)]
@@ -168,6 +169,7 @@ pub fn migrate(
         let st = match d.src.call(
             RequestBody::Status {
                 migration: id.clone(),
+                wait_ms: POLL.as_millis() as u64,
             },
             STATUS_TIMEOUT,
         ) {
@@ -186,7 +188,6 @@ pub fn migrate(
                 .unwrap_or_else(|| format!("the source reports '{}'", st.qemu_status));
             return Err(d.fail("perform", why, true));
         }
-        std::thread::sleep(POLL);
     };
 
     // finish

@@ -63,7 +63,9 @@ impl Server {
                 config.state_dir.display()
             ))
         })?;
-        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+        // Others may traverse (to reach control.sock, where peer credentials decide) but
+        // not list; QEMU's own sockets inside are not writable by others.
+        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711));
         let creds = match &config.certs {
             Some(dir) => Some(
                 HostCredentials::load(dir).map_err(|e| DaemonError::BadRequest(e.to_string()))?,
@@ -95,6 +97,7 @@ impl Server {
         let unix = UnixListener::bind(&sock).map_err(|e| {
             DaemonError::BadRequest(format!("cannot listen on {}: {e}", sock.display()))
         })?;
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666));
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());

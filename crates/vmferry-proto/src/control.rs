@@ -50,8 +50,12 @@ pub enum RequestBody {
     Perform {
         cookie: Cookie,
     },
+    /// With `wait_ms`, the source answers as soon as the migration finishes, or after
+    /// that long at the latest (a long poll: no completion is noticed late).
     Status {
         migration: MigrationId,
+        #[serde(default)]
+        wait_ms: u64,
     },
     Finish {
         migration: MigrationId,

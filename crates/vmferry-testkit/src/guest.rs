@@ -28,7 +28,7 @@ pub fn guest_image() -> Result<GuestImage> {
         append: "console=ttyS0 quiet panic=-1".into(),
     };
     if img.kernel.exists() && img.initrd.exists() {
-        return Ok(img.canonical()?);
+        return img.canonical();
     }
     std::fs::create_dir_all(&dir)?;
     let lock = std::fs::File::create(dir.join(".lock"))?;

@@ -93,7 +93,9 @@ fn same_contents(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
-fn attach_migrate(multifd: u32) -> Result<()> {
+/// Runs one attach-mode migration on loopback with `extra` flags; returns the output and
+/// whether the destination RAM equals the source RAM afterwards.
+fn attach_migrate_with(multifd: u32, extra: &[&str]) -> Result<(std::process::Output, bool)> {
     let tmp = tempfile::tempdir()?;
     // Exactly the forms an outside benchmark uses: one certs dir for everything.
     let certs = tmp.path().join("certs");
@@ -131,13 +133,42 @@ fn attach_migrate(multifd: u32) -> Result<()> {
         .arg(&dst.qmp)
         .arg("--certs")
         .arg(&certs)
-        .args(["--multifd", &multifd.to_string()]);
+        .args(["--multifd", &multifd.to_string()])
+        .args(extra);
     let o = run(c);
+    let same = same_contents(src_ram.path(), dst_ram.path())?;
+    if !o.status.success() {
+        // A failed migration leaves the source QEMU usable.
+        let mut q = vmferry_qmp::Qmp::connect(&src.qmp, Duration::from_secs(5))?;
+        let st = q.query_migrate()?;
+        assert!(
+            !st.status.is_active(),
+            "source still migrating after failure: {st:?}"
+        );
+    }
+    Ok((o, same))
+}
+
+fn attach_migrate(multifd: u32) -> Result<()> {
+    let (o, same) = attach_migrate_with(multifd, &[])?;
     assert!(o.status.success(), "migrate: {}", text(&o));
+    assert!(same, "destination RAM differs from source RAM");
+    Ok(())
+}
+
+#[test]
+fn x509_data_channel_mode_migrates_and_checks_the_destination_name() -> Result<()> {
+    let (o, same) = attach_migrate_with(0, &["--data-auth", "x509"])?;
+    assert!(o.status.success(), "migrate: {}", text(&o));
+    assert!(same, "destination RAM differs from source RAM");
+    let (o, _) = attach_migrate_with(0, &["--data-auth", "x509", "--tls-hostname", "hostb"])?;
+    assert!(!o.status.success(), "a wrong --tls-hostname must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        same_contents(src_ram.path(), dst_ram.path())?,
-        "destination RAM differs from source RAM"
+        err.contains("not valid for 'hostb'") && err.contains("'localhost'"),
+        "{err}"
     );
+    assert!(err.contains("source VM keeps running"), "{err}");
     Ok(())
 }
 

@@ -206,3 +206,119 @@ fn killing_the_destination_mid_migration_keeps_the_source_guest_running() -> Res
     assert_eq!(vms[0]["state"], "running", "{vms}");
     Ok(())
 }
+
+#[test]
+fn ctrl_c_during_a_migration_rolls_back_and_the_source_guest_keeps_running() -> Result<()> {
+    let s = setup("ctrlc")?;
+    let (src_pid, src_log) = start_guest(&s, "g3")?;
+    wait_for_heartbeat(&src_log, 2, Duration::from_secs(90))?;
+    let mut c = s.hosts.a.command(BIN);
+    c.args([
+        "migrate",
+        "g3",
+        "--from",
+        &s.a_addr,
+        "--to",
+        &s.b_addr,
+        "--json",
+        "--max-bandwidth",
+        "2M",
+        "--certs",
+    ])
+    .arg(&s.ctl)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            panic!("migrate ended before data flowed")
+        };
+        let v: serde_json::Value = serde_json::from_str(&line?)?;
+        if v["ram_transferred"].as_u64().unwrap_or(0) > 1 << 20 {
+            break;
+        }
+    }
+    // `ip netns exec` runs vmferry as its child: signal the vmferry process itself.
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &child.id().to_string()])
+        .output()?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(child.id() as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "migrate did not stop after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut err)?;
+    assert!(!status.success());
+    assert!(
+        err.contains("cancelled by the operator") && err.contains("source VM keeps running"),
+        "{err}"
+    );
+    assert!(pid_alive(src_pid));
+    let last = *heartbeats(&src_log).last().expect("beats");
+    wait_for_heartbeat(&src_log, last + 3, Duration::from_secs(30))?;
+    // The destination holds nothing: no incoming VM left behind.
+    let list = run({
+        let mut c = s.hosts.b.command(BIN);
+        c.args(["vm", "list", "--json", "--daemon", &s.b_addr, "--certs"])
+            .arg(&s.ctl);
+        c
+    });
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(vms.as_array().map(|a| a.len()), Some(0), "{vms}");
+    Ok(())
+}
+
+#[test]
+fn the_local_control_socket_serves_root_and_refuses_other_uids() -> Result<()> {
+    let s = setup("unix")?;
+    // Let the other uid reach the socket, so that the daemon's check is what refuses it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.tmp.path(), std::fs::Permissions::from_mode(0o711))?;
+    let sock = s.da.state_dir.join("control.sock");
+    let o = run({
+        let mut c = vmferry();
+        c.args(["vm", "list", "--daemon"]).arg(&sock);
+        c
+    });
+    assert!(o.status.success(), "root on the unix socket: {}", text(&o));
+    let o = run({
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            BIN,
+            "vm",
+            "list",
+            "--daemon",
+        ])
+        .arg(&sock);
+        c
+    });
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("uid 65534") && err.contains("not allowed"),
+        "{err}"
+    );
+    Ok(())
+}

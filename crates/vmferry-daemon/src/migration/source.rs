@@ -33,7 +33,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the pumps may take to drain after QEMU says it completed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(50);
+/// How often QEMU is asked how the migration goes (query-migrate is cheap).
+const POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -54,6 +55,8 @@ pub struct SourceMigration {
     was_running: bool,
     stage: Mutex<Stage>,
     status: Mutex<MigrationStatus>,
+    /// Signalled when `status` becomes finished.
+    finished: std::sync::Condvar,
     /// Plaintext bytes carried, over all streams.
     meter: Arc<Meter>,
     /// One per live pump, to cut them all on cancel.
@@ -128,6 +131,7 @@ impl SourceMigration {
                 transport: "direct".into(),
                 ..Default::default()
             }),
+            finished: std::sync::Condvar::new(),
             meter: Arc::new(Meter::default()),
             stops: Mutex::new(Vec::new()),
             pump_error: Mutex::new(None),
@@ -293,6 +297,7 @@ impl SourceMigration {
                         st.qemu_status = "completed".into();
                         st.channel_bytes = self.meter.forward();
                         st.finished = true;
+                        self.finished.notify_all();
                     }
                     (false, _) => self.fail("the data streams did not drain within 60 s"),
                     (true, Some(e)) => self.fail(&e),
@@ -446,6 +451,7 @@ impl SourceMigration {
             st.qemu_status = "failed".into();
         }
         st.finished = true;
+        self.finished.notify_all();
     }
 
     /// Cancels QEMU's migration if it is still going and resumes a guest that was running.
@@ -478,7 +484,24 @@ impl SourceMigration {
     }
 
     pub fn status(&self) -> MigrationStatus {
-        let mut st = lock(&self.status).clone();
+        self.wait_status(Duration::ZERO)
+    }
+
+    /// The status once the migration finished, or after `wait` at the latest.
+    pub fn wait_status(&self, wait: Duration) -> MigrationStatus {
+        let deadline = Instant::now() + wait;
+        let mut st = lock(&self.status);
+        while !st.finished {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match self.finished.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        let mut st = st.clone();
         st.channel_bytes = self.meter.forward();
         st
     }
