@@ -49,6 +49,7 @@ $BIN certs issue --dir "$WORK/ca" --host controller --out "$WORK/controller" >/d
 echo "== daemons: vmferry serve on $IPA:4700 and $IPB:4700"
 ip netns exec $A $BIN serve --listen $IPA:4700 --state-dir "$WORK/a" --certs "$WORK/hosta" 2>"$WORK/a.log" &
 ip netns exec $B $BIN serve --listen $IPB:4700 --state-dir "$WORK/b" --certs "$WORK/hostb" 2>"$WORK/b.log" &
+disown -a
 for s in a b; do
     for _ in $(seq 100); do [ -S "$WORK/$s/control.sock" ] && break; sleep 0.1; done
 done
@@ -57,10 +58,10 @@ CTL=(--certs "$WORK/controller")
 echo "== starting guest 'demo' on hosta (accel auto: KVM if it really runs a guest here, else TCG)"
 ip netns exec $A $BIN vm start demo --daemon $IPA:4700 "${CTL[@]}" --memory 256M --cpus 1 \
     --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.img" --append "console=ttyS0 quiet panic=-1"
-grep -h "accelerator chosen" "$WORK/a.log" | sed 's/^/   daemon: /' || true
 SRC_LOG=$WORK/a/vms/demo/serial.log
 DST_LOG=$WORK/b/vms/demo/serial.log
-last_beat() { grep -ao 'vmferry-heartbeat [0-9]*' "$1" 2>/dev/null | tail -1 | awk '{print $2}'; }
+last_beat() { { grep -ao 'vmferry-heartbeat [0-9]*' "$1" 2>/dev/null || true; } | tail -1 | awk '{print $2}'; }
+first_beat() { { grep -ao 'vmferry-heartbeat [0-9]*' "$1" 2>/dev/null || true; } | head -1 | awk '{print $2}'; }
 for _ in $(seq 600); do
     n=$(last_beat "$SRC_LOG"); [ -n "$n" ] && [ "$n" -ge 3 ] && break; sleep 0.1
 done
@@ -73,7 +74,7 @@ SRC_END=$(last_beat "$SRC_LOG")
 sleep 3
 echo "== after migration"
 echo "   last heartbeat printed on hosta:      $SRC_END"
-echo "   first heartbeat printed on hostb:     $(grep -ao 'vmferry-heartbeat [0-9]*' "$DST_LOG" | head -1 | awk '{print $2}')"
+echo "   first heartbeat printed on hostb:     $(first_beat "$DST_LOG")"
 echo "   latest heartbeat on hostb:            $(last_beat "$DST_LOG")"
 echo "   VMs on hosta:"; ip netns exec $A $BIN vm list --daemon $IPA:4700 "${CTL[@]}" | sed 's/^/     /'
 echo "   VMs on hostb:"; ip netns exec $B $BIN vm list --daemon $IPB:4700 "${CTL[@]}" | sed 's/^/     /'

@@ -105,6 +105,7 @@ impl ManagedVm {
             state: self.state(),
             pid: Some(self.pid()),
             serial_log: self.serial_log.display().to_string(),
+            accel_reason: self.accel_reason.clone(),
         }
     }
 

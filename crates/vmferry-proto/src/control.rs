@@ -230,6 +230,9 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     /// Where the guest's serial console is written on the daemon's host.
     pub serial_log: String,
+    /// Why this accelerator (e.g. why `auto` fell back to TCG).
+    #[serde(default)]
+    pub accel_reason: String,
 }
 
 /// Where a migration stands, as the source reports it while it runs.

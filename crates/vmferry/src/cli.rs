@@ -275,15 +275,20 @@ fn vm_cmd(v: VmCommand) -> Result<()> {
             spec.check().map_err(|e| anyhow!(e))?;
             let mut c = connect(&daemon)?;
             match c.call(RequestBody::VmStart { spec }, VM_TIMEOUT)? {
-                ResponseBody::Vm { vm } => println!(
-                    "VM '{}' started on {} (accel {}, pid {}, state {}, serial log {})",
-                    vm.spec.name,
-                    c.peer(),
-                    vm.spec.accel,
-                    vm.pid.map(|p| p.to_string()).unwrap_or_default(),
-                    vm.state,
-                    vm.serial_log
-                ),
+                ResponseBody::Vm { vm } => {
+                    println!(
+                        "VM '{}' started on {} (accel {}, pid {}, state {}, serial log {})",
+                        vm.spec.name,
+                        c.peer(),
+                        vm.spec.accel,
+                        vm.pid.map(|p| p.to_string()).unwrap_or_default(),
+                        vm.state,
+                        vm.serial_log
+                    );
+                    if !vm.accel_reason.is_empty() {
+                        println!("  accel: {}", vm.accel_reason);
+                    }
+                }
                 other => bail!("unexpected answer: {other:?}"),
             }
         }
