@@ -167,14 +167,18 @@ impl ControlClient {
             version: PROTOCOL_VERSION,
             agent: format!("vmferry {} (controller)", env!("CARGO_PKG_VERSION")),
         };
-        framed::write_json(&mut c.conn, &hello).map_err(|e| c.frame_error(e))?;
+        // A daemon that refuses us may answer and close before our hello is
+        // written; its answer says why, so read it even when the write failed.
+        let written = framed::write_json(&mut c.conn, &hello);
         // The daemon answers a hello with its own, or with an error response.
-        let v: serde_json::Value = framed::read_json(&mut c.conn, MAX_FRAME)
-            .map_err(|e| c.frame_error(e))?
-            .ok_or_else(|| ClientError::Protocol {
-                peer: c.peer.clone(),
-                msg: "closed the connection after our hello".into(),
-            })?;
+        let v: serde_json::Value = match framed::read_json(&mut c.conn, MAX_FRAME) {
+            Ok(v) => v,
+            Err(e) => return Err(c.frame_error(written.err().unwrap_or(e))),
+        }
+        .ok_or_else(|| ClientError::Protocol {
+            peer: c.peer.clone(),
+            msg: "closed the connection after our hello".into(),
+        })?;
         if let Ok(Response {
             body: ResponseBody::Error { error },
             ..

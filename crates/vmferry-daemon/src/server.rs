@@ -182,6 +182,11 @@ fn accept_unix(daemon: Arc<Daemon>, listener: UnixListener) {
 }
 
 fn refuse_unix(mut conn: UnixStream, who: &str) {
+    // Take the client's hello first (briefly), so our answer is not lost to
+    // a reset when we close with unread data in the socket.
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+    let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
+    let _ = vmferry_channel::framed::read_json::<_, serde_json::Value>(&mut conn, 4096);
     let err = vmferry_proto::WireError::new(
         vmferry_proto::ErrorKind::Denied,
         format!("{who} is not allowed on this daemon's control socket (allowed_uids)"),
@@ -193,6 +198,7 @@ fn refuse_unix(mut conn: UnixStream, who: &str) {
             body: vmferry_proto::ResponseBody::Error { error: err },
         },
     );
+    let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
 fn accept_tcp(daemon: Arc<Daemon>, listener: TcpListener, shutdown: Arc<AtomicBool>) -> Result<()> {
