@@ -1,35 +1,46 @@
 #!/usr/bin/env python3
-"""Writes a gzip'd newc cpio initramfs with busybox and the test guest's /init.
+"""Writes the test guest's initramfs: a gzip'd newc cpio with busybox and /init.
 
-The guest prints "vmferry-guest: booted", then forever: rewrites a 16 MiB tmpfs file (so
-memory keeps getting dirtied during a live migration) and prints "vmferry-heartbeat N" on
-the console, N counting up from 1, every ~0.5 s. There is no cpio binary on the machine,
-so the archive is written here by hand.
+Usage: mkinitramfs.py BUSYBOX OUT
+
+The guest prints "vmferry-guest: booted" once, then forever rewrites 16 MiB of a tmpfs file
+in place (so memory keeps getting dirtied during a live migration) and prints
+"vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. The bytes
+written are random, not zero: QEMU sends a zero page as a few bytes, so zeros would let a
+migration "converge" without carrying any data. 32 MiB/s of dirtying is modest enough for
+a migration under TCG to converge. There is no cpio binary on the machine, so the archive
+is written here by hand.
 """
 import gzip
-import os
 import stat
 import sys
 
 INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sys /sys
-/bin/busybox mount -t devtmpfs dev /dev
-/bin/busybox mount -t tmpfs -o size=64m tmp /tmp
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=48m tmp /tmp
 exec </dev/console >/dev/console 2>&1
 echo "vmferry-guest: booted"
+# 16 MiB of non-zero bytes, made once (random bytes are slow to make under TCG).
+dd if=/dev/urandom of=/tmp/seed bs=64k count=16 2>/dev/null
+i=0
+while [ $i -lt 16 ]; do
+    cat /tmp/seed
+    i=$((i + 1))
+done >/tmp/pattern
 n=0
 while true; do
     n=$((n + 1))
-    dd if=/dev/zero of=/tmp/dirty bs=1M count=16 2>/dev/null
-    echo "$n" >> /tmp/dirty
+    dd if=/tmp/pattern of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null
+    echo "$n" >/tmp/counter
     echo "vmferry-heartbeat $n"
     sleep 0.5
 done
 """
 
-APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls"]
+APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls", "ps", "free"]
 
 
 class Cpio:
@@ -37,12 +48,12 @@ class Cpio:
         self.out = bytearray()
         self.ino = 1
 
-    def add(self, name, mode, data=b""):
+    def add(self, name, mode, data=b"", rdev=(0, 0)):
+        """Appends one entry: header, NUL-terminated name and data, each padded to 4."""
         namez = name.encode() + b"\0"
-        hdr = "070701" + "".join(
-            f"{v:08x}"
-            for v in (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
-        )
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        fields = (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, *rdev, len(namez), 0)
+        hdr = "070701" + "".join(f"{v:08x}" for v in fields)
         self.ino += 1
         self.out += hdr.encode() + namez
         self.out += b"\0" * ((4 - len(self.out) % 4) % 4)
@@ -55,18 +66,22 @@ class Cpio:
 
 
 def main():
+    if len(sys.argv) != 3:
+        sys.exit("usage: mkinitramfs.py BUSYBOX OUT")
     busybox, out = sys.argv[1], sys.argv[2]
     with open(busybox, "rb") as f:
         bb = f.read()
     c = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp"):
         c.add(d, stat.S_IFDIR | 0o755)
+    # The kernel opens /dev/console for init before /init can mount devtmpfs.
+    c.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
     c.add("bin/busybox", stat.S_IFREG | 0o755, bb)
     for a in APPLETS:
         c.add(f"bin/{a}", stat.S_IFLNK | 0o777, b"busybox")
     c.add("init", stat.S_IFREG | 0o755, INIT.encode())
     with open(out, "wb") as f:
-        f.write(gzip.compress(c.finish(), 6))
+        f.write(gzip.compress(c.finish(), 9, mtime=0))
 
 
 if __name__ == "__main__":

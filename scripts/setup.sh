@@ -1,22 +1,63 @@
 #!/usr/bin/env bash
-# Idempotent machine set-up for a fresh Debian 12 machine, as root: the system packages
-# vmferry and its tests use, and the test guest image. Skips what is already there.
+# Idempotent set-up of a fresh Debian 12 machine, as root and without a terminal (CI):
+# the system packages vmferry and its end-to-end tests use, then the test guest image.
+# Installs only what is missing and runs `apt-get update` at most once.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
+
+say() { echo "setup: $*"; }
+die() {
+    echo "setup: error: $*" >&2
+    exit 1
+}
+
+command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
+    die "this script needs a Debian-based system (apt-get and dpkg)"
+
+# package  command it provides (a package counts as present if either check passes)
+WANT=(
+    "qemu-system-x86 qemu-system-x86_64"
+    "nftables nft"
+    "iproute2 ip"
+    "tcpdump tcpdump"
+    "socat socat"
+    "python3 python3"
+)
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v ip >/dev/null || need+=(iproute2)
-command -v nft >/dev/null || need+=(nftables)
-command -v tcpdump >/dev/null || need+=(tcpdump)
-if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "setup: need root to install ${need[*]}" >&2
-        exit 1
+for entry in "${WANT[@]}"; do
+    read -r pkg cmd <<<"$entry"
+    if ! command -v "$cmd" >/dev/null && ! dpkg -s "$pkg" >/dev/null 2>&1; then
+        need+=("$pkg")
     fi
-    echo "setup: installing ${need[*]}"
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+done
+
+if [ ${#need[@]} -eq 0 ]; then
+    say "system packages present"
+else
+    [ "$(id -u)" = 0 ] || die "missing ${need[*]}; run as root to install them"
+    # Fresh images often ship without package lists; refresh only then or when an
+    # install fails on stale lists.
+    updated=no
+    if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+        say "apt-get update"
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        updated=yes
+    fi
+    say "installing ${need[*]}"
+    if ! apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; then
+        [ "$updated" = no ] || die "apt-get install ${need[*]} failed"
+        say "install failed; apt-get update and retry"
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+            die "apt-get install ${need[*]} failed"
+    fi
 fi
-"$ROOT/scripts/guest-image.sh"
-echo "setup: machine ready"
+
+for cmd in qemu-system-x86_64 nft ip tcpdump socat python3; do
+    command -v "$cmd" >/dev/null || die "$cmd still missing after installing packages"
+done
+
+say "guest image"
+"$ROOT/scripts/guest-image.sh" || die "building the guest image failed"
+say "machine ready"

@@ -1,26 +1,50 @@
-//! Packet capture inside a test host, to check what crosses the wire.
+//! Packet captures inside a test host, to check what crosses the wire.
+//!
+//! A capture is evidence only if it is complete: [`Capture::stop`] fails when tcpdump
+//! reports packets dropped by the kernel, since a "marker not found" over a capture with
+//! holes proves nothing.
 
 use crate::netns::Host;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A running tcpdump; stop it to flush the file.
+/// A running tcpdump writing a pcap file; [`Capture::stop`] it to flush the file. Dropped
+/// without `stop`, it is killed.
 #[derive(Debug)]
 pub struct Capture {
     child: Option<Child>,
     path: PathBuf,
-    /// tcpdump's stderr lines (its closing summary counts dropped packets).
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Collects tcpdump's stderr lines (its closing summary counts dropped packets); ends
+    /// when tcpdump exits, returning them.
+    reader: Option<JoinHandle<Vec<String>>>,
 }
 
 impl Capture {
+    /// Runs `tcpdump -i IFACE -U -w PATH FILTER` inside `host`'s namespace and returns once
+    /// it is listening (bounded: 10 s).
     pub fn start(host: &Host, iface: &str, filter: &str, path: &Path) -> Result<Capture> {
         let mut child = host
             .command("tcpdump")
-            .args(["-i", iface, "-U", "-s", "0", "-B", "262144", "-w"])
+            // --immediate-mode: hand each packet over at once. Without it libpcap batches
+            // packets in ring blocks that are read when full or after a 1 s timeout, and a
+            // SIGINT before then loses the last block without counting it as dropped.
+            // -s 0: whole packets; -B: a 256 MiB kernel buffer, so fast transfers are kept.
+            .args([
+                "-i",
+                iface,
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-B",
+                "262144",
+            ])
+            .arg("-w")
             .arg(path)
             .args(filter.split_whitespace())
             .stdin(Stdio::null())
@@ -29,48 +53,49 @@ impl Capture {
             .spawn()
             .context("spawn tcpdump")?;
         let stderr = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
             for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
                 if line.contains("listening on") {
                     let _ = tx.send(());
                 }
-                if let Ok(mut v) = l2.lock() {
-                    v.push(line);
-                }
+                lines.push(line);
             }
+            lines
         });
         let mut cap = Capture {
             child: Some(child),
             path: path.to_path_buf(),
-            lines,
+            reader: Some(reader),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if rx.try_recv().is_ok() {
-                return Ok(cap);
-            }
-            if let Some(c) = cap.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    bail!("tcpdump exited ({st})");
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(()) => return Ok(cap),
+                // The reader ended: tcpdump closed stderr, i.e. it exited.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = cap.child.as_mut().and_then(|c| c.wait().ok());
+                    bail!(
+                        "tcpdump exited before listening ({status:?}): {}",
+                        cap.stderr_lines().join("; ")
+                    );
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if Instant::now() > deadline {
-                bail!("tcpdump did not start listening");
+                bail!("tcpdump did not start listening on {iface} within 10 s");
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Stops tcpdump (SIGINT, so it flushes) and returns the capture file. Fails if the
-    /// kernel dropped packets: a capture with holes proves nothing about what crossed.
+    /// Stops tcpdump (SIGINT, so it flushes and prints its summary) and returns the pcap
+    /// path. Fails if the kernel dropped packets.
     pub fn stop(mut self) -> Result<PathBuf> {
         if let Some(mut c) = self.child.take() {
-            // Let the last packets reach the file.
+            // Let packets still in flight reach the capture.
             std::thread::sleep(Duration::from_millis(300));
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id())?);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
             let deadline = Instant::now() + Duration::from_secs(10);
             while c.try_wait()?.is_none() {
@@ -82,9 +107,7 @@ impl Capture {
             }
             let _ = c.wait();
         }
-        std::thread::sleep(Duration::from_millis(100));
-        let lines = self.lines.lock().map(|v| v.clone()).unwrap_or_default();
-        for l in &lines {
+        for l in self.stderr_lines() {
             if let Some(n) = l.strip_suffix(" packets dropped by kernel") {
                 if n.trim() != "0" {
                     bail!("tcpdump dropped packets ({l}); the capture is incomplete");
@@ -92,6 +115,19 @@ impl Capture {
             }
         }
         Ok(self.path.clone())
+    }
+
+    /// The pcap file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// tcpdump's stderr, once it has exited (the reader thread ends with the pipe).
+    fn stderr_lines(&mut self) -> Vec<String> {
+        self.reader
+            .take()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -104,7 +140,8 @@ impl Drop for Capture {
     }
 }
 
-/// Whether `needle` occurs anywhere in the file.
+/// Whether `needle` occurs anywhere in the file: a plain byte search, so a marker is found
+/// only if some packet carries it whole (repeat it in the payload to make sure one does).
 pub fn file_contains(path: &Path, needle: &[u8]) -> Result<bool> {
     let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     Ok(!needle.is_empty() && data.windows(needle.len()).any(|w| w == needle))

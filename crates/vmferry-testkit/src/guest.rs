@@ -1,9 +1,22 @@
-//! The test guest: Debian's kernel and a busybox initramfs that prints heartbeats.
+//! The test guest: Debian 12's kernel and a busybox initramfs whose init dirties memory and
+//! prints `vmferry-heartbeat N` on ttyS0 about twice a second (see scripts/mkinitramfs.py).
+//!
+//! The image is built by scripts/guest-image.sh into `$VMFERRY_CACHE` (default
+//! `<repo>/.cache/guest`). [`guest_image`] runs that script once per test process. The script
+//! returns at once when its stamp matches, rebuilds when the scripts changed, and holds a
+//! file lock (`flock` on `.lock` in the cache) while it builds, so parallel test binaries and
+//! `scripts/setup.sh` never build at the same time. (The lock lives in the script, not here:
+//! a lock held by this process on its own open file would block the script forever.)
 
-use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
+/// The kernel command line the tests boot the guest with.
+pub const APPEND: &str = "console=ttyS0 quiet panic=-1";
+
+/// Paths to boot the test guest with `-kernel`, `-initrd` and `-append`.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
     pub kernel: PathBuf,
@@ -11,46 +24,43 @@ pub struct GuestImage {
     pub append: String,
 }
 
-/// The repository root (this crate lives in crates/vmferry-testkit).
+/// The repository root (this crate lives in `crates/vmferry-testkit`).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::canonicalize(&root).unwrap_or(root)
 }
 
-/// Builds the image with scripts/guest-image.sh if needed (serialized by a lock file).
+/// The guest image, built first if missing or stale.
 pub fn guest_image() -> Result<GuestImage> {
+    // The outcome is kept per process: every test asks, one builds.
+    static IMAGE: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!("test guest image: {e}"))
+}
+
+fn build() -> Result<GuestImage> {
     let root = repo_root();
     let dir = std::env::var_os("VMFERRY_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".cache/guest"));
-    let img = GuestImage {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initramfs.img"),
-        append: "console=ttyS0 quiet panic=-1".into(),
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let script = root.join("scripts/guest-image.sh");
+    let st = Command::new(&script)
+        .env("VMFERRY_CACHE", &dir)
+        .status()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !st.success() {
+        bail!("{} failed ({st})", script.display());
+    }
+    let canonical = |name: &str| {
+        let p = dir.join(name);
+        std::fs::canonicalize(&p).with_context(|| format!("{} missing", p.display()))
     };
-    if img.kernel.exists() && img.initrd.exists() {
-        return img.canonical();
-    }
-    std::fs::create_dir_all(&dir)?;
-    let lock = std::fs::File::create(dir.join(".lock"))?;
-    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("lock: {e}"))?;
-    if !(img.kernel.exists() && img.initrd.exists()) {
-        let st = Command::new(root.join("scripts/guest-image.sh"))
-            .status()
-            .context("run scripts/guest-image.sh")?;
-        if !st.success() {
-            bail!("scripts/guest-image.sh failed ({st})");
-        }
-    }
-    img.canonical()
-}
-
-impl GuestImage {
-    fn canonical(self) -> Result<Self> {
-        Ok(GuestImage {
-            kernel: std::fs::canonicalize(&self.kernel)?,
-            initrd: std::fs::canonicalize(&self.initrd)?,
-            append: self.append,
-        })
-    }
+    Ok(GuestImage {
+        kernel: canonical("vmlinuz")?,
+        initrd: canonical("initramfs.img")?,
+        append: APPEND.into(),
+    })
 }

@@ -3,10 +3,16 @@
 //!
 //! Everything it creates it removes in `Drop` — processes, namespaces, files — even when a
 //! test panics. It never touches addresses outside its own namespaces or loopback.
+//!
+//! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts), [`capture`] (tcpdump),
+//! [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs), [`process`] (kill-on-drop
+//! children), [`ports`].
+#![forbid(unsafe_code)]
 
 pub mod capture;
 pub mod guest;
 pub mod netns;
 pub mod ports;
+pub mod process;
 pub mod qemu;
 pub mod serial;

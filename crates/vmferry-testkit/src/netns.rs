@@ -1,59 +1,226 @@
-//! Test hosts: network namespaces joined by a veth pair, each with its own address.
+//! Test hosts: two network namespaces joined by a veth pair, each with its own address.
+//!
+//! ```text
+//!   namespace vmf-<tag>-<pid>-<n>a          namespace vmf-<tag>-<pid>-<n>b
+//!   lo (up)   vethA 10.231.X.1/24 ◄──veth──► vethB 10.231.X.2/24   lo (up)
+//! ```
+//! Nothing is created in the root namespace: the veth is made inside namespace a and one end
+//! moved to b, so parallel tests never collide on interface names. X differs per instance
+//! (it need not: each pair has its own stack, but distinct subnets make captures and logs
+//! unambiguous). Dropping [`TwoHosts`] kills every process left inside and deletes both
+//! namespaces (the veth goes with them). Namespaces left behind by a test process that was
+//! killed outright (no unwinding) are swept when the next process makes its first hosts.
 
+use crate::process::ChildGuard;
 use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::Duration;
+
+/// Prefix of every namespace this module makes; the sweep touches nothing else.
+const PREFIX: &str = "vmf-";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
 
-/// One host: a network namespace with one veth end.
+/// One test host: a network namespace with one end of the veth pair.
 #[derive(Debug, Clone)]
 pub struct Host {
+    /// The namespace name (as `ip netns` knows it).
     pub name: String,
+    /// This host's address on the veth link (a /24).
     pub ip: Ipv4Addr,
-    /// The veth interface inside the namespace.
+    /// The veth interface inside the namespace (`vethA` or `vethB`).
     pub iface: String,
 }
 
 impl Host {
-    /// A command that runs `program` inside this host's namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    /// A command that runs `program` inside this host's namespace
+    /// (`ip netns exec NAME program`; `ip` execs the program, so the child's pid is the
+    /// program's own).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 
-    /// Loads an nftables ruleset inside the namespace.
+    /// Starts `program args...` inside the namespace, stdin closed, output inherited; the
+    /// process is killed when the returned guard is dropped.
+    pub fn spawn_killable<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        ChildGuard::spawn(self.command(program).args(args).stdin(Stdio::null()))
+            .with_context(|| format!("in namespace {}", self.name))
+    }
+
+    /// Runs `f` on a new thread that has joined this host's network namespace, and returns
+    /// its result: sockets `f` opens live in the namespace. Only that thread moves (a
+    /// network namespace is per thread), so the test's own thread is unaffected.
+    pub fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("join namespace {}", self.name))?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Loads an nftables ruleset inside the namespace (`nft -f -`).
     pub fn nft(&self, ruleset: &str) -> Result<()> {
-        use std::io::Write;
-        let mut c = self
+        let mut child = self
             .command("nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("spawn nft")?;
-        c.stdin
+        // Dropping stdin after the write closes it, so nft sees the end of the ruleset.
+        child
+            .stdin
             .take()
             .context("nft stdin")?
-            .write_all(ruleset.as_bytes())?;
-        let st = c.wait()?;
-        if !st.success() {
-            bail!("nft failed in {} ({st})", self.name);
+            .write_all(ruleset.as_bytes())
+            .context("write ruleset to nft")?;
+        let out = child.wait_with_output().context("wait for nft")?;
+        if !out.status.success() {
+            bail!(
+                "nft failed in {} ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
 }
 
-/// Two hosts joined by a veth pair; removed (with every process inside) on drop.
+/// Two hosts joined by a veth pair; removed, with every process inside, on drop.
 #[derive(Debug)]
 pub struct TwoHosts {
     pub a: Host,
     pub b: Host,
 }
 
+impl TwoHosts {
+    /// Makes the two namespaces and the link. `tag` (its first 8 ASCII letters and digits)
+    /// goes into the namespace names so a leftover can be traced to its test.
+    pub fn new(tag: &str) -> Result<TwoHosts> {
+        SWEEP.call_once(sweep_stale);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let x = subnet_octet(pid, n);
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(8)
+            .collect();
+        let base = format!("{PREFIX}{tag}-{pid}-{n}");
+        let hosts = TwoHosts {
+            a: Host {
+                name: format!("{base}a"),
+                ip: Ipv4Addr::new(10, 231, x, 1),
+                iface: "vethA".into(),
+            },
+            b: Host {
+                name: format!("{base}b"),
+                ip: Ipv4Addr::new(10, 231, x, 2),
+                iface: "vethB".into(),
+            },
+        };
+        // On failure `hosts` is dropped here, which removes whatever part was made.
+        hosts
+            .create()
+            .with_context(|| format!("creating test hosts {base}a and {base}b"))?;
+        Ok(hosts)
+    }
+
+    fn create(&self) -> Result<()> {
+        let (a, b) = (&self.a, &self.b);
+        ip(&["netns", "add", &a.name])?;
+        ip(&["netns", "add", &b.name])?;
+        ip(&[
+            "-n", &a.name, "link", "add", &a.iface, "type", "veth", "peer", "name", &b.iface,
+        ])?;
+        ip(&["-n", &a.name, "link", "set", &b.iface, "netns", &b.name])?;
+        for h in [a, b] {
+            let addr = format!("{}/24", h.ip);
+            ip(&["-n", &h.name, "addr", "add", &addr, "dev", &h.iface])?;
+            ip(&["-n", &h.name, "link", "set", &h.iface, "up"])?;
+            ip(&["-n", &h.name, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        remove_namespace(&self.a.name);
+        remove_namespace(&self.b.name);
+    }
+}
+
+/// Whether this process can make network namespaces (root, `ip` present, kernel support).
+/// Prints why not to stderr when it cannot, so a skipped test says so loudly.
+///
+/// When the `CI` environment variable is set (to anything but `false`/`0`), a missing
+/// capability panics instead: CI machines run as root, and a suite that silently skips its
+/// end-to-end tests there would prove nothing.
+pub fn require_root_and_netns() -> bool {
+    let why = match probe_netns() {
+        Ok(()) => return true,
+        Err(e) => format!("{e:#}"),
+    };
+    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    if on_ci {
+        panic!("network namespaces are unavailable on CI: {why}");
+    }
+    eprintln!("SKIPPED: this test needs root and network namespaces: {why}");
+    false
+}
+
+fn probe_netns() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("not running as root");
+    }
+    let name = format!(
+        "{PREFIX}probe-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    ip(&["netns", "add", &name])?;
+    remove_namespace(&name);
+    Ok(())
+}
+
+/// The third octet of the link's subnet: distinct for the first 200 instances of a process
+/// and, thanks to the pid, usually across processes too.
+fn subnet_octet(pid: u32, n: u32) -> u8 {
+    let v = (pid.wrapping_mul(37).wrapping_add(n)) % 200 + 20;
+    u8::try_from(v).unwrap_or(20)
+}
+
 fn ip(args: &[&str]) -> Result<()> {
-    let o = Command::new("ip").args(args).output().context("run ip")?;
+    let o = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run ip (is iproute2 installed?)")?;
     if !o.status.success() {
         bail!(
             "ip {} failed: {}",
@@ -64,73 +231,13 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-impl TwoHosts {
-    pub fn new(tag: &str) -> Result<TwoHosts> {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let pid = std::process::id();
-        // A subnet per instance, so tests can run in parallel.
-        let x = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
-        let tag: String = tag
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .take(6)
-            .collect();
-        let base = format!("vmf{tag}{}x{n}", pid % 100_000);
-        let a = Host {
-            name: format!("{base}a"),
-            ip: Ipv4Addr::new(10, 231, x, 1),
-            iface: "vethA".into(),
-        };
-        let b = Host {
-            name: format!("{base}b"),
-            ip: Ipv4Addr::new(10, 231, x, 2),
-            iface: "vethB".into(),
-        };
-        let hosts = TwoHosts { a, b };
-        hosts
-            .create()
-            .with_context(|| format!("creating test hosts {base}a/b"))?;
-        Ok(hosts)
-    }
-
-    fn create(&self) -> Result<()> {
-        let (a, b) = (&self.a, &self.b);
-        ip(&["netns", "add", &a.name])?;
-        ip(&["netns", "add", &b.name])?;
-        // The veth is made inside namespace a, then one end moved to b: no names leak
-        // into the root namespace.
-        ip(&[
-            "-n", &a.name, "link", "add", &a.iface, "type", "veth", "peer", "name", &b.iface,
-        ])?;
-        ip(&["-n", &a.name, "link", "set", &b.iface, "netns", &b.name])?;
-        for h in [a, b] {
-            ip(&[
-                "-n",
-                &h.name,
-                "addr",
-                "add",
-                &format!("{}/24", h.ip),
-                "dev",
-                &h.iface,
-            ])?;
-            ip(&["-n", &h.name, "link", "set", &h.iface, "up"])?;
-            ip(&["-n", &h.name, "link", "set", "lo", "up"])?;
-        }
-        Ok(())
-    }
-}
-
-fn kill_all_in(ns: &str) {
-    for _ in 0..3 {
-        let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() else {
-            return;
-        };
-        let pids: Vec<i32> = String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
+/// Kills every process in namespace `ns` (a few rounds: one may fork as it dies), then
+/// deletes it. Errors are ignored: this runs in `Drop`, and the namespace may be half made.
+fn remove_namespace(ns: &str) {
+    for _ in 0..5 {
+        let pids = pids_in(ns);
         if pids.is_empty() {
-            return;
+            break;
         }
         for p in pids {
             let _ = nix::sys::signal::kill(
@@ -138,18 +245,58 @@ fn kill_all_in(ns: &str) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn pids_in(ns: &str) -> Vec<i32> {
+    let Ok(o) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Removes namespaces named `vmf-<tag>-<pid>-<n>{a,b}` (or `vmf-probe-<pid>-<n>`) whose
+/// creating process no longer exists.
+fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            remove_namespace(&name);
+        }
     }
 }
 
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        for h in [&self.a, &self.b] {
-            kill_all_in(&h.name);
-            let _ = Command::new("ip")
-                .args(["netns", "del", &h.name])
-                .stderr(Stdio::null())
-                .status();
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_octets_differ_within_a_process() {
+        let v: std::collections::HashSet<u8> = (0..200).map(|n| subnet_octet(4242, n)).collect();
+        assert_eq!(v.len(), 200);
+        assert!(v.iter().all(|&x| (20..220).contains(&x)));
     }
 }

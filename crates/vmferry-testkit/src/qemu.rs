@@ -1,32 +1,50 @@
-//! QEMU processes started directly by a test (attach mode), killed on drop.
+//! QEMU processes started directly by a test (attach mode: QEMU is not the daemon's), killed
+//! on drop.
+//!
+//! The machine is minimal and the same on both sides of a migration: `-machine q35`,
+//! `-nodefaults -no-user-config -display none`, the serial console to a file and QMP on a
+//! unix socket. QEMU's own stderr goes to `<serial>.stderr`, and start-up errors quote it.
 
 use crate::netns::Host;
+use crate::process::ChildGuard;
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// How to start one QEMU; [`QemuOpts::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct QemuOpts {
+    /// The program (default `qemu-system-x86_64`).
     pub binary: String,
+    /// The accelerator (default `tcg`: this machine's KVM cannot run a booting guest).
     pub accel: String,
+    /// Guest RAM in MiB (default 128).
     pub memory_mib: u64,
-    /// Back guest RAM with this file (share=on), so the test can read and write it.
+    /// Back guest RAM with this file (`memory-backend-file`, share=on), so the test can
+    /// read and write it; put it on /dev/shm.
     pub mem_file: Option<PathBuf>,
+    /// Preallocate the backing file (`prealloc=on`); only with `mem_file`.
     pub prealloc: bool,
+    /// `-kernel`, `-initrd`, `-append` (see [`crate::guest::GuestImage`]).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
-    /// Start paused (-S).
+    /// Start with the CPUs stopped (`-S`).
     pub paused: bool,
-    /// `-incoming` argument: "defer" or a URI.
+    /// The `-incoming` argument: `"defer"` or a URI such as `tcp:10.231.5.2:4444`.
     pub incoming: Option<String>,
+    /// Run inside this host's network namespace.
     pub netns: Option<Host>,
+    /// Where QMP listens (a unix socket path).
     pub qmp: PathBuf,
+    /// Where the serial console (ttyS0) is written.
     pub serial: PathBuf,
 }
 
 impl QemuOpts {
+    /// Defaults: qemu-system-x86_64, TCG, 128 MiB, no guest, running, not incoming, no
+    /// namespace.
     pub fn new(qmp: PathBuf, serial: PathBuf) -> Self {
         QemuOpts {
             binary: "qemu-system-x86_64".into(),
@@ -44,86 +62,128 @@ impl QemuOpts {
             serial,
         }
     }
+
+    /// The command line arguments (without the program).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut machine = format!("q35,accel={}", self.accel);
+        if let Some(f) = &self.mem_file {
+            machine.push_str(",memory-backend=ram0");
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on{}",
+                self.memory_mib,
+                f.display(),
+                if self.prealloc { ",prealloc=on" } else { "" }
+            ));
+        }
+        a.extend(["-machine".into(), machine]);
+        a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
+        for s in ["-nodefaults", "-no-user-config", "-display", "none"] {
+            a.push(s.into());
+        }
+        a.extend(["-serial".into(), format!("file:{}", self.serial.display())]);
+        a.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", self.qmp.display()),
+        ]);
+        if let Some(k) = &self.kernel {
+            a.extend(["-kernel".into(), k.display().to_string()]);
+        }
+        if let Some(i) = &self.initrd {
+            a.extend(["-initrd".into(), i.display().to_string()]);
+        }
+        if let Some(s) = &self.append {
+            a.extend(["-append".into(), s.clone()]);
+        }
+        if self.paused {
+            a.push("-S".into());
+        }
+        if let Some(i) = &self.incoming {
+            a.extend(["-incoming".into(), i.clone()]);
+        }
+        a
+    }
 }
 
+/// A running QEMU, killed (SIGKILL) and reaped on drop; its QMP socket file is removed then.
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    guard: ChildGuard,
+    /// The QMP socket (exists once `start_qemu` returns).
     pub qmp: PathBuf,
+    /// The serial console log.
     pub serial: PathBuf,
+    /// QEMU's stderr.
+    pub stderr: PathBuf,
 }
 
 impl QemuProcess {
+    /// The QEMU process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.guard.id()
+    }
+
+    /// QEMU's exit status if it has exited (e.g. after `quit`), `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.guard.try_wait()
+    }
+
+    /// What QEMU wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 }
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.guard.kill();
         let _ = std::fs::remove_file(&self.qmp);
     }
 }
 
+/// Starts QEMU and waits (bounded: 30 s) until its QMP socket exists.
 pub fn start_qemu(o: &QemuOpts) -> Result<QemuProcess> {
     let mut c = match &o.netns {
         Some(h) => h.command(&o.binary),
         None => Command::new(&o.binary),
     };
-    let mut machine = format!("q35,accel={}", o.accel);
-    if let Some(f) = &o.mem_file {
-        machine.push_str(",memory-backend=ram0");
-        c.arg("-object").arg(format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on{}",
-            o.memory_mib,
-            f.display(),
-            if o.prealloc { ",prealloc=on" } else { "" }
-        ));
-    }
-    c.args(["-machine", &machine, "-m", &format!("{}M", o.memory_mib)])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", o.serial.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", o.qmp.display()));
-    if let Some(k) = &o.kernel {
-        c.arg("-kernel").arg(k);
-    }
-    if let Some(i) = &o.initrd {
-        c.arg("-initrd").arg(i);
-    }
-    if let Some(a) = &o.append {
-        c.arg("-append").arg(a);
-    }
-    if o.paused {
-        c.arg("-S");
-    }
-    if let Some(i) = &o.incoming {
-        c.args(["-incoming", i]);
-    }
+    let stderr = stderr_path(&o.serial);
+    let err_file =
+        std::fs::File::create(&stderr).with_context(|| format!("create {}", stderr.display()))?;
+    // A stale socket would satisfy the wait below before QEMU binds its own.
     let _ = std::fs::remove_file(&o.qmp);
-    let child = c
+    c.args(o.args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn qemu")?;
+        .stderr(err_file);
+    let guard = ChildGuard::spawn(&mut c).context("start QEMU")?;
     let mut p = QemuProcess {
-        child,
+        guard,
         qmp: o.qmp.clone(),
         serial: o.serial.clone(),
+        stderr,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.qmp.exists() {
-        if let Ok(Some(st)) = p.child.try_wait() {
-            bail!("QEMU exited at start ({st})");
+        if let Some(st) = p.try_wait()? {
+            bail!("QEMU exited at start ({st}): {}", p.stderr_text().trim());
         }
         if Instant::now() > deadline {
-            bail!("QEMU did not open {}", p.qmp.display());
+            bail!(
+                "QEMU did not open {} within 30 s: {}",
+                p.qmp.display(),
+                p.stderr_text().trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(p)
+}
+
+/// `<serial>.stderr`, next to the serial log.
+fn stderr_path(serial: &Path) -> PathBuf {
+    let mut s = serial.as_os_str().to_os_string();
+    s.push(".stderr");
+    PathBuf::from(s)
 }
