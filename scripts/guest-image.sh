@@ -91,7 +91,7 @@ set -- x/boot/vmlinuz-*
 [ -x x/bin/busybox ] || die "no busybox in busybox-static"
 
 cp "$1" "$OUT/vmlinuz.new"
-python3 "$ROOT/scripts/mkinitramfs.py" x/bin/busybox "$OUT/initramfs.img.new"
+python3 "$ROOT/scripts/mkinitramfs.py" x/bin/busybox "$OUT/initramfs.img.new" x/lib/modules
 mv "$OUT/vmlinuz.new" "$OUT/vmlinuz"
 mv "$OUT/initramfs.img.new" "$OUT/initramfs.img"
 echo "$STAMP" >"$OUT/stamp"

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Writes the test guest's initramfs: a gzip'd newc cpio with busybox and /init.
 
-Usage: mkinitramfs.py BUSYBOX OUT
+Usage: mkinitramfs.py BUSYBOX OUT KERNEL_MODULES_DIR
 
-The guest prints "vmferry-guest: booted" once, then forever rewrites 16 MiB of a tmpfs file
+The guest prints "vmferry-guest: booted" once. If it has a virtio disk (/dev/vda; the
+virtio modules come from the kernel package's KERNEL_MODULES_DIR), it prints the disk's
+first line as "vmferry-disk: LINE" and writes each heartbeat's number into the disk's
+second 512-byte sector, synchronously, so a test can see which host last wrote it. Then it forever rewrites 16 MiB of a tmpfs file
 in place (so memory keeps getting dirtied during a live migration) and prints
 "vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. The bytes
 written are random, not zero: QEMU sends a zero page as a few bytes, so zeros would let a
@@ -12,6 +15,7 @@ a migration under TCG to converge. There is no cpio binary on the machine, so th
 is written here by hand.
 """
 import gzip
+import os
 import stat
 import sys
 
@@ -23,6 +27,20 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=48m tmp /tmp
 exec </dev/console >/dev/console 2>&1
 echo "vmferry-guest: booted"
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    insmod /lib/modules/$m.ko 2>/dev/null
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 20 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+disk=no
+if [ -b /dev/vda ]; then
+    disk=yes
+    read -r label </dev/vda
+    echo "vmferry-disk: $label"
+fi
 # 16 MiB of non-zero bytes, made once (random bytes are slow to make under TCG).
 dd if=/dev/urandom of=/tmp/seed bs=64k count=16 2>/dev/null
 i=0
@@ -35,12 +53,18 @@ while true; do
     n=$((n + 1))
     dd if=/tmp/pattern of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null
     echo "$n" >/tmp/counter
+    if [ $disk = yes ]; then
+        echo "$n" | dd of=/dev/vda bs=512 seek=1 conv=notrunc,fsync 2>/dev/null
+    fi
     echo "vmferry-heartbeat $n"
     sleep 0.5
 done
 """
 
-APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls", "ps", "free"]
+APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls", "ps", "free", "insmod"]
+# Loaded in this order (each after what it depends on); Debian builds them as modules.
+MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+           "virtio_blk"]
 
 
 class Cpio:
@@ -66,14 +90,25 @@ class Cpio:
 
 
 def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: mkinitramfs.py BUSYBOX OUT")
-    busybox, out = sys.argv[1], sys.argv[2]
+    if len(sys.argv) != 4:
+        sys.exit("usage: mkinitramfs.py BUSYBOX OUT KERNEL_MODULES_DIR")
+    busybox, out, moddir = sys.argv[1], sys.argv[2], sys.argv[3]
+    found = {}
+    for dirpath, _, files in os.walk(moddir):
+        for f in files:
+            if f.endswith(".ko") and f[:-3] in MODULES:
+                found[f[:-3]] = os.path.join(dirpath, f)
+    missing = [m for m in MODULES if m not in found]
+    if missing:
+        sys.exit(f"mkinitramfs: kernel modules not found under {moddir}: {', '.join(missing)}")
     with open(busybox, "rb") as f:
         bb = f.read()
     c = Cpio()
-    for d in ("bin", "dev", "proc", "sys", "tmp"):
+    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
         c.add(d, stat.S_IFDIR | 0o755)
+    for m in MODULES:
+        with open(found[m], "rb") as f:
+            c.add(f"lib/modules/{m}.ko", stat.S_IFREG | 0o644, f.read())
     # The kernel opens /dev/console for init before /init can mount devtmpfs.
     c.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
     c.add("bin/busybox", stat.S_IFREG | 0o755, bb)

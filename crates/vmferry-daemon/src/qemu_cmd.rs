@@ -7,11 +7,33 @@
 use std::path::Path;
 use vmferry_proto::{Accel, VmSpec};
 
-/// Per-VM files on the daemon's host.
+/// Per-VM files on the daemon's host, and how this host opens the VM's disks.
 #[derive(Debug, Clone)]
 pub struct VmPaths<'a> {
     pub qmp: &'a Path,
     pub serial_log: &'a Path,
+    /// QEMU's `cache=` for each of the spec's disks, in order; missing entries mean
+    /// `none` (O_DIRECT: what shared storage needs for a safe migration).
+    pub disk_cache: &'a [DiskCache],
+}
+
+/// How QEMU caches a disk on this host. Not part of the guest's shape: source and
+/// destination may differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskCache {
+    /// O_DIRECT: no host page cache, so the destination reads what the source wrote.
+    None,
+    /// For a filesystem without O_DIRECT (tmpfs); coherent only on one host.
+    Writeback,
+}
+
+impl DiskCache {
+    fn as_qemu(self) -> &'static str {
+        match self {
+            DiskCache::None => "none",
+            DiskCache::Writeback => "writeback",
+        }
+    }
 }
 
 /// Arguments after the binary name. `incoming` starts the QEMU paused, waiting for a
@@ -58,9 +80,15 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths<'_>, incoming: bool) -> Vec<Stri
         } else {
             "raw"
         };
+        let cache = paths
+            .disk_cache
+            .get(n)
+            .copied()
+            .unwrap_or(DiskCache::None)
+            .as_qemu();
         a.push("-drive".into());
         a.push(format!(
-            "file={d},if=virtio,format={format},cache=none,id=disk{n}"
+            "file={d},if=virtio,format={format},cache={cache},id=disk{n}"
         ));
     }
     if incoming {
@@ -91,12 +119,17 @@ mod tests {
         let p = VmPaths {
             qmp: Path::new("/s/qmp.sock"),
             serial_log: Path::new("/s/serial.log"),
+            disk_cache: &[DiskCache::Writeback],
         };
         let a = qemu_args(&spec, &p, true);
         let joined = a.join(" ");
         assert!(joined.contains("-incoming defer"), "{joined}");
         assert!(joined.contains("-S"));
         assert!(joined.contains("accel=tcg"));
+        assert!(
+            joined.contains("file=/d.qcow2,if=virtio,format=qcow2,cache=writeback,id=disk0"),
+            "{joined}"
+        );
         assert!(joined.contains("format=qcow2"));
         // the append string stays one argument
         assert!(a.iter().any(|x| x == "console=ttyS0 quiet"));

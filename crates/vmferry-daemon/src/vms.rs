@@ -7,7 +7,7 @@
 
 use crate::accel::{AccelChoice, AccelResolver};
 use crate::error::{DaemonError, Result};
-use crate::qemu_cmd::{qemu_args, VmPaths};
+use crate::qemu_cmd::{qemu_args, DiskCache, VmPaths};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -202,6 +202,11 @@ impl VmRegistry {
         let qmp_path = dir.join("qmp.sock");
         let serial_log = dir.join("serial.log");
         let qemu_log = dir.join("qemu.log");
+        let disk_cache = spec
+            .disks
+            .iter()
+            .map(|d| disk_cache_for(&spec.name, d))
+            .collect::<Result<Vec<_>>>()?;
         let _ = std::fs::remove_file(&qmp_path);
         let _ = std::fs::remove_file(&serial_log);
         let args = qemu_args(
@@ -209,6 +214,7 @@ impl VmRegistry {
             &VmPaths {
                 qmp: &qmp_path,
                 serial_log: &serial_log,
+                disk_cache: &disk_cache,
             },
             incoming,
         );
@@ -300,5 +306,58 @@ impl VmRegistry {
         for v in vms {
             v.kill();
         }
+    }
+}
+
+/// Checks that a disk is there and picks its cache mode: `none` (O_DIRECT), which
+/// shared storage needs so the destination never reads stale host cache, unless the
+/// filesystem cannot do O_DIRECT (tmpfs before Linux 6.6, some FUSE), where QEMU would refuse to open it.
+fn disk_cache_for(vm: &impl std::fmt::Display, disk: &str) -> Result<DiskCache> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |direct: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(if direct { nix::libc::O_DIRECT } else { 0 })
+            .open(disk)
+    };
+    match open(true) {
+        Ok(_) => Ok(DiskCache::None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && open(false).is_ok() => {
+            tracing::warn!(
+                %vm,
+                disk,
+                "the disk's filesystem has no O_DIRECT; using cache=writeback, which is only \
+                 safe to migrate when both QEMUs share this host's page cache"
+            );
+            Ok(DiskCache::Writeback)
+        }
+        Err(e) => Err(DaemonError::BadRequest(format!(
+            "disk {disk} of VM '{vm}' cannot be opened on this host: {e} \
+             (a migrated VM's disks must be on storage both hosts mount at the same path)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_disk_is_refused_naming_the_path_and_the_shared_storage_rule() {
+        let e = disk_cache_for(&"g", "/nonexistent/vmferry/disk.raw").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/vmferry/disk.raw"), "{msg}");
+        assert!(msg.contains("same path"), "{msg}");
+    }
+
+    #[test]
+    fn disks_use_o_direct_where_the_filesystem_has_it() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let disk = dir.path().join("d.raw");
+        std::fs::write(&disk, [0u8; 4096]).unwrap();
+        assert_eq!(
+            disk_cache_for(&"g", disk.to_str().unwrap()).unwrap(),
+            DiskCache::None
+        );
     }
 }

@@ -58,6 +58,10 @@ fn setup(tag: &str) -> Result<Setup> {
 }
 
 fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
+    start_guest_with(s, name, &[])
+}
+
+fn start_guest_with(s: &Setup, name: &str, extra: &[&str]) -> Result<(u32, std::path::PathBuf)> {
     let img = guest_image()?;
     let mut c = s.hosts.a.command(BIN);
     c.args(["vm", "start", name, "--daemon", &s.a_addr, "--certs"])
@@ -68,7 +72,8 @@ fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
         .arg(&img.kernel)
         .arg("--initrd")
         .arg(&img.initrd)
-        .args(["--append", &img.append]);
+        .args(["--append", &img.append])
+        .args(extra);
     let o = run(c);
     assert!(o.status.success(), "vm start: {}", text(&o));
     let list = run({
@@ -87,8 +92,22 @@ fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
 #[test]
 fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()> {
     let s = setup("live")?;
-    let (src_pid, src_log) = start_guest(&s, "g1")?;
+    // A disk on storage both hosts see at the same path (here: the same filesystem).
+    // The guest prints its first line at boot and writes every heartbeat into sector 1.
+    let disk = s.tmp.path().join("shared-disk.raw");
+    std::fs::write(&disk, b"vmferry-shared-disk-label\n")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&disk)?
+        .set_len(1 << 20)?;
+    let disk_arg = disk.to_string_lossy().into_owned();
+    let (src_pid, src_log) = start_guest_with(&s, "g1", &["--disk", &disk_arg])?;
     let before = wait_for_heartbeat(&src_log, 3, Duration::from_secs(90))?;
+    let console = std::fs::read_to_string(&src_log)?;
+    assert!(
+        console.contains("vmferry-disk: vmferry-shared-disk-label"),
+        "the guest did not read its disk: {console}"
+    );
 
     let mut c = s.hosts.a.command(BIN);
     c.args([
@@ -116,6 +135,18 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
         "destination restarted counting at {first} (source was at {before})"
     );
     assert!(after > first);
+
+    // The guest on the destination writes to the same disk: its sector 1 holds a
+    // heartbeat the destination printed.
+    let bytes = std::fs::read(&disk)?;
+    let written: u64 = String::from_utf8_lossy(&bytes[512..532])
+        .trim_end_matches('\0')
+        .trim()
+        .parse()?;
+    assert!(
+        written >= first,
+        "disk holds heartbeat {written}, older than the destination's first ({first})"
+    );
 
     // The source QEMU is gone and the source daemon no longer lists the VM.
     let deadline = Instant::now() + Duration::from_secs(10);
