@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side migration benchmark: plain (unencrypted) QEMU TCP migration vs vmferry.
+"""Side-by-side migration benchmark: plain (unencrypted) QEMU TCP migration vs vmferry over
+each of its transports (direct, reverse, tunnel).
 
 A paused guest with RAM_MIB of random RAM (a memory-backend-file on /dev/shm, written from
 the host) migrates over each route, interleaved, after one warm-up round; every run checks
@@ -8,7 +9,9 @@ preallocated (prealloc=on) for every route alike. Prints medians, min-max and th
 each route to plain TCP. This machine is shared and noisy: trust the ratios, not the
 absolute times.
 
-Usage: bench/migrate_bench.py [--runs 5] [--ram-mib 1024] [--multifd 0] [--routes plain,vmferry]
+Usage: bench/migrate_bench.py [--runs 5] [--ram-mib 1024] [--multifd 0]
+                              [--routes plain,direct,reverse,tunnel]
+(route "vmferry" is vmferry with --transport auto)
 Needs root only for nothing; needs qemu-system-x86_64 and a release build of vmferry.
 """
 import argparse
@@ -127,7 +130,7 @@ def run_once(route, work, template, ram_mib, multifd, daemons, certs):
     src, src_qmp = qemu(work, "src", template, ram_mib, False, False)
     dst, dst_qmp = qemu(work, "dst", dst_ram, ram_mib, True, True)
     try:
-        daemon_pids = [d.pid for d in daemons] if route == "vmferry" else []
+        daemon_pids = [d.pid for d in daemons] if route != "plain" else []
         cpu0 = cpu_seconds([src.pid, dst.pid] + daemon_pids)
         if route == "plain":
             port = free_port()
@@ -152,7 +155,8 @@ def run_once(route, work, template, ram_mib, multifd, daemons, certs):
         else:
             cmd = [VMFERRY, "migrate", "--from", daemons[0].addr, "--to", daemons[1].addr,
                    "--src-qmp", src_qmp, "--dst-qmp", dst_qmp, "--certs", certs,
-                   "--multifd", str(multifd), "--json"]
+                   "--multifd", str(multifd), "--json",
+                   "--transport", "auto" if route == "vmferry" else route]
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True)
             elapsed = time.perf_counter() - t0
@@ -198,9 +202,12 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--ram-mib", type=int, default=1024)
     ap.add_argument("--multifd", type=int, default=0)
-    ap.add_argument("--routes", default="plain,vmferry")
+    ap.add_argument("--routes", default="plain,direct,reverse,tunnel")
     a = ap.parse_args()
     routes = a.routes.split(",")
+    unknown = [r for r in routes if r not in ("plain", "vmferry", "direct", "reverse", "tunnel")]
+    if unknown:
+        sys.exit(f"unknown route(s) {', '.join(unknown)}: use plain, vmferry, direct, reverse, tunnel")
     if not os.path.exists(VMFERRY):
         sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
     work = tempfile.mkdtemp(prefix="vmferry-bench-")
@@ -234,6 +241,10 @@ def main():
             m = statistics.median(ts)
             print(f"{route:10} {m:9.3f} {min(ts):7.3f}-{max(ts):<7.3f} {a.ram_mib / 1024 / m:6.2f} "
                   f"{m / base:13.2f}x {statistics.median(cpus) / (a.ram_mib / 1024):10.2f}")
+        if "direct" in results and "tunnel" in results:
+            d = statistics.median(t for t, _ in results["direct"])
+            t = statistics.median(t for t, _ in results["tunnel"])
+            print(f"\ntunnel throughput vs direct: {d / t:.2f}x")
         print(f"\n(multifd={a.multifd}, {a.runs} runs each after a warm-up, interleaved; RAM verified byte-identical every run)")
     finally:
         for d in daemons:

@@ -331,11 +331,11 @@ impl Side {
 /// reset (closing with its unread data in our buffer would send a TCP RST).
 const LINGER: Duration = Duration::from_millis(250);
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(creds: &HostCredentials) -> Result<rustls::RootCertStore, TlsError> {
+pub(crate) fn roots(creds: &HostCredentials) -> Result<rustls::RootCertStore, TlsError> {
     let mut r = rustls::RootCertStore::empty();
     for c in &creds.ca {
         r.add(c.clone()).map_err(|e| {
@@ -348,7 +348,7 @@ fn roots(creds: &HostCredentials) -> Result<rustls::RootCertStore, TlsError> {
     Ok(r)
 }
 
-fn host_cert_err(creds: &HostCredentials, e: rustls::Error) -> TlsError {
+pub(crate) fn host_cert_err(creds: &HostCredentials, e: rustls::Error) -> TlsError {
     TlsError::Config(format!(
         "{} and key.pem cannot be used: {e}",
         creds.dir.join("cert.pem").display()

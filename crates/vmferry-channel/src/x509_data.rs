@@ -92,3 +92,78 @@ pub fn client_config(
 pub fn server_config(creds: &HostCredentials) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     tls::control_server_config(creds)
 }
+
+/// Server side when the *client* is the peer whose name matters (the reverse transport:
+/// the destination dials the source). Its certificate must chain to our CA, as for the
+/// control API, and also be valid for `expected_name`, exactly as when it is the server.
+pub fn server_config_expecting(
+    creds: &HostCredentials,
+    expected_name: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let p = tls::provider();
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(tls::roots(creds)?),
+        p.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Config(format!("cannot build the client verifier: {e}")))?;
+    let name = ServerName::try_from(expected_name.to_string())
+        .map_err(|_| TlsError::Config(format!("{expected_name:?} is not a valid TLS host name")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(NamedClientVerifier { inner, name }))
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(|e| tls::host_cert_err(creds, e))?;
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// webpki's client verification, plus a name check on the client's certificate.
+#[derive(Debug)]
+struct NamedClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for NamedClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, &self.name)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -148,7 +148,7 @@ impl ControlClient {
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let name = match tls_hostname {
                     Some(n) => n.to_string(),
-                    None => crate::migration::source::host_of(addr),
+                    None => crate::migration::channel::host_of(addr),
                 };
                 Box::new(
                     tls::connect(tcp, &name, cfg, CONNECT_TIMEOUT, addr)

@@ -2,15 +2,23 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use vmferry_proto::Accel;
+use vmferry_proto::{Accel, TransportChoice};
 
 /// What `vmferry serve` needs. Every field can come from the TOML file; the binary lets
 /// flags override them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// `host:port` for the control API (mutual TLS). Data connections use the same port.
+    /// `host:port` for the control API (mutual TLS). Data connections may use the same
+    /// port (told apart by the TLS server name), and the tunnel transport always does.
     pub listen: Option<String>,
+    /// An extra `host:port` that serves data connections only (direct and reverse
+    /// transports), for sites that keep migration traffic off the management port.
+    #[serde(default)]
+    pub data_listen: Option<String>,
+    /// The transport a migration uses when its controller does not ask for one.
+    #[serde(default)]
+    pub transport: TransportChoice,
     /// Where sockets, VM directories and logs live.
     pub state_dir: PathBuf,
     /// A certs dir: `ca.pem`, `cert.pem`, `key.pem` (see `vmferry certs`).
@@ -21,7 +29,8 @@ pub struct DaemonConfig {
     /// Accelerator for VMs started without one.
     #[serde(default)]
     pub accel: Accel,
-    /// `host:port` peers dial for data, if not the address a controller used to reach us.
+    /// `host:port` peers dial for data (direct to a destination, reverse to a source), if
+    /// not `data_listen` or `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
     /// Uids allowed on the local unix control socket besides root and the daemon's own.
@@ -44,6 +53,8 @@ impl DaemonConfig {
     pub fn new(state_dir: PathBuf) -> Self {
         DaemonConfig {
             listen: None,
+            data_listen: None,
+            transport: TransportChoice::Auto,
             state_dir,
             certs: None,
             qemu: default_qemu(),
@@ -60,9 +71,32 @@ impl DaemonConfig {
         toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
+    /// The address peers dial for data: `advertise`, else `data_listen`, else `listen`,
+    /// unless that is a wildcard address nobody can dial (then the controller fills in
+    /// the address it reached us at).
+    pub fn data_address(&self) -> Option<String> {
+        self.advertise
+            .clone()
+            .or_else(|| self.data_listen.clone().filter(|a| dialable(a)))
+            .or_else(|| self.control_address())
+    }
+
+    /// The control address peers can dial (the tunnel rides on it), if `listen` names one.
+    pub fn control_address(&self) -> Option<String> {
+        self.listen.clone().filter(|a| dialable(a))
+    }
+
     /// Path of the local control socket.
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join("control.sock")
+    }
+}
+
+/// False for wildcard listen addresses (`0.0.0.0:4700`, `[::]:4700`).
+fn dialable(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => !a.ip().is_unspecified(),
+        Err(_) => true,
     }
 }
 
@@ -83,5 +117,22 @@ mod tests {
         assert_eq!(c.qemu, "qemu-system-x86_64");
         assert_eq!(c.accel, Accel::Auto);
         assert_eq!(c.credential_ttl_secs, 300);
+    }
+
+    #[test]
+    fn data_and_control_addresses_skip_wildcards_and_prefer_advertise() {
+        let mut c = DaemonConfig::new("/s".into());
+        c.listen = Some("0.0.0.0:4700".into());
+        assert_eq!(c.data_address(), None);
+        assert_eq!(c.control_address(), None);
+        c.listen = Some("10.0.0.1:4700".into());
+        c.data_listen = Some("10.0.0.1:4701".into());
+        assert_eq!(c.data_address().as_deref(), Some("10.0.0.1:4701"));
+        assert_eq!(c.control_address().as_deref(), Some("10.0.0.1:4700"));
+        c.advertise = Some("hosta:4701".into());
+        assert_eq!(c.data_address().as_deref(), Some("hosta:4701"));
+        let t: DaemonConfig =
+            toml::from_str("state_dir = \"/s\"\ntransport = \"tunnel\"").expect("parses");
+        assert_eq!(t.transport, TransportChoice::Tunnel);
     }
 }

@@ -151,6 +151,25 @@ fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
         RequestBody::Prepare { cookie, vm } => ResponseBody::Cookie {
             cookie: DestinationMigration::prepare(daemon, cookie, vm)?,
         },
+        RequestBody::Connect {
+            cookie,
+            transport,
+            timeout_ms,
+        } => {
+            let timeout = std::time::Duration::from_millis(timeout_ms.clamp(100, 60_000));
+            if let Ok(m) = daemon.migrations.source(&cookie.migration) {
+                m.connect(daemon, &cookie, transport, timeout)?;
+            } else {
+                let m = daemon.migrations.destination(&cookie.migration)?;
+                if transport != vmferry_proto::Transport::Reverse {
+                    return Err(DaemonError::BadRequest(format!(
+                        "the destination dials only for the reverse transport, not {transport}"
+                    )));
+                }
+                m.connect_reverse(daemon, &cookie, timeout)?;
+            }
+            ResponseBody::Done
+        }
         RequestBody::Perform { cookie } => {
             let m = daemon.migrations.source(&cookie.migration)?;
             m.perform(daemon, &cookie)?;

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmferry_channel::certs::HostCredentials;
 use vmferry_proto::{
-    MigrationId, MigrationOptions, MigrationStatus, RequestBody, ResponseBody, VmRef,
+    Cookie, MigrationId, MigrationOptions, MigrationStatus, RequestBody, ResponseBody, Transport,
+    TransportChoice, VmRef,
 };
 
 /// Timeouts of each phase's request.
@@ -19,6 +20,11 @@ const BEGIN_TIMEOUT: Duration = Duration::from_secs(30);
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 const PERFORM_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one data connection may take to connect when `auto` tries transports in
+/// turn (short: a firewall that drops packets must not stall the fallback), and when
+/// the operator named one transport.
+const AUTO_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const SINGLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FINISH_TIMEOUT: Duration = Duration::from_secs(180);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait of one status long-poll (progress is shown at least this often).
@@ -37,6 +43,9 @@ pub struct MigrationPlan {
     pub data_address: Option<String>,
     /// Give up (and roll back) if the migration has not completed in this time.
     pub timeout: Option<Duration>,
+    /// How long each data connection may take to connect (default: 2 s under `auto`,
+    /// 5 s for a named transport).
+    pub connect_timeout: Option<Duration>,
 }
 
 /// What a completed migration reports.
@@ -44,6 +53,8 @@ pub struct MigrationPlan {
 pub struct MigrationReport {
     pub migration: String,
     pub transport: String,
+    /// Why transports tried before the one used were passed over.
+    pub transport_notes: Vec<String>,
     pub streams: u32,
     pub total_time_ms: u64,
     pub qemu_total_time_ms: Option<u64>,
@@ -127,18 +138,49 @@ pub fn migrate(
     if let Some(a) = &plan.data_address {
         cookie.data_address = Some(a.clone());
     }
-    if cookie.data_address.is_none() {
-        match &plan.destination {
-            ControlTarget::Tcp(a) => cookie.data_address = Some(a.clone()),
-            ControlTarget::Unix(_) => {
-                return Err(d.fail(
-                    "prepare",
-                    "the destination was reached over a unix socket and advertises no data address: give --data-address HOST:PORT".into(),
-                    true,
-                ))
+    // Addresses a daemon could not name itself (it listens on a wildcard) are the ones
+    // this controller reached it at.
+    if let ControlTarget::Tcp(a) = &plan.destination {
+        cookie.data_address.get_or_insert_with(|| a.clone());
+        cookie
+            .destination_control_address
+            .get_or_insert_with(|| a.clone());
+    }
+    if let ControlTarget::Tcp(a) = &plan.source {
+        cookie.source_data_address.get_or_insert_with(|| a.clone());
+    }
+
+    // connect: the data channel, over the first transport that works
+    let choice = cookie.options.transport.unwrap_or_default();
+    let connect_timeout = plan.connect_timeout.unwrap_or(match choice {
+        TransportChoice::Auto => AUTO_CONNECT_TIMEOUT,
+        _ => SINGLE_CONNECT_TIMEOUT,
+    });
+    let mut notes = Vec::new();
+    for t in choice.candidates() {
+        match d.connect(&cookie, t, connect_timeout) {
+            Ok(()) => {
+                cookie.transport = Some(t);
+                break;
+            }
+            Err(e) => {
+                tracing::info!("transport {t} unavailable: {e}");
+                notes.push(format!("{t}: {e}"));
             }
         }
     }
+    if cookie.transport.is_none() {
+        let why = if notes.len() == 1 {
+            notes.remove(0)
+        } else {
+            format!(
+                "no transport could carry the migration ({})",
+                notes.join("; ")
+            )
+        };
+        return Err(d.fail("connect", why, true));
+    }
+    cookie.transport_notes = notes;
 
     // perform
     match d.src.call(
@@ -221,6 +263,7 @@ pub fn migrate(
     Ok(MigrationReport {
         migration: id.to_string(),
         transport: last.transport.clone(),
+        transport_notes: last.transport_notes.clone(),
         streams: last.streams,
         total_time_ms: total.as_millis() as u64,
         qemu_total_time_ms: last.total_time_ms,
@@ -231,6 +274,30 @@ pub fn migrate(
 }
 
 impl Driver {
+    /// Makes the data channel over one transport; the error is the cause in words.
+    fn connect(&mut self, cookie: &Cookie, t: Transport, timeout: Duration) -> Result<(), String> {
+        let req = || RequestBody::Connect {
+            cookie: cookie.clone(),
+            transport: t,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        // Every stream may take the connect timeout, plus a TLS handshake.
+        let wait = timeout * (cookie.streams() + 1) + Duration::from_secs(15);
+        let expect_done = |r: Result<ResponseBody, ClientError>| match r {
+            Ok(ResponseBody::Done) => Ok(()),
+            Ok(other) => Err(unexpected_text(&other)),
+            Err(ClientError::Remote { source, .. }) => Err(source.message),
+            Err(e) => Err(e.to_string()),
+        };
+        match t {
+            Transport::Direct | Transport::Tunnel => expect_done(self.src.call(req(), wait)),
+            Transport::Reverse => {
+                expect_done(self.src.call(req(), wait))?;
+                expect_done(self.dst.call(req(), wait))
+            }
+        }
+    }
+
     /// Rolls back and builds the error. `prepared` says whether the destination holds
     /// anything to abort.
     fn fail(&mut self, phase: &'static str, cause: String, prepared: bool) -> ControllerError {

@@ -51,6 +51,8 @@ impl Daemon {
 pub struct Server {
     daemon: Arc<Daemon>,
     tcp: Option<TcpListener>,
+    /// The optional data-only port.
+    data: Option<TcpListener>,
     unix: UnixListener,
     shutdown: Arc<AtomicBool>,
 }
@@ -92,6 +94,19 @@ impl Server {
             }
             None => None,
         };
+        let data = match &config.data_listen {
+            Some(addr) => {
+                if control_tls.is_none() {
+                    return Err(DaemonError::BadRequest(format!(
+                        "a data port ({addr}) needs certificates: give --certs DIR"
+                    )));
+                }
+                Some(TcpListener::bind(addr).map_err(|e| {
+                    DaemonError::BadRequest(format!("cannot listen for data on {addr}: {e}"))
+                })?)
+            }
+            None => None,
+        };
         let sock = config.control_socket();
         let _ = std::fs::remove_file(&sock);
         let unix = UnixListener::bind(&sock).map_err(|e| {
@@ -112,6 +127,7 @@ impl Server {
                 hostname,
             }),
             tcp,
+            data,
             unix,
             shutdown: Arc::new(AtomicBool::new(false)),
         })
@@ -134,13 +150,21 @@ impl Server {
             .name("accept-unix".into())
             .spawn(move || accept_unix(d2, unix))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        if let Some(data) = self.data {
+            let d4 = daemon.clone();
+            let shutdown = self.shutdown.clone();
+            std::thread::Builder::new()
+                .name("accept-data".into())
+                .spawn(move || accept_tcp(d4, data, shutdown, Port::DataOnly))
+                .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        }
         let d3 = daemon.clone();
         std::thread::Builder::new()
             .name("sweeper".into())
             .spawn(move || sweep(d3))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
         match self.tcp {
-            Some(tcp) => accept_tcp(daemon, tcp, self.shutdown),
+            Some(tcp) => accept_tcp(daemon, tcp, self.shutdown, Port::Control),
             None => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
@@ -201,7 +225,27 @@ fn refuse_unix(mut conn: UnixStream, who: &str) {
     let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
-fn accept_tcp(daemon: Arc<Daemon>, listener: TcpListener, shutdown: Arc<AtomicBool>) -> Result<()> {
+/// What a TCP port serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Control connections and, told apart by the server name, data connections.
+    Control,
+    /// Data connections only.
+    DataOnly,
+}
+
+/// The half of a migration a data connection is for.
+enum Route {
+    Destination(Arc<crate::migration::DestinationMigration>),
+    Source(Arc<crate::migration::SourceMigration>),
+}
+
+fn accept_tcp(
+    daemon: Arc<Daemon>,
+    listener: TcpListener,
+    shutdown: Arc<AtomicBool>,
+    port: Port,
+) -> Result<()> {
     let pending = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if shutdown.load(Ordering::SeqCst) {
@@ -217,12 +261,12 @@ fn accept_tcp(daemon: Arc<Daemon>, listener: TcpListener, shutdown: Arc<AtomicBo
         let pending = pending.clone();
         let _ = std::thread::Builder::new()
             .name("conn-tcp".into())
-            .spawn(move || handle_tcp(daemon, conn, pending));
+            .spawn(move || handle_tcp(daemon, conn, pending, port));
     }
     Ok(())
 }
 
-fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>) {
+fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, port: Port) {
     let peer = conn
         .peer_addr()
         .map(|a| a.to_string())
@@ -231,18 +275,23 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>) {
         pending.fetch_sub(1, Ordering::SeqCst);
         return;
     };
-    let mut route: Option<Arc<crate::migration::DestinationMigration>> = None;
+    let mut route: Option<Route> = None;
     let accepted = tls::accept(conn, HANDSHAKE_TIMEOUT, |sni| {
         match sni.and_then(tls::migration_id_from_sni) {
             Some(id) => {
-                let m = MigrationId::new(id)
-                    .ok()
-                    .and_then(|id| daemon.migrations.destination(&id).ok())?;
+                let id = MigrationId::new(id).ok()?;
+                if let Ok(m) = daemon.migrations.destination(&id) {
+                    let cfg = m.data_config()?;
+                    route = Some(Route::Destination(m));
+                    return Some(cfg);
+                }
+                let m = daemon.migrations.source(&id).ok()?;
                 let cfg = m.data_config()?;
-                route = Some(m);
+                route = Some(Route::Source(m));
                 Some(cfg)
             }
-            None => Some(control),
+            None if port == Port::Control => Some(control),
+            None => None,
         }
     });
     pending.fetch_sub(1, Ordering::SeqCst);
@@ -254,10 +303,23 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>) {
         }
     };
     match route {
-        Some(m) => {
-            tracing::info!(%peer, migration = %m.id, "data connection accepted");
-            if let Err(e) = m.serve_data(stream) {
-                tracing::warn!(%peer, migration = %m.id, "data connection ended: {e}");
+        Some(route) => {
+            let (pre, conn) = match crate::migration::channel::read_preamble(stream) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(%peer, "data connection refused: {e}");
+                    return;
+                }
+            };
+            let (id, r) = match &route {
+                Route::Destination(m) => (m.id.clone(), m.accept_data(pre, conn)),
+                Route::Source(m) => (m.id.clone(), m.accept_reverse(pre, conn)),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(%peer, migration = %id, transport = %pre.transport, stream = pre.stream, "data connection accepted")
+                }
+                Err(e) => tracing::warn!(%peer, migration = %id, "data connection refused: {e}"),
             }
         }
         None => {

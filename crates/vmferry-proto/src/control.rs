@@ -4,7 +4,7 @@
 //! module only defines what the documents mean. A daemon answers every [`Request`] with
 //! exactly one [`Response`] carrying the same `id`.
 
-use crate::cookie::{Cookie, MigrationOptions};
+use crate::cookie::{Cookie, MigrationOptions, Transport};
 use crate::error::WireError;
 use crate::names::{MigrationId, VmName};
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,15 @@ pub enum RequestBody {
         cookie: Cookie,
         vm: VmRef,
     },
+    /// Makes the data channel for one transport before any guest byte moves: on the
+    /// source, dial (direct, tunnel) or expect the destination's connections (reverse);
+    /// on the destination, dial the source (reverse). Each dial waits at most
+    /// `timeout_ms`; a failure leaves nothing half-open behind.
+    Connect {
+        cookie: Cookie,
+        transport: Transport,
+        timeout_ms: u64,
+    },
     Perform {
         cookie: Cookie,
     },
@@ -80,6 +89,7 @@ impl RequestBody {
             RequestBody::VmStop { .. } => "vm_stop",
             RequestBody::Begin { .. } => "begin",
             RequestBody::Prepare { .. } => "prepare",
+            RequestBody::Connect { .. } => "connect",
             RequestBody::Perform { .. } => "perform",
             RequestBody::Status { .. } => "status",
             RequestBody::Finish { .. } => "finish",
@@ -253,6 +263,9 @@ pub struct MigrationStatus {
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub transport: String,
+    /// Why transports tried before the one used were passed over.
+    #[serde(default)]
+    pub transport_notes: Vec<String>,
     pub error: Option<String>,
 }
 

@@ -22,6 +22,96 @@ pub enum DataAuth {
     X509 { tls_hostname: Option<String> },
 }
 
+/// How a migration's streams travel between the daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// The source dials the destination's data address, one TLS connection per stream.
+    Direct,
+    /// The destination dials the source's data address (a destination that accepts no
+    /// inbound connection), one TLS connection per stream.
+    Reverse,
+    /// All streams multiplexed in one TLS connection from the source to the destination's
+    /// control port (the one port that must be open anyway).
+    Tunnel,
+}
+
+impl Transport {
+    /// The order `auto` tries them in: the cheapest first.
+    pub const AUTO_ORDER: [Transport; 3] =
+        [Transport::Direct, Transport::Reverse, Transport::Tunnel];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Direct => "direct",
+            Transport::Reverse => "reverse",
+            Transport::Tunnel => "tunnel",
+        }
+    }
+
+    /// The code carried in the stream preamble.
+    pub fn code(self) -> u8 {
+        match self {
+            Transport::Direct => 1,
+            Transport::Reverse => 2,
+            Transport::Tunnel => 3,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<Transport> {
+        match c {
+            1 => Some(Transport::Direct),
+            2 => Some(Transport::Reverse),
+            3 => Some(Transport::Tunnel),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What the operator asked for: one transport, or `auto` (try each in turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportChoice {
+    #[default]
+    Auto,
+    Direct,
+    Reverse,
+    Tunnel,
+}
+
+impl TransportChoice {
+    /// The transports to try, in order.
+    pub fn candidates(self) -> Vec<Transport> {
+        match self {
+            TransportChoice::Auto => Transport::AUTO_ORDER.to_vec(),
+            TransportChoice::Direct => vec![Transport::Direct],
+            TransportChoice::Reverse => vec![Transport::Reverse],
+            TransportChoice::Tunnel => vec![Transport::Tunnel],
+        }
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TransportChoice::Auto),
+            "direct" => Ok(TransportChoice::Direct),
+            "reverse" => Ok(TransportChoice::Reverse),
+            "tunnel" => Ok(TransportChoice::Tunnel),
+            other => Err(format!(
+                "unknown transport '{other}' (expected auto, direct, reverse or tunnel)"
+            )),
+        }
+    }
+}
+
 /// What the controller asks of a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct MigrationOptions {
@@ -36,6 +126,9 @@ pub struct MigrationOptions {
     /// Downtime QEMU may take at the switch-over, in milliseconds (0 = QEMU's default).
     #[serde(default)]
     pub downtime_limit_ms: u64,
+    /// The transport asked for; `None` lets the source daemon's configured default decide.
+    #[serde(default)]
+    pub transport: Option<TransportChoice>,
 }
 
 /// Upper bound on multifd channels, so a cookie cannot make a daemon open absurd numbers
@@ -61,6 +154,18 @@ pub struct Cookie {
     /// did not advertise one.
     #[serde(default)]
     pub data_address: Option<String>,
+    /// `host:port` the destination dials for data when the transport is reverse.
+    #[serde(default)]
+    pub source_data_address: Option<String>,
+    /// `host:port` of the destination's control port, which the tunnel rides on.
+    #[serde(default)]
+    pub destination_control_address: Option<String>,
+    /// The transport the controller settled on, and why earlier ones were passed over
+    /// (e.g. "direct: 10.0.0.2:4701 timed out after 2 s"), for status and the result.
+    #[serde(default)]
+    pub transport: Option<Transport>,
+    #[serde(default)]
+    pub transport_notes: Vec<String>,
 }
 
 impl Cookie {
@@ -99,6 +204,10 @@ mod tests {
             source_fingerprint: None,
             destination_fingerprint: None,
             data_address: None,
+            source_data_address: None,
+            destination_control_address: None,
+            transport: None,
+            transport_notes: vec![],
         };
         assert_eq!(c.streams(), 1);
         c.options.multifd = 4;
@@ -116,5 +225,24 @@ mod tests {
         };
         let t = serde_json::to_string(&x).expect("ser");
         assert_eq!(serde_json::from_str::<DataAuth>(&t).expect("de"), x);
+    }
+
+    #[test]
+    fn transports_parse_round_trip_and_auto_tries_cheapest_first() {
+        assert_eq!("auto".parse::<TransportChoice>(), Ok(TransportChoice::Auto));
+        assert_eq!(
+            TransportChoice::Auto.candidates(),
+            vec![Transport::Direct, Transport::Reverse, Transport::Tunnel]
+        );
+        assert_eq!(
+            TransportChoice::Tunnel.candidates(),
+            vec![Transport::Tunnel]
+        );
+        let e = "carrier-pigeon".parse::<TransportChoice>().unwrap_err();
+        assert!(e.contains("carrier-pigeon") && e.contains("tunnel"), "{e}");
+        for t in Transport::AUTO_ORDER {
+            assert_eq!(Transport::from_code(t.code()), Some(t));
+        }
+        assert_eq!(Transport::from_code(0), None);
     }
 }

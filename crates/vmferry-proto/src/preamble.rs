@@ -6,12 +6,17 @@
 //! stream. The migration itself is already bound by the TLS identity (SNI + pinned
 //! certificate); the preamble adds no authority of its own.
 
+use crate::cookie::Transport;
+
 /// Size of an encoded preamble.
-pub const PREAMBLE_LEN: usize = 8;
-const MAGIC: &[u8; 4] = b"VMF1";
+pub const PREAMBLE_LEN: usize = 10;
+const MAGIC: &[u8; 4] = b"VMF2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preamble {
+    /// How this connection travels. For a tunnel, the connection carries every stream
+    /// and `stream` is 0.
+    pub transport: Transport,
     /// 0 is QEMU's main channel, 1.. are multifd channels.
     pub stream: u16,
     /// How many streams the migration has in all.
@@ -24,14 +29,17 @@ pub enum PreambleError {
     BadMagic([u8; 4]),
     #[error("data connection claims to be stream {stream} of {streams}")]
     BadIndex { stream: u16, streams: u16 },
+    #[error("data connection names unknown transport code {0}")]
+    BadTransport(u8),
 }
 
 impl Preamble {
     pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
         let mut b = [0u8; PREAMBLE_LEN];
         b[..4].copy_from_slice(MAGIC);
-        b[4..6].copy_from_slice(&self.stream.to_be_bytes());
-        b[6..8].copy_from_slice(&self.streams.to_be_bytes());
+        b[4] = self.transport.code();
+        b[6..8].copy_from_slice(&self.stream.to_be_bytes());
+        b[8..10].copy_from_slice(&self.streams.to_be_bytes());
         b
     }
 
@@ -40,9 +48,11 @@ impl Preamble {
         if &magic != MAGIC {
             return Err(PreambleError::BadMagic(magic));
         }
+        let transport = Transport::from_code(b[4]).ok_or(PreambleError::BadTransport(b[4]))?;
         let p = Preamble {
-            stream: u16::from_be_bytes([b[4], b[5]]),
-            streams: u16::from_be_bytes([b[6], b[7]]),
+            transport,
+            stream: u16::from_be_bytes([b[6], b[7]]),
+            streams: u16::from_be_bytes([b[8], b[9]]),
         };
         if p.streams == 0 || p.stream >= p.streams {
             return Err(PreambleError::BadIndex {
@@ -60,20 +70,28 @@ mod tests {
 
     #[test]
     fn a_preamble_round_trips() {
-        let p = Preamble {
-            stream: 3,
-            streams: 5,
-        };
-        assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+        for transport in Transport::AUTO_ORDER {
+            let p = Preamble {
+                transport,
+                stream: 3,
+                streams: 5,
+            };
+            assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+        }
     }
 
     #[test]
     fn a_preamble_with_wrong_magic_or_index_is_refused() {
         assert!(matches!(
-            Preamble::decode(b"QEVM\0\0\0\x01"),
+            Preamble::decode(b"QEVM\x01\0\0\0\0\x01"),
             Err(PreambleError::BadMagic(_))
         ));
+        assert_eq!(
+            Preamble::decode(b"VMF2\x09\0\0\0\0\x01"),
+            Err(PreambleError::BadTransport(9))
+        );
         let p = Preamble {
+            transport: Transport::Direct,
             stream: 5,
             streams: 5,
         };

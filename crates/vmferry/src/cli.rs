@@ -72,6 +72,12 @@ pub struct ServeArgs {
     /// Address peers dial for data, if not the one controllers use.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// An extra data-only port (direct and reverse transports), host:port.
+    #[arg(long)]
+    pub data_listen: Option<String>,
+    /// Transport for migrations whose controller names none: auto, direct, reverse, tunnel.
+    #[arg(long)]
+    pub transport: Option<vmferry_proto::TransportChoice>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +197,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if a.advertise.is_some() {
         config.advertise = a.advertise;
+    }
+    if a.data_listen.is_some() {
+        config.data_listen = a.data_listen;
+    }
+    if let Some(t) = a.transport {
+        config.transport = t;
     }
     let server = Server::bind(config.clone()).context("cannot start the daemon")?;
     tracing::info!(

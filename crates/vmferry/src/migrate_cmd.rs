@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmferry_daemon::controller::{self, MigrationPlan, MigrationReport};
 use vmferry_daemon::ControlTarget;
-use vmferry_proto::{DataAuth, MigrationOptions, MigrationStatus, VmName, VmRef};
+use vmferry_proto::{DataAuth, MigrationOptions, MigrationStatus, TransportChoice, VmName, VmRef};
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -51,6 +51,14 @@ pub struct MigrateArgs {
     /// host:port the source dials for data (default: the destination's address).
     #[arg(long)]
     pub data_address: Option<String>,
+    /// How the stream travels: direct (source dials destination), reverse (destination
+    /// dials source), tunnel (inside one connection to the destination's control port),
+    /// or auto (those in turn; default: the source daemon's configured choice, else auto).
+    #[arg(long)]
+    pub transport: Option<TransportChoice>,
+    /// Seconds each data connection may take to connect (default 2 under auto, else 5).
+    #[arg(long)]
+    pub connect_timeout: Option<f64>,
     /// Give up and roll back after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -107,9 +115,19 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             max_bandwidth: a.max_bandwidth,
             data_auth,
             downtime_limit_ms: a.downtime_limit,
+            transport: a.transport,
         },
         data_address: a.data_address.clone(),
         timeout: a.timeout.map(Duration::from_secs),
+        connect_timeout: match a.connect_timeout {
+            Some(s) if s.is_finite() && s > 0.0 && s <= 60.0 => Some(Duration::from_secs_f64(s)),
+            Some(s) => {
+                return Err(anyhow!(
+                    "--connect-timeout {s}: give seconds between 0 and 60"
+                ))
+            }
+            None => None,
+        },
     };
     let creds = load_creds(&a.certs)?;
 
@@ -187,12 +205,21 @@ fn print_report(r: &MigrationReport, json: bool) {
         return;
     }
     println!("migration {} completed", r.migration);
-    println!(
-        "  transport   {} ({} stream{}, TLS 1.3)",
-        r.transport,
-        r.streams,
-        if r.streams == 1 { "" } else { "s" }
-    );
+    let plural = if r.streams == 1 { "" } else { "s" };
+    if r.transport == "tunnel" {
+        println!(
+            "  transport   tunnel ({} stream{plural} in one TLS 1.3 connection to the control port)",
+            r.streams
+        );
+    } else {
+        println!(
+            "  transport   {} ({} stream{plural}, TLS 1.3)",
+            r.transport, r.streams
+        );
+    }
+    for n in &r.transport_notes {
+        println!("  passed over {n}");
+    }
     println!(
         "  total time  {:.2} s (QEMU: {})",
         r.total_time_ms as f64 / 1000.0,

@@ -244,38 +244,47 @@ fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
         &b_certs,
         &[],
     )?;
-    let (src_ram, dst_ram) = (shm_file("vsrc")?, shm_file("vdst")?);
-    let d = tmp.path().join("vmferry");
-    std::fs::create_dir_all(&d)?;
-    let (src, dst) = qemu_pair(&d, src_ram.path(), dst_ram.path(), None, None, None)?;
-    fill_ram(src_ram.path(), 9, Some(MARKER))?;
-    let pcap_path = d.join("vmferry.pcap");
-    let cap = Capture::start(&hosts.b, &hosts.b.iface, "tcp", &pcap_path)?;
-    let mut c = hosts.a.command(BIN);
-    c.args(["migrate", "--from", &a_addr, "--to", &b_addr, "--src-qmp"])
-        .arg(&src.qmp)
-        .arg("--dst-qmp")
-        .arg(&dst.qmp)
-        .arg("--certs")
-        .arg(&ctl)
-        // Slow enough for tcpdump to keep every packet (it fails the test if it drops any).
-        .args(["--max-bandwidth", "300M"]);
-    let o = run(c);
-    let pcap = cap.stop()?;
-    assert!(o.status.success(), "migrate: {}", text(&o));
-    assert!(
-        same_contents(src_ram.path(), dst_ram.path())?,
-        "RAM differs"
-    );
-    let size = std::fs::metadata(&pcap)?.len();
-    assert!(
-        size > RAM_MIB << 20,
-        "capture too small ({size} bytes) to have seen the migration"
-    );
-    assert!(
-        !file_contains(&pcap, MARKER)?,
-        "guest memory crossed the wire in clear"
-    );
+    // Every transport: direct, reverse (the destination dials) and the tunnel (all
+    // streams in one connection to the control port), each with multifd streams.
+    for transport in ["direct", "reverse", "tunnel"] {
+        let (src_ram, dst_ram) = (shm_file("vsrc")?, shm_file("vdst")?);
+        let d = tmp.path().join(transport);
+        std::fs::create_dir_all(&d)?;
+        let (src, dst) = qemu_pair(&d, src_ram.path(), dst_ram.path(), None, None, None)?;
+        fill_ram(src_ram.path(), 9, Some(MARKER))?;
+        let cap = Capture::start(&hosts.b, &hosts.b.iface, "tcp", &d.join("vmferry.pcap"))?;
+        let mut c = hosts.a.command(BIN);
+        c.args(["migrate", "--from", &a_addr, "--to", &b_addr, "--src-qmp"])
+            .arg(&src.qmp)
+            .arg("--dst-qmp")
+            .arg(&dst.qmp)
+            .arg("--certs")
+            .arg(&ctl)
+            .args(["--transport", transport, "--multifd", "2", "--json"])
+            // Slow enough for tcpdump to keep every packet (it fails the test if it drops any).
+            .args(["--max-bandwidth", "300M"]);
+        let o = run(c);
+        let pcap = cap.stop()?;
+        assert!(o.status.success(), "migrate over {transport}: {}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let result: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("a result line"))?;
+        assert_eq!(result["transport"], transport, "{result}");
+        assert!(
+            same_contents(src_ram.path(), dst_ram.path())?,
+            "RAM differs after a migration over {transport}"
+        );
+        let size = std::fs::metadata(&pcap)?.len();
+        assert!(
+            size > RAM_MIB << 20,
+            "{transport}: capture too small ({size} bytes) to have seen the migration"
+        );
+        assert!(
+            !file_contains(&pcap, MARKER)?,
+            "guest memory crossed the wire in clear over {transport}"
+        );
+        drop((src, dst));
+    }
     Ok(())
 }
 

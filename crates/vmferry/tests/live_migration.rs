@@ -5,89 +5,12 @@
 mod common;
 
 use anyhow::Result;
+use common::live::*;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use vmferry_testkit::guest::guest_image;
-use vmferry_testkit::netns::TwoHosts;
 use vmferry_testkit::serial::{heartbeats, wait_for_heartbeat};
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    hosts: TwoHosts,
-    ctl: std::path::PathBuf,
-    a_addr: String,
-    b_addr: String,
-    da: DaemonProc,
-    db: DaemonProc,
-}
-
-fn setup(tag: &str) -> Result<Setup> {
-    let tmp = tempfile::tempdir()?;
-    let hosts = TwoHosts::new(tag)?;
-    let pki = Pki::new(tmp.path())?;
-    let a_certs = pki.issue("hosta", Some(&hosts.a.ip.to_string()))?;
-    let b_certs = pki.issue("hostb", Some(&hosts.b.ip.to_string()))?;
-    let ctl = pki.issue("controller", None)?;
-    let a_addr = format!("{}:4700", hosts.a.ip);
-    let b_addr = format!("{}:4700", hosts.b.ip);
-    let da = DaemonProc::start(
-        Some(&hosts.a),
-        &a_addr,
-        &tmp.path().join("a"),
-        &a_certs,
-        &["--accel", "tcg"],
-    )?;
-    let db = DaemonProc::start(
-        Some(&hosts.b),
-        &b_addr,
-        &tmp.path().join("b"),
-        &b_certs,
-        &["--accel", "tcg"],
-    )?;
-    Ok(Setup {
-        tmp,
-        hosts,
-        ctl,
-        a_addr,
-        b_addr,
-        da,
-        db,
-    })
-}
-
-fn start_guest(s: &Setup, name: &str) -> Result<(u32, std::path::PathBuf)> {
-    start_guest_with(s, name, &[])
-}
-
-fn start_guest_with(s: &Setup, name: &str, extra: &[&str]) -> Result<(u32, std::path::PathBuf)> {
-    let img = guest_image()?;
-    let mut c = s.hosts.a.command(BIN);
-    c.args(["vm", "start", name, "--daemon", &s.a_addr, "--certs"])
-        .arg(&s.ctl)
-        .args([
-            "--memory", "256M", "--cpus", "1", "--accel", "tcg", "--kernel",
-        ])
-        .arg(&img.kernel)
-        .arg("--initrd")
-        .arg(&img.initrd)
-        .args(["--append", &img.append])
-        .args(extra);
-    let o = run(c);
-    assert!(o.status.success(), "vm start: {}", text(&o));
-    let list = run({
-        let mut c = s.hosts.a.command(BIN);
-        c.args(["vm", "list", "--json", "--daemon", &s.a_addr, "--certs"])
-            .arg(&s.ctl);
-        c
-    });
-    assert!(list.status.success(), "vm list: {}", text(&list));
-    let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
-    let pid = vms[0]["pid"].as_u64().expect("pid in vm list") as u32;
-    let log = s.da.state_dir.join("vms").join(name).join("serial.log");
-    Ok((pid, log))
-}
 
 #[test]
 fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()> {

@@ -4,40 +4,38 @@
 //! Invariant: the destination guest never runs before QEMU has loaded the complete state
 //! and the controller asked for `finish`; on any failure its QEMU is killed, never
 //! resumed. A data connection is accepted only for a prepared, unexpired migration, only
-//! from the peer it pins, and each stream slot only once.
+//! from the peer it pins, each stream slot only once, and none once the streams reached
+//! QEMU.
 
+use super::channel::{self, DataConn, Slots, Trust};
 use super::QemuHandle;
 use crate::error::{DaemonError, Result};
 use crate::server::Daemon;
+use crate::tunnel_stub::{Tunnel, TunnelStop};
 use crate::vms::lock;
-use std::io::Read;
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vmferry_channel::identity::{EphemeralIdentity, Fingerprint};
+use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, StopHandle};
-use vmferry_channel::tls;
-use vmferry_proto::preamble::{Preamble, PREAMBLE_LEN};
-use vmferry_proto::{Cookie, DataAuth, MigrationId, MigrationStatus, VmName, VmRef};
+use vmferry_proto::preamble::Preamble;
+use vmferry_proto::{Cookie, MigrationId, MigrationStatus, Transport, VmName, VmRef};
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
-/// How long a data connection may take to send its preamble after the handshake.
-const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a multifd stream waits for the main stream to reach QEMU first.
-const MAIN_FIRST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `finish` waits for QEMU to load the state once the source is done.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the streams may take to end once QEMU loaded everything.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Default)]
 struct Streams {
-    /// Which stream slots a connection already took (single use).
-    taken: Vec<bool>,
-    /// Whether stream 0 (QEMU's main channel) reached QEMU.
-    main_connected: bool,
+    /// Connections of one transport as they arrive, until all are there.
+    slots: Slots,
+    /// Whether the streams reached QEMU (after which the channel is fixed).
+    attached: bool,
     /// Pumps still running.
     running: usize,
     /// Pumps that ended well.
@@ -55,6 +53,8 @@ pub struct DestinationMigration {
     identity: EphemeralIdentity,
     /// The TLS configuration data connections must complete: pins the source's identity.
     server_config: Arc<rustls::ServerConfig>,
+    trust: Trust,
+    n_streams: usize,
     source_running: bool,
     /// The unix socket the destination QEMU listens on.
     incoming_socket: PathBuf,
@@ -62,6 +62,8 @@ pub struct DestinationMigration {
     changed: Condvar,
     meter: Arc<Meter>,
     stops: Mutex<Vec<StopHandle>>,
+    tunnel: Mutex<Option<Tunnel>>,
+    tunnel_stop: Mutex<Option<TunnelStop>>,
     /// After this instant, the one-time identity is no longer accepted.
     expires: Instant,
 }
@@ -79,23 +81,11 @@ impl DestinationMigration {
         }
         let identity = EphemeralIdentity::generate(&format!("vmferry-destination-{id}"))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
-        let server_config = match &cookie.options.data_auth {
-            DataAuth::Pinned => {
-                let fp: Fingerprint = cookie
-                    .source_fingerprint
-                    .as_deref()
-                    .ok_or_else(|| {
-                        DaemonError::BadRequest("the cookie carries no source fingerprint".into())
-                    })?
-                    .parse()
-                    .map_err(|e| DaemonError::BadRequest(format!("source fingerprint: {e}")))?;
-                tls::pinned_server_config(&identity, fp)
-            }
-            DataAuth::X509 { .. } => {
-                vmferry_channel::x509_data::server_config(&daemon.credentials()?)
-            }
-        }
-        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let trust = Trust {
+            auth: cookie.options.data_auth.clone(),
+            peer_fingerprint: cookie.source_fingerprint.clone(),
+        };
+        let server_config = trust.server_config(daemon, &identity, "source", None)?;
 
         let (qemu, vm_name) = match &vm {
             VmRef::Managed { name } => {
@@ -132,20 +122,22 @@ impl DestinationMigration {
             qemu,
             vm_name,
             server_config,
+            trust,
+            n_streams: streams,
             source_running: cookie.source_running,
             incoming_socket,
-            streams: Mutex::new(Streams {
-                taken: vec![false; streams],
-                ..Default::default()
-            }),
+            streams: Mutex::new(Streams::default()),
             changed: Condvar::new(),
             meter: Arc::new(Meter::default()),
             stops: Mutex::new(Vec::new()),
+            tunnel: Mutex::new(None),
+            tunnel_stop: Mutex::new(None),
             expires: Instant::now() + Duration::from_secs(daemon.config.credential_ttl_secs),
             identity,
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
-        cookie.data_address = daemon.config.advertise.clone();
+        cookie.data_address = daemon.config.data_address();
+        cookie.destination_control_address = daemon.config.control_address();
         lock(&daemon.migrations.destinations).insert(id, Arc::new(m));
         Ok(cookie)
     }
@@ -173,115 +165,169 @@ impl DestinationMigration {
     }
 
     /// The TLS configuration for a data connection that names this migration, or `None`
-    /// when it must be refused (expired, or every stream already connected).
+    /// when it must be refused (expired, or the channel already reached QEMU).
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        if Instant::now() > self.expires {
-            return None;
-        }
-        let st = lock(&self.streams);
-        if st.taken.iter().all(|t| *t) {
+        if Instant::now() > self.expires || lock(&self.streams).attached {
             return None;
         }
         Some(self.server_config.clone())
     }
 
-    /// Serves one authenticated data connection: reads its preamble, takes its slot,
-    /// connects it to QEMU (main stream first), and pumps until the stream ends.
-    pub fn serve_data(
-        self: &Arc<Self>,
-        stream: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    ) -> Result<()> {
-        let rustls::StreamOwned { mut conn, mut sock } = stream;
-        let peer = sock
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "source".into());
-        let mut pre = [0u8; PREAMBLE_LEN];
-        {
-            let _ = sock.set_read_timeout(Some(PREAMBLE_TIMEOUT));
-            let mut s = rustls::Stream::new(&mut conn, &mut sock);
-            s.read_exact(&mut pre).map_err(|e| {
-                DaemonError::Channel(format!("{peer} sent no stream preamble: {e}"))
-            })?;
-            let _ = sock.set_read_timeout(None);
+    /// Takes one authenticated data connection the source dialed: a direct stream (held
+    /// until all have arrived, then handed to QEMU together) or the tunnel.
+    pub fn accept_data(self: &Arc<Self>, pre: Preamble, c: DataConn) -> Result<()> {
+        match pre.transport {
+            Transport::Direct => {
+                let complete = {
+                    let mut st = lock(&self.streams);
+                    if st.attached {
+                        return Err(DaemonError::Denied(format!(
+                            "{}: migration {} already has its streams; refused",
+                            c.peer, self.id
+                        )));
+                    }
+                    st.slots.put(Transport::Direct, &pre, self.n_streams, c)?;
+                    st.slots.take_complete()
+                };
+                match complete {
+                    Some((_, conns)) => self.attach(conns),
+                    None => Ok(()),
+                }
+            }
+            Transport::Tunnel => self.accept_tunnel(pre, c),
+            Transport::Reverse => Err(DaemonError::Denied(format!(
+                "{} offered a reverse stream to the destination of migration {}; the destination dials those itself",
+                c.peer, self.id
+            ))),
         }
-        let pre = Preamble::decode(&pre).map_err(|e| DaemonError::Channel(e.to_string()))?;
-        let k = usize::from(pre.stream);
+    }
+
+    fn accept_tunnel(self: &Arc<Self>, pre: Preamble, c: DataConn) -> Result<()> {
+        if usize::from(pre.streams) != self.n_streams {
+            return Err(DaemonError::Channel(format!(
+                "{} opened a tunnel for {} streams, but this migration has {}",
+                c.peer, pre.streams, self.n_streams
+            )));
+        }
         {
             let mut st = lock(&self.streams);
-            if usize::from(pre.streams) != st.taken.len() || k >= st.taken.len() {
-                return Err(DaemonError::Channel(format!(
-                    "{peer} claims stream {} of {}, but this migration has {} streams",
-                    pre.stream,
-                    pre.streams,
-                    st.taken.len()
+            if st.attached {
+                return Err(DaemonError::Denied(format!(
+                    "{}: migration {} already has its streams; refused",
+                    c.peer, self.id
                 )));
             }
-            if st.taken[k] {
-                return Err(DaemonError::Denied(format!(
-                    "{peer} tried to open stream {k} of migration {} a second time; refused",
+            st.slots.clear();
+            st.attached = true;
+        }
+        let socket = self.incoming_socket.clone();
+        let n = self.n_streams;
+        // Streams arrive in the order the source opened them, main channel first, which
+        // is the order QEMU must see them in.
+        let accept = Box::new(move |k: u16| -> std::result::Result<UnixStream, String> {
+            if usize::from(k) >= n {
+                return Err(format!("stream {k} does not exist ({n} streams)"));
+            }
+            UnixStream::connect(&socket).map_err(|e| {
+                format!(
+                    "cannot reach the incoming QEMU at {}: {e}",
+                    socket.display()
+                )
+            })
+        });
+        let t = Tunnel::server(c.conn, c.sock, &c.peer, self.meter.clone(), accept)
+            .map_err(|e| DaemonError::Channel(e.to_string()))?;
+        *lock(&self.tunnel_stop) = Some(t.stop_handle());
+        *lock(&self.tunnel) = Some(t);
+        tracing::info!(migration = %self.id, peer = %c.peer, "tunnel established");
+        Ok(())
+    }
+
+    /// `connect` for reverse: dials every stream to the source, then hands them to QEMU.
+    pub fn connect_reverse(
+        self: &Arc<Self>,
+        daemon: &Daemon,
+        cookie: &Cookie,
+        timeout: Duration,
+    ) -> Result<()> {
+        let addr = cookie.source_data_address.clone().ok_or_else(|| {
+            DaemonError::BadRequest("the cookie names no data address for the source".into())
+        })?;
+        {
+            let mut st = lock(&self.streams);
+            if st.attached {
+                return Err(DaemonError::BadRequest(format!(
+                    "migration {} already has its streams",
                     self.id
                 )));
             }
-            st.taken[k] = true;
-            if k > 0 {
-                let deadline = Instant::now() + MAIN_FIRST_TIMEOUT;
-                while !st.main_connected {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(DaemonError::Timeout(format!(
-                            "stream {k}: the main stream of migration {} never arrived",
-                            self.id
-                        )));
-                    }
-                    st = match self.changed.wait_timeout(st, left) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
+            st.slots.clear();
+        }
+        let cfg = self
+            .trust
+            .client_config(daemon, &self.identity, &addr, "source")?;
+        let n16 = u16::try_from(self.n_streams)
+            .map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
+        let mut conns = Vec::with_capacity(self.n_streams);
+        for k in 0..n16 {
+            let pre = Preamble {
+                transport: Transport::Reverse,
+                stream: k,
+                streams: n16,
+            };
+            conns.push(channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?);
+        }
+        self.attach(conns)
+    }
+
+    /// Connects every stream to QEMU, main channel first, and starts a pump for each.
+    fn attach(self: &Arc<Self>, conns: Vec<DataConn>) -> Result<()> {
+        {
+            let mut st = lock(&self.streams);
+            if st.attached {
+                return Err(DaemonError::Denied(format!(
+                    "migration {} already has its streams",
+                    self.id
+                )));
+            }
+            st.attached = true;
+        }
+        for (k, c) in conns.into_iter().enumerate() {
+            let local = UnixStream::connect(&self.incoming_socket).map_err(|e| {
+                DaemonError::Qemu(format!(
+                    "cannot reach the incoming QEMU at {}: {e}",
+                    self.incoming_socket.display()
+                ))
+            });
+            let local = match local {
+                Ok(l) => l,
+                Err(e) => {
+                    self.record_end(Err(e.to_string()));
+                    return Err(e);
                 }
+            };
+            let stop = StopHandle::new(&local, &c.sock)
+                .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
+            lock(&self.stops).push(stop.clone());
+            lock(&self.streams).running += 1;
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pump-dst-{k}"))
+                .spawn(move || {
+                    let DataConn { conn, sock, peer } = c;
+                    let r = pump::pump(local, conn, sock, &peer, &me.meter, &stop)
+                        .map(|_| ())
+                        .map_err(|e| format!("data stream {k} with {peer}: {e}"));
+                    lock(&me.streams).running -= 1;
+                    me.record_end(r);
+                });
+            if let Err(e) = spawned {
+                lock(&self.streams).running -= 1;
+                return Err(DaemonError::Internal(format!("cannot start pump: {e}")));
             }
         }
-        let local = UnixStream::connect(&self.incoming_socket).map_err(|e| {
-            DaemonError::Qemu(format!(
-                "cannot reach the incoming QEMU at {}: {e}",
-                self.incoming_socket.display()
-            ))
-        });
-        let local = match local {
-            Ok(l) => l,
-            Err(e) => {
-                self.record_end(Err(e.to_string()));
-                return Err(e);
-            }
-        };
-        let stop = StopHandle::new(&local, &sock)
-            .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
-        lock(&self.stops).push(stop.clone());
-        {
-            let mut st = lock(&self.streams);
-            if k == 0 {
-                st.main_connected = true;
-            }
-            st.running += 1;
-            self.changed.notify_all();
-        }
-        let r = pump::pump(
-            local,
-            rustls::Connection::Server(conn),
-            sock,
-            &peer,
-            &self.meter,
-            &stop,
-        );
-        let r = r
-            .map(|_| ())
-            .map_err(|e| format!("data stream {k} from {peer}: {e}"));
-        {
-            let mut st = lock(&self.streams);
-            st.running -= 1;
-        }
-        self.record_end(r.clone());
-        r.map_err(DaemonError::Channel)
+        tracing::info!(migration = %self.id, streams = self.n_streams, "data streams reached QEMU");
+        Ok(())
     }
 
     fn record_end(&self, r: std::result::Result<(), String>) {
@@ -305,6 +351,9 @@ impl DestinationMigration {
             if let Some(e) = lock(&self.streams).error.clone() {
                 return Err(DaemonError::Channel(e));
             }
+            if let Some((_, Some(e))) = lock(&self.tunnel).as_ref().map(|t| t.streams_done()) {
+                return Err(DaemonError::Channel(e));
+            }
             let info = self.qemu.with_qmp(|q| q.query_migrate())?;
             match info.status {
                 QemuMigrationStatus::Completed => break info,
@@ -325,8 +374,16 @@ impl DestinationMigration {
             }
             std::thread::sleep(POLL);
         };
-        // QEMU completed; the pumps end when the source closes its side.
-        let drain_deadline = Instant::now() + Duration::from_secs(10);
+        // QEMU completed; the streams end when the source closes its side.
+        let tunnel = lock(&self.tunnel).take();
+        if let Some(t) = tunnel {
+            t.wait_streams(self.n_streams, DRAIN_TIMEOUT)
+                .map_err(DaemonError::Channel)?;
+            if let Err(e) = t.close(DRAIN_TIMEOUT) {
+                tracing::warn!(migration = %self.id, "tunnel did not close cleanly: {e}");
+            }
+        }
+        let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let st = lock(&self.streams);
             if let Some(e) = st.error.clone() {
@@ -360,6 +417,9 @@ impl DestinationMigration {
         for s in lock(&self.stops).iter() {
             s.stop();
         }
+        if let Some(t) = lock(&self.tunnel_stop).as_ref() {
+            t.stop();
+        }
         if let (QemuHandle::Managed(v), Some(n)) = (&self.qemu, &self.vm_name) {
             v.kill();
             daemon.vms.forget(n);
@@ -369,6 +429,6 @@ impl DestinationMigration {
     }
 
     pub fn expired(&self) -> bool {
-        Instant::now() > self.expires && lock(&self.streams).taken.iter().all(|t| !*t)
+        Instant::now() > self.expires && !lock(&self.streams).attached
     }
 }

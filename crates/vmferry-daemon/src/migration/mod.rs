@@ -4,6 +4,7 @@
 //! A migration's one-time identity lives only here, in memory, for as long as the
 //! migration does; it is never written to disk and never sent (only its fingerprint is).
 
+pub mod channel;
 pub mod destination;
 pub mod source;
 

@@ -5,30 +5,30 @@
 //! whole state. Every path out of a failed or cancelled migration ends in `confirm(false)`
 //! or the job's own failure handling, both of which resume the guest if QEMU paused it.
 
+use super::channel::{self, DataConn, Slots, Trust};
 use super::{QemuHandle, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
 use crate::server::Daemon;
+use crate::tunnel_stub::{Tunnel, TunnelStop};
 use crate::vms::lock;
-use std::io::Write;
-use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vmferry_channel::identity::{EphemeralIdentity, Fingerprint};
+use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
-use vmferry_channel::{tls, transport};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
-    Cookie, DataAuth, MigrationId, MigrationOptions, MigrationStatus, VmName, VmRef,
+    Cookie, MigrationId, MigrationOptions, MigrationStatus, Transport, VmName, VmRef,
 };
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
-/// How long dialing one data connection (TCP + TLS) may take.
+/// How long dialing one data connection may take when `perform` has to dial itself.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `perform` waits for the destination's reverse connections to arrive.
+const REVERSE_WAIT: Duration = Duration::from_secs(10);
 /// How long QEMU may take to open its migration sockets to us.
 const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the pumps may take to drain after QEMU says it completed.
@@ -41,6 +41,30 @@ enum Stage {
     Begun,
     Performing,
     Done,
+}
+
+/// The data channel made by `connect`, waiting for `perform`.
+#[derive(Debug, Default)]
+enum Held {
+    #[default]
+    Nothing,
+    /// One TLS connection per stream: dialed by us (direct) or by the destination (reverse).
+    Conns(Slots),
+    Tunnel(Tunnel),
+}
+
+/// What carries the streams while QEMU migrates.
+#[derive(Debug)]
+enum Carrier {
+    Conns(Vec<DataConn>),
+    Tunnel(Tunnel),
+}
+
+/// What the job runs while QEMU migrates.
+#[derive(Debug)]
+enum Running {
+    Pumps(Vec<std::thread::JoinHandle<()>>),
+    Tunnel(Tunnel),
 }
 
 #[derive(Debug)]
@@ -66,6 +90,11 @@ pub struct SourceMigration {
     cancel: AtomicBool,
     /// The unix socket QEMU migrates into.
     socket_path: PathBuf,
+    held: Mutex<Held>,
+    held_changed: Condvar,
+    /// For reverse: the TLS configuration the destination's connections must complete.
+    reverse_config: Mutex<Option<Arc<rustls::ServerConfig>>>,
+    tunnel_stop: Mutex<Option<TunnelStop>>,
 }
 
 impl SourceMigration {
@@ -74,8 +103,11 @@ impl SourceMigration {
         daemon: &Daemon,
         id: MigrationId,
         vm: VmRef,
-        options: MigrationOptions,
+        mut options: MigrationOptions,
     ) -> Result<Cookie> {
+        if options.transport.is_none() {
+            options.transport = Some(daemon.config.transport);
+        }
         let (qemu, vm_name, spec) = match &vm {
             VmRef::Managed { name } => {
                 let v = daemon.vms.get(name)?;
@@ -113,6 +145,10 @@ impl SourceMigration {
             source_fingerprint: Some(identity.fingerprint().to_string()),
             destination_fingerprint: None,
             data_address: None,
+            source_data_address: daemon.config.data_address(),
+            destination_control_address: None,
+            transport: None,
+            transport_notes: vec![],
         };
         let socket_path = daemon
             .config
@@ -137,6 +173,10 @@ impl SourceMigration {
             pump_error: Mutex::new(None),
             cancel: AtomicBool::new(false),
             socket_path,
+            held: Mutex::new(Held::Nothing),
+            held_changed: Condvar::new(),
+            reverse_config: Mutex::new(None),
+            tunnel_stop: Mutex::new(None),
         };
         let mut sources = lock(&daemon.migrations.sources);
         if sources.contains_key(&id) {
@@ -168,63 +208,187 @@ impl SourceMigration {
         result
     }
 
-    fn start(self: &Arc<Self>, daemon: &Daemon, cookie: &Cookie) -> Result<()> {
+    fn streams(&self) -> usize {
+        1 + self.options.multifd as usize
+    }
+
+    fn trust(&self, cookie: &Cookie) -> Trust {
+        Trust {
+            auth: self.options.data_auth.clone(),
+            peer_fingerprint: cookie.destination_fingerprint.clone(),
+        }
+    }
+
+    /// `connect`: makes the data channel for one transport before QEMU sends a byte, so a
+    /// channel that cannot be made fails while the guest is untouched. Whatever an
+    /// earlier attempt left is dropped first; a failed attempt leaves nothing behind.
+    pub fn connect(
+        &self,
+        daemon: &Daemon,
+        cookie: &Cookie,
+        transport: Transport,
+        timeout: Duration,
+    ) -> Result<()> {
         cookie.check().map_err(DaemonError::BadRequest)?;
-        let addr = cookie.data_address.clone().ok_or_else(|| {
-            DaemonError::BadRequest("the cookie names no data address for the destination".into())
-        })?;
-        let (config, server_name) = match &self.options.data_auth {
-            DataAuth::Pinned => {
-                let fp: Fingerprint = cookie
-                    .destination_fingerprint
-                    .as_deref()
-                    .ok_or_else(|| {
-                        DaemonError::BadRequest(
-                            "the cookie carries no destination fingerprint".into(),
-                        )
-                    })?
-                    .parse()
-                    .map_err(|e| {
-                        DaemonError::BadRequest(format!("destination fingerprint: {e}"))
-                    })?;
-                let cfg = tls::pinned_client_config(&self.identity, fp)
-                    .map_err(|e| DaemonError::Internal(e.to_string()))?;
-                (cfg, tls::data_sni(self.id.as_str()))
+        if *lock(&self.stage) != Stage::Begun {
+            return Err(DaemonError::BadRequest(format!(
+                "migration {} is already under way; its channel is fixed",
+                self.id
+            )));
+        }
+        self.make_channel(daemon, cookie, transport, timeout)
+    }
+
+    fn make_channel(
+        &self,
+        daemon: &Daemon,
+        cookie: &Cookie,
+        transport: Transport,
+        timeout: Duration,
+    ) -> Result<()> {
+        *lock(&self.held) = Held::Nothing;
+        *lock(&self.reverse_config) = None;
+        let n = self.streams();
+        let n16 =
+            u16::try_from(n).map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
+        let trust = self.trust(cookie);
+        let held = match transport {
+            Transport::Direct => {
+                let addr = cookie.data_address.clone().ok_or_else(|| {
+                    DaemonError::BadRequest(
+                        "the cookie names no data address for the destination".into(),
+                    )
+                })?;
+                let cfg = trust.client_config(daemon, &self.identity, &addr, "destination")?;
+                let mut slots = Slots::default();
+                for k in 0..n16 {
+                    let pre = Preamble {
+                        transport,
+                        stream: k,
+                        streams: n16,
+                    };
+                    let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
+                    slots.put(transport, &pre, n, c)?;
+                }
+                Held::Conns(slots)
             }
-            DataAuth::X509 { tls_hostname } => {
-                let creds = daemon.credentials()?;
-                let host = match tls_hostname {
-                    Some(h) => h.clone(),
-                    None => host_of(&addr),
+            Transport::Tunnel => {
+                let addr = cookie.destination_control_address.clone().ok_or_else(|| {
+                    DaemonError::BadRequest(
+                        "the cookie names no control address for the destination to tunnel to"
+                            .into(),
+                    )
+                })?;
+                let cfg = trust.client_config(daemon, &self.identity, &addr, "destination")?;
+                let pre = Preamble {
+                    transport,
+                    stream: 0,
+                    streams: n16,
                 };
-                let cfg = vmferry_channel::x509_data::client_config(&creds, &host)
-                    .map_err(|e| DaemonError::Internal(e.to_string()))?;
-                (cfg, tls::data_sni(self.id.as_str()))
+                let c = channel::dial(&self.id, &addr, cfg, pre, timeout)?;
+                let t = Tunnel::client(c.conn, c.sock, &c.peer, self.meter.clone())
+                    .map_err(|e| DaemonError::Channel(e.to_string()))?;
+                *lock(&self.tunnel_stop) = Some(t.stop_handle());
+                Held::Tunnel(t)
+            }
+            Transport::Reverse => {
+                let cfg = trust.server_config(
+                    daemon,
+                    &self.identity,
+                    "destination",
+                    cookie.data_address.as_deref(),
+                )?;
+                *lock(&self.reverse_config) = Some(cfg);
+                Held::Conns(Slots::default())
             }
         };
-        let streams = cookie.streams();
-        let streams16 = u16::try_from(streams)
-            .map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
+        *lock(&self.held) = held;
+        Ok(())
+    }
 
-        // Dial every stream before QEMU sends a byte: a channel that cannot be made fails
-        // the migration while the guest is untouched, with the cause in words.
-        let mut dialed = Vec::with_capacity(streams as usize);
-        for k in 0..streams16 {
-            let tcp = transport::connect_tcp(&addr, DIAL_TIMEOUT)
-                .map_err(|e| DaemonError::Channel(format!("data stream {k}: {e}")))?;
-            transport::tune_socket(&tcp);
-            let mut s = tls::connect(tcp, &server_name, config.clone(), HANDSHAKE_TIMEOUT, &addr)
-                .map_err(|e| DaemonError::Channel(format!("data stream {k}: {e}")))?;
-            let pre = Preamble {
-                stream: k,
-                streams: streams16,
-            };
-            s.write_all(&pre.encode())
-                .and_then(|_| s.flush())
-                .map_err(|e| DaemonError::Channel(format!("data stream {k} to {addr}: {e}")))?;
-            dialed.push(s);
+    /// The TLS configuration for a reverse data connection naming this migration, or
+    /// `None` when none is expected.
+    pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        if *lock(&self.stage) == Stage::Done {
+            return None;
         }
-        lock(&self.status).streams = streams;
+        let cfg = lock(&self.reverse_config).clone()?;
+        match &*lock(&self.held) {
+            Held::Conns(s) if !s.complete() => Some(cfg),
+            _ => None,
+        }
+    }
+
+    /// Takes one reverse data connection the destination dialed.
+    pub fn accept_reverse(&self, pre: Preamble, c: DataConn) -> Result<()> {
+        if pre.transport != Transport::Reverse {
+            return Err(DaemonError::Denied(format!(
+                "{} offered a {} stream to the source of migration {}; only reverse streams are taken here",
+                c.peer, pre.transport, self.id
+            )));
+        }
+        let n = self.streams();
+        let mut held = lock(&self.held);
+        match &mut *held {
+            Held::Conns(slots) => slots.put(Transport::Reverse, &pre, n, c)?,
+            _ => {
+                return Err(DaemonError::Denied(format!(
+                    "migration {} expects no reverse connection",
+                    self.id
+                )))
+            }
+        }
+        self.held_changed.notify_all();
+        Ok(())
+    }
+
+    /// The channel `connect` made, complete; waits a little for reverse connections.
+    fn take_carrier(&self, daemon: &Daemon, cookie: &Cookie) -> Result<(Transport, Carrier)> {
+        if matches!(&*lock(&self.held), Held::Nothing) {
+            // A controller that did not negotiate: dial direct as the spine did.
+            self.make_channel(daemon, cookie, Transport::Direct, DIAL_TIMEOUT)?;
+        }
+        let deadline = Instant::now() + REVERSE_WAIT;
+        let mut held = lock(&self.held);
+        loop {
+            match std::mem::take(&mut *held) {
+                Held::Tunnel(t) => return Ok((Transport::Tunnel, Carrier::Tunnel(t))),
+                Held::Conns(mut slots) => {
+                    if let Some((t, conns)) = slots.take_complete() {
+                        *lock(&self.reverse_config) = None;
+                        return Ok((t, Carrier::Conns(conns)));
+                    }
+                    *held = Held::Conns(slots);
+                }
+                Held::Nothing => {
+                    return Err(DaemonError::BadRequest(
+                        "no data channel was made for this migration".into(),
+                    ))
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(DaemonError::Timeout(format!(
+                    "the destination's reverse connections did not all arrive within {} s",
+                    REVERSE_WAIT.as_secs()
+                )));
+            }
+            held = match self.held_changed.wait_timeout(held, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    fn start(self: &Arc<Self>, daemon: &Daemon, cookie: &Cookie) -> Result<()> {
+        cookie.check().map_err(DaemonError::BadRequest)?;
+        let (transport, carrier) = self.take_carrier(daemon, cookie)?;
+        {
+            let mut st = lock(&self.status);
+            st.streams = self.streams() as u32;
+            st.transport = transport.to_string();
+            st.transport_notes = cookie.transport_notes.clone();
+        }
 
         let _ = std::fs::remove_file(&self.socket_path);
         let listener = UnixListener::bind(&self.socket_path).map_err(|e| {
@@ -259,65 +423,93 @@ impl SourceMigration {
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
-            .spawn(move || me.run(listener, dialed))
+            .spawn(move || me.run(listener, carrier))
             .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
         Ok(())
     }
 
-    /// The background job: accept QEMU's connections, pump each, watch QEMU until the end.
-    fn run(
-        self: Arc<Self>,
-        listener: UnixListener,
-        dialed: Vec<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
-    ) {
-        let outcome = match self.accept_and_pump(&listener, dialed) {
-            Ok(pumps) => self.watch().map(|_| pumps),
+    /// The background job: accept QEMU's connections, carry each, watch QEMU until the end.
+    fn run(self: Arc<Self>, listener: UnixListener, carrier: Carrier) {
+        let outcome = match self.accept_and_carry(&listener, carrier) {
+            Ok(running) => match self.watch(match &running {
+                Running::Tunnel(t) => Some(t),
+                Running::Pumps(_) => None,
+            }) {
+                Ok(()) => Ok(running),
+                Err(e) => {
+                    if let Running::Tunnel(t) = &running {
+                        t.stop();
+                    }
+                    Err(e)
+                }
+            },
             Err(e) => Err(e),
         };
         drop(listener);
         let _ = std::fs::remove_file(&self.socket_path);
         match outcome {
-            Ok(pumps) => {
-                // QEMU has sent everything into our sockets; wait for the pumps to hand it
-                // all to the destination before calling it complete.
-                let deadline = Instant::now() + DRAIN_TIMEOUT;
-                let mut drained = true;
-                for p in pumps {
-                    while !p.is_finished() && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    if !p.is_finished() {
-                        drained = false;
-                    }
-                }
-                let pump_error = lock(&self.pump_error).clone();
-                match (drained, pump_error) {
-                    (true, None) => {
+            Ok(running) => {
+                // QEMU has sent everything into our sockets; wait for the channel to hand
+                // it all to the destination before calling it complete.
+                match self.drain(running) {
+                    Ok(()) => {
                         let mut st = lock(&self.status);
                         st.qemu_status = "completed".into();
                         st.channel_bytes = self.meter.forward();
                         st.finished = true;
                         self.finished.notify_all();
                     }
-                    (false, _) => self.fail("the data streams did not drain within 60 s"),
-                    (true, Some(e)) => self.fail(&e),
+                    Err(e) => self.fail(&e),
                 }
             }
             Err(e) => self.fail(&e.to_string()),
         }
     }
 
-    fn accept_and_pump(
+    fn drain(&self, running: Running) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        match running {
+            Running::Pumps(pumps) => {
+                for p in pumps {
+                    while !p.is_finished() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if !p.is_finished() {
+                        return Err(format!(
+                            "the data streams did not drain within {} s",
+                            DRAIN_TIMEOUT.as_secs()
+                        ));
+                    }
+                }
+                match lock(&self.pump_error).clone() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+            Running::Tunnel(t) => {
+                t.wait_streams(self.streams(), DRAIN_TIMEOUT)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                t.close(left.max(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    fn accept_and_carry(
         self: &Arc<Self>,
         listener: &UnixListener,
-        dialed: Vec<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
-    ) -> Result<Vec<std::thread::JoinHandle<()>>> {
+        carrier: Carrier,
+    ) -> Result<Running> {
         listener
             .set_nonblocking(true)
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let deadline = Instant::now() + QEMU_CONNECT_TIMEOUT;
+        let n = self.streams();
+        let (mut conns, tunnel) = match carrier {
+            Carrier::Conns(c) => (c.into_iter(), None),
+            Carrier::Tunnel(t) => (Vec::new().into_iter(), Some(t)),
+        };
         let mut pumps = Vec::new();
-        for (k, stream) in dialed.into_iter().enumerate() {
+        for k in 0..n {
             let local = loop {
                 if self.cancel.load(Ordering::SeqCst) {
                     return Err(DaemonError::Cancelled(
@@ -347,22 +539,34 @@ impl SourceMigration {
                 std::thread::sleep(Duration::from_millis(5));
             };
             let _ = local.set_nonblocking(false);
-            pumps.push(self.spawn_pump(k, local, stream)?);
+            match &tunnel {
+                Some(t) => {
+                    let k16 = u16::try_from(k)
+                        .map_err(|_| DaemonError::Internal("too many streams".into()))?;
+                    t.open(k16, local)
+                        .map_err(|e| DaemonError::Channel(e.to_string()))?;
+                }
+                None => {
+                    let c = conns.next().ok_or_else(|| {
+                        DaemonError::Internal(format!("no data connection for stream {k}"))
+                    })?;
+                    pumps.push(self.spawn_pump(k, local, c)?);
+                }
+            }
         }
-        Ok(pumps)
+        Ok(match tunnel {
+            Some(t) => Running::Tunnel(t),
+            None => Running::Pumps(pumps),
+        })
     }
 
     fn spawn_pump(
         self: &Arc<Self>,
         k: usize,
         local: UnixStream,
-        stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        stream: DataConn,
     ) -> Result<std::thread::JoinHandle<()>> {
-        let rustls::StreamOwned { conn, sock } = stream;
-        let peer = sock
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "destination".into());
+        let DataConn { conn, sock, peer } = stream;
         let stop = StopHandle::new(&local, &sock)
             .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
         lock(&self.stops).push(stop.clone());
@@ -370,14 +574,8 @@ impl SourceMigration {
         std::thread::Builder::new()
             .name(format!("pump-src-{k}"))
             .spawn(move || {
-                let r: std::result::Result<PumpStats, _> = pump::pump(
-                    local,
-                    rustls::Connection::Client(conn),
-                    sock,
-                    &peer,
-                    &me.meter,
-                    &stop,
-                );
+                let r: std::result::Result<PumpStats, _> =
+                    pump::pump(local, conn, sock, &peer, &me.meter, &stop);
                 if let Err(e) = r {
                     let mut pe = lock(&me.pump_error);
                     if pe.is_none() {
@@ -390,9 +588,15 @@ impl SourceMigration {
 
     /// Polls QEMU until the migration ends; cancels QEMU's side if asked or if a stream
     /// broke.
-    fn watch(&self) -> Result<()> {
+    fn watch(&self, tunnel: Option<&Tunnel>) -> Result<()> {
         let mut cancel_sent = false;
         loop {
+            if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
+                let mut pe = lock(&self.pump_error);
+                if pe.is_none() {
+                    *pe = Some(e);
+                }
+            }
             let want_cancel =
                 self.cancel.load(Ordering::SeqCst) || lock(&self.pump_error).is_some();
             if want_cancel && !cancel_sent {
@@ -441,6 +645,10 @@ impl SourceMigration {
         for s in lock(&self.stops).iter() {
             s.stop();
         }
+        if let Some(t) = lock(&self.tunnel_stop).as_ref() {
+            t.stop();
+        }
+        *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
         self.ensure_source_runs();
         let mut st = lock(&self.status);
@@ -529,13 +737,4 @@ impl SourceMigration {
         lock(&daemon.migrations.sources).remove(&self.id);
         Ok(())
     }
-}
-
-/// The host part of `host:port` (IPv6 in brackets allowed).
-pub(crate) fn host_of(addr: &str) -> String {
-    let h = match addr.rsplit_once(':') {
-        Some((h, _)) => h,
-        None => addr,
-    };
-    h.trim_start_matches('[').trim_end_matches(']').to_string()
 }

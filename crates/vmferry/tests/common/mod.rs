@@ -7,6 +7,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vmferry_testkit::netns::Host;
 
+pub mod live;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmferry");
 
 pub fn vmferry() -> Command {
