@@ -176,12 +176,23 @@ fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
             ResponseBody::Done
         }
         RequestBody::Status { migration, wait_ms } => {
-            let m = daemon.migrations.source(&migration)?;
+            let m = match daemon.migrations.source(&migration) {
+                Ok(m) => m,
+                Err(e) => {
+                    return match daemon.migrations.ended_status(&migration) {
+                        Some(status) => Ok(ResponseBody::Status { status }),
+                        None => Err(e),
+                    }
+                }
+            };
             let wait = std::time::Duration::from_millis(wait_ms.min(MAX_STATUS_WAIT_MS));
             ResponseBody::Status {
                 status: m.wait_status(wait),
             }
         }
+        RequestBody::MigrationList => ResponseBody::Migrations {
+            migrations: daemon.migrations.list(),
+        },
         RequestBody::Finish { migration } => {
             let m = daemon.migrations.destination(&migration)?;
             match m.finish(daemon) {

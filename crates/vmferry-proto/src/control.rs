@@ -66,6 +66,9 @@ pub enum RequestBody {
         #[serde(default)]
         wait_ms: u64,
     },
+    /// The migrations this daemon takes part in now, and the last ones it was the
+    /// source of (with how they ended).
+    MigrationList,
     Finish {
         migration: MigrationId,
     },
@@ -92,6 +95,7 @@ impl RequestBody {
             RequestBody::Connect { .. } => "connect",
             RequestBody::Perform { .. } => "perform",
             RequestBody::Status { .. } => "status",
+            RequestBody::MigrationList => "migration_list",
             RequestBody::Finish { .. } => "finish",
             RequestBody::Confirm { .. } => "confirm",
             RequestBody::Abort { .. } => "abort",
@@ -116,7 +120,20 @@ pub enum ResponseBody {
     Vms { vms: Vec<VmInfo> },
     Cookie { cookie: Cookie },
     Status { status: MigrationStatus },
+    Migrations { migrations: Vec<MigrationSummary> },
     Error { error: WireError },
+}
+
+/// One line of `vmferry status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    pub migration: MigrationId,
+    /// `source` or `destination`.
+    pub role: String,
+    /// The VM's name, or the QMP socket in attach mode.
+    pub vm: String,
+    /// The source's view (the destination knows little until `finish`).
+    pub status: MigrationStatus,
 }
 
 /// Which VM a phase is about: one the daemon manages, or a QEMU started by someone else.

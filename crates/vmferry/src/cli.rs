@@ -49,6 +49,16 @@ pub enum Command {
     Vm(VmCommand),
     /// Live-migrate a VM from one daemon to another.
     Migrate(crate::migrate_cmd::MigrateArgs),
+    /// Migrations on a daemon (in flight, and the last ones it was the source of), or one
+    /// migration in detail: its state, transport, and why other transports were passed over.
+    Status {
+        /// A migration id (from `vmferry migrate`'s output); omit to list them all.
+        migration: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +178,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Certs(c) => certs_cmd(c),
         Command::Vm(v) => vm_cmd(v),
         Command::Migrate(m) => crate::migrate_cmd::run(m),
+        Command::Status {
+            migration,
+            daemon,
+            json,
+        } => status_cmd(migration, &daemon, json),
     }
 }
 
@@ -255,6 +270,77 @@ fn connect(d: &DaemonArgs) -> Result<ControlClient> {
 }
 
 const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Result<()> {
+    let mut c = connect(daemon)?;
+    match migration {
+        Some(id) => {
+            let id = vmferry_proto::MigrationId::new(id)?;
+            let st = match c.call(
+                RequestBody::Status {
+                    migration: id.clone(),
+                    wait_ms: 0,
+                },
+                VM_TIMEOUT,
+            )? {
+                ResponseBody::Status { status } => status,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!("migration {id}");
+            println!("  state       {}", st.qemu_status);
+            println!(
+                "  transport   {} ({} stream{})",
+                if st.transport.is_empty() {
+                    "not chosen yet"
+                } else {
+                    &st.transport
+                },
+                st.streams,
+                if st.streams == 1 { "" } else { "s" }
+            );
+            for n in &st.transport_notes {
+                println!("  passed over {n}");
+            }
+            println!(
+                "  progress    {} of {} ({} carried)",
+                crate::units::human_bytes(st.ram_transferred),
+                crate::units::human_bytes(st.ram_total),
+                crate::units::human_bytes(st.channel_bytes)
+            );
+            if let Some(d) = st.downtime_ms {
+                println!("  downtime    {d} ms");
+            }
+            if let Some(e) = &st.error {
+                println!("  error       {e}");
+            }
+        }
+        None => {
+            let list = match c.call(RequestBody::MigrationList, VM_TIMEOUT)? {
+                ResponseBody::Migrations { migrations } => migrations,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<11} {:<20} {:<10} {:<8}",
+                "MIGRATION", "ROLE", "VM", "STATE", "TRANSPORT"
+            );
+            for m in list {
+                println!(
+                    "{:<32} {:<11} {:<20} {:<10} {:<8}",
+                    m.migration, m.role, m.vm, m.status.qemu_status, m.status.transport
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 fn vm_cmd(v: VmCommand) -> Result<()> {
     match v {

@@ -111,6 +111,25 @@ fn live_migration_under(
     for (note, t) in notes.iter().zip(passed_over) {
         assert!(note.starts_with(&format!("{t}: ")), "{notes:?}");
     }
+    // `vmferry status` on the source says the same, after the fact.
+    let id = result["migration"].as_str().expect("migration id");
+    let st = run({
+        let mut c = vmferry();
+        c.args(["status", id, "--daemon"])
+            .arg(s.da.state_dir.join("control.sock"));
+        c
+    });
+    let st_out = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success(), "status: {}", text(&st));
+    assert!(st_out.contains("state       completed"), "{st_out}");
+    assert!(
+        st_out.contains(&format!("transport   {expected} (5 streams)")),
+        "{st_out}"
+    );
+    for t in passed_over {
+        assert!(st_out.contains(&format!("passed over {t}: ")), "{st_out}");
+    }
+
     let dst_log = s.db.state_dir.join("vms/fw/serial.log");
     wait_for_heartbeat(&dst_log, before + 3, Duration::from_secs(60))?;
     let first = *heartbeats(&dst_log).first().expect("beats on b");

@@ -21,7 +21,9 @@ use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, StopHandle};
 use vmferry_proto::preamble::Preamble;
-use vmferry_proto::{Cookie, MigrationId, MigrationStatus, Transport, VmName, VmRef};
+use vmferry_proto::{
+    Cookie, MigrationId, MigrationStatus, MigrationSummary, Transport, VmName, VmRef,
+};
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
 /// How long `finish` waits for QEMU to load the state once the source is done.
@@ -409,6 +411,30 @@ impl DestinationMigration {
             channel_bytes: self.meter.forward() + self.meter.backward(),
             ..Default::default()
         })
+    }
+
+    pub fn summary(&self) -> MigrationSummary {
+        let st = lock(&self.streams);
+        MigrationSummary {
+            migration: self.id.clone(),
+            role: "destination".into(),
+            vm: match (&self.vm_name, &self.qemu) {
+                (Some(n), _) => n.to_string(),
+                (None, q) => q.describe(),
+            },
+            status: MigrationStatus {
+                qemu_status: if st.attached { "receiving" } else { "prepared" }.into(),
+                transport: st
+                    .slots
+                    .transport()
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                streams: self.n_streams as u32,
+                channel_bytes: self.meter.forward() + self.meter.backward(),
+                error: st.error.clone(),
+                ..Default::default()
+            },
+        }
     }
 
     /// `abort`: cuts the streams and kills a QEMU this daemon started for the migration.

@@ -10,11 +10,11 @@ pub mod source;
 
 use crate::error::{DaemonError, Result};
 use crate::vms::{lock, ManagedVm};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vmferry_proto::MigrationId;
+use vmferry_proto::{MigrationId, MigrationStatus, MigrationSummary};
 use vmferry_qmp::{Qmp, QmpError};
 
 pub use destination::DestinationMigration;
@@ -55,9 +55,44 @@ impl QemuHandle {
 pub struct Migrations {
     pub sources: Mutex<HashMap<MigrationId, Arc<SourceMigration>>>,
     pub destinations: Mutex<HashMap<MigrationId, Arc<DestinationMigration>>>,
+    /// The last migrations this daemon was the source of, newest last.
+    recent: Mutex<VecDeque<MigrationSummary>>,
 }
 
+/// How many ended migrations `status` remembers.
+const RECENT: usize = 16;
+
 impl Migrations {
+    /// Remembers how a migration this daemon was the source of ended.
+    pub fn remember(&self, summary: MigrationSummary) {
+        let mut r = lock(&self.recent);
+        r.retain(|m| m.migration != summary.migration);
+        r.push_back(summary);
+        while r.len() > RECENT {
+            r.pop_front();
+        }
+    }
+
+    /// The status of a migration this daemon is or was the source of.
+    pub fn ended_status(&self, id: &MigrationId) -> Option<MigrationStatus> {
+        lock(&self.recent)
+            .iter()
+            .find(|m| &m.migration == id)
+            .map(|m| m.status.clone())
+    }
+
+    /// Everything `vmferry status` lists: ended ones first, then those in flight.
+    pub fn list(&self) -> Vec<MigrationSummary> {
+        let mut v: Vec<MigrationSummary> = lock(&self.recent).iter().cloned().collect();
+        for m in lock(&self.sources).values() {
+            v.push(m.summary());
+        }
+        for m in lock(&self.destinations).values() {
+            v.push(m.summary());
+        }
+        v
+    }
+
     pub fn source(&self, id: &MigrationId) -> Result<Arc<SourceMigration>> {
         lock(&self.sources).get(id).cloned().ok_or_else(|| {
             DaemonError::NotFound(format!("no migration {id} with this host as its source"))

@@ -21,7 +21,8 @@ use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
-    Cookie, MigrationId, MigrationOptions, MigrationStatus, Transport, VmName, VmRef,
+    Cookie, MigrationId, MigrationOptions, MigrationStatus, MigrationSummary, Transport, VmName,
+    VmRef,
 };
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
@@ -714,6 +715,18 @@ impl SourceMigration {
         st
     }
 
+    pub fn summary(&self) -> MigrationSummary {
+        MigrationSummary {
+            migration: self.id.clone(),
+            role: "source".into(),
+            vm: match (&self.vm_name, &self.qemu) {
+                (Some(n), _) => n.to_string(),
+                (None, q) => q.describe(),
+            },
+            status: self.status(),
+        }
+    }
+
     /// `confirm`: success stops the source QEMU (the guest lives on the destination now);
     /// failure cancels whatever is left and resumes the guest.
     pub fn confirm(&self, daemon: &Daemon, success: bool) -> Result<()> {
@@ -735,6 +748,7 @@ impl SourceMigration {
             self.fail("cancelled by the controller");
         }
         lock(&daemon.migrations.sources).remove(&self.id);
+        daemon.migrations.remember(self.summary());
         Ok(())
     }
 }
