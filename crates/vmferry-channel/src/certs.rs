@@ -232,6 +232,15 @@ impl Clone for HostCredentials {
     }
 }
 
+/// Loads only `ca.pem` from `dir`: enough to verify a daemon for a client that
+/// authenticates by password (SCRAM) rather than by certificate.
+pub fn load_ca(dir: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    load_certs(
+        &dir.join("ca.pem"),
+        "copy the CA's ca.pem (not its key) into this directory",
+    )
+}
+
 impl HostCredentials {
     /// Loads `ca.pem`, `cert.pem` and `key.pem` from `dir`, and checks that the key
     /// belongs to the certificate.

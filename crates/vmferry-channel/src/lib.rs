@@ -6,6 +6,7 @@
 //! decides migration policy; it only moves and protects bytes.
 
 pub mod certs;
+pub mod dn;
 pub mod framed;
 pub mod identity;
 pub mod meter;

@@ -71,8 +71,24 @@ pub enum TlsError {
 
 /// Control API, server side: mutual TLS; a client certificate signed by our CA is required.
 pub fn control_server_config(creds: &HostCredentials) -> Result<Arc<ServerConfig>, TlsError> {
+    control_server_config_with(creds, true)
+}
+
+/// As [`control_server_config`]; with `require_client_cert` false a client may come
+/// without a certificate (it must then authenticate inside, by password). A certificate
+/// it does present is still verified against the CA.
+pub fn control_server_config_with(
+    creds: &HostCredentials,
+    require_client_cert: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let p = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), p.clone())
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), p.clone());
+    let builder = if require_client_cert {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Config(format!("cannot build the client verifier: {e}")))?;
     let mut cfg = ServerConfig::builder_with_provider(p)
@@ -105,6 +121,39 @@ pub fn control_client_config(creds: &HostCredentials) -> Result<Arc<ClientConfig
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| host_cert_err(creds, e))?;
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// Control API, client side, for a client without a certificate (it will authenticate by
+/// password): verifies the daemon against the CA in `ca_dir/ca.pem` only.
+pub fn control_client_config_anonymous(
+    ca_dir: &std::path::Path,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let p = provider();
+    let mut r = rustls::RootCertStore::empty();
+    let ca = crate::certs::load_ca(ca_dir).map_err(|e| TlsError::Config(e.to_string()))?;
+    for c in ca {
+        r.add(c).map_err(|e| {
+            TlsError::Config(format!(
+                "{}: not a CA certificate vmferry can use ({e})",
+                ca_dir.join("ca.pem").display()
+            ))
+        })?;
+    }
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(r), p.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("cannot build the server verifier: {e}")))?;
+    let verifier = NamesCaFile {
+        inner,
+        ca_file: ca_dir.join("ca.pem"),
+    };
+    let mut cfg = ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }

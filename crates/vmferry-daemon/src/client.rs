@@ -9,9 +9,33 @@ use std::time::Duration;
 use vmferry_channel::certs::HostCredentials;
 use vmferry_channel::framed::{self, FrameError, MAX_FRAME};
 use vmferry_channel::{tls, transport};
-use vmferry_proto::{
-    Hello, Request, RequestBody, Response, ResponseBody, WireError, PROTOCOL_VERSION,
-};
+use vmferry_proto::{Hello, Request, RequestBody, Response, ResponseBody, WireError};
+
+/// How a client proves who it is to daemons.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    /// A certificate from the operator's CA (mutual x509).
+    pub creds: Option<HostCredentials>,
+    /// Without a certificate: a dir holding the CA's `ca.pem`, to verify daemons.
+    pub ca_dir: Option<PathBuf>,
+    /// A password login (SCRAM-SHA-256), for daemons that ask for one.
+    pub login: Option<Login>,
+}
+
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
 
 /// Where a daemon's control API is: `host:port` (TLS) or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +125,8 @@ pub struct ControlClient {
     next_id: u64,
     /// What the daemon said of itself in its hello.
     pub daemon_agent: String,
+    /// Who the daemon takes us to be, with our role.
+    pub identity: Option<String>,
 }
 
 impl Drop for ControlClient {
@@ -128,6 +154,20 @@ impl ControlClient {
         creds: Option<&HostCredentials>,
         tls_hostname: Option<&str>,
     ) -> Result<ControlClient, ClientError> {
+        let auth = ClientAuth {
+            creds: creds.cloned(),
+            ..Default::default()
+        };
+        Self::connect_with(target, &auth, tls_hostname)
+    }
+
+    /// Connects and authenticates: by certificate (TLS), by unix credentials, or by
+    /// password when the daemon asks for one and `auth` has a login.
+    pub fn connect_with(
+        target: &ControlTarget,
+        auth: &ClientAuth,
+        tls_hostname: Option<&str>,
+    ) -> Result<ControlClient, ClientError> {
         let peer = target.to_string();
         let conn: Box<dyn Conn> = match target {
             ControlTarget::Unix(path) => Box::new(UnixStream::connect(path).map_err(|e| {
@@ -137,13 +177,17 @@ impl ControlClient {
                 ))
             })?),
             ControlTarget::Tcp(addr) => {
-                let creds = creds.ok_or_else(|| {
-                    ClientError::Connect(format!(
-                        "connecting to {addr} needs a certificate: give --certs DIR"
-                    ))
-                })?;
-                let cfg = tls::control_client_config(creds)
-                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                let cfg = match (&auth.creds, &auth.ca_dir) {
+                    (Some(creds), _) => tls::control_client_config(creds),
+                    (None, Some(ca)) => tls::control_client_config_anonymous(ca),
+                    (None, None) => {
+                        return Err(ClientError::Connect(format!(
+                            "connecting to {addr} needs --certs DIR (a certificate from the \
+                             daemons' CA, or just its ca.pem together with --user)"
+                        )))
+                    }
+                }
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let tcp = transport::connect_tcp(addr, CONNECT_TIMEOUT)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 let name = match tls_hostname {
@@ -161,12 +205,13 @@ impl ControlClient {
             peer,
             next_id: 1,
             daemon_agent: String::new(),
+            identity: None,
         };
         c.conn.set_timeout(Some(CONNECT_TIMEOUT));
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            agent: format!("vmferry {} (controller)", env!("CARGO_PKG_VERSION")),
-        };
+        let hello = Hello::client(format!(
+            "vmferry {} (controller)",
+            env!("CARGO_PKG_VERSION")
+        ));
         // A daemon that refuses us may answer and close before our hello is
         // written; its answer says why, so read it even when the write failed.
         let written = framed::write_json(&mut c.conn, &hello);
@@ -194,7 +239,76 @@ impl ControlClient {
             msg: format!("bad hello: {e}"),
         })?;
         c.daemon_agent = theirs.agent;
+        c.identity = theirs.identity;
+        if c.identity.is_none() {
+            let scram = "scram-sha-256";
+            match &auth.login {
+                Some(login) if theirs.auth.iter().any(|a| a == scram) => c.login(login)?,
+                Some(_) => {
+                    return Err(ClientError::Protocol {
+                        peer: c.peer.clone(),
+                        msg: format!(
+                            "the daemon offers no password login (it accepts {:?})",
+                            theirs.auth
+                        ),
+                    })
+                }
+                None if !theirs.auth.is_empty() => {
+                    return Err(ClientError::Connect(format!(
+                        "{} asks for a login ({}): give --user NAME, with the password in \
+                         VMFERRY_PASSWORD or --password-file",
+                        c.peer,
+                        theirs.auth.join(", ")
+                    )))
+                }
+                None => {}
+            }
+        }
         Ok(c)
+    }
+
+    /// SCRAM-SHA-256 with the daemon; on success the session is authenticated.
+    fn login(&mut self, login: &Login) -> Result<(), ClientError> {
+        let peer = self.peer.clone();
+        let proto = |msg: String| ClientError::Protocol {
+            peer: peer.clone(),
+            msg,
+        };
+        let client = scram_2::ScramClient::new(&login.user, &login.password, None);
+        let (client, first) = client.client_first();
+        let server_first = match self.call(
+            RequestBody::Auth {
+                scheme: "scram-sha-256".into(),
+                message: first,
+            },
+            CONNECT_TIMEOUT,
+        )? {
+            ResponseBody::Auth { message, .. } => message,
+            other => return Err(proto(format!("unexpected answer to a login: {other:?}"))),
+        };
+        let client = client
+            .handle_server_first(&server_first)
+            .map_err(|e| proto(format!("bad login message from the daemon: {e}")))?;
+        let (client, last) = client.client_final();
+        let (server_final, identity) = match self.call(
+            RequestBody::Auth {
+                scheme: "scram-sha-256".into(),
+                message: last,
+            },
+            CONNECT_TIMEOUT,
+        )? {
+            ResponseBody::Auth { message, identity } => (message, identity),
+            other => return Err(proto(format!("unexpected answer to a login: {other:?}"))),
+        };
+        // The daemon proves it knows the verifier too: a fake daemon fails here.
+        client.handle_server_final(&server_final).map_err(|e| {
+            proto(format!(
+                "the daemon could not prove it knows our password's verifier ({e}): \
+                 is it really the daemon we meant?"
+            ))
+        })?;
+        self.identity = identity;
+        Ok(())
     }
 
     pub fn peer(&self) -> &str {
@@ -207,6 +321,11 @@ impl ControlClient {
                 peer: self.peer.clone(),
                 secs: 0,
             },
+            // A TLS alert after the handshake (TLS 1.3 judges client certificates then):
+            // word it for an operator.
+            FrameError::Io(e) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+                ClientError::Connect(tls::describe_io(&e, &self.peer))
+            }
             other => ClientError::Protocol {
                 peer: self.peer.clone(),
                 msg: other.to_string(),

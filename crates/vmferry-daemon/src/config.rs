@@ -33,9 +33,31 @@ pub struct DaemonConfig {
     /// not `data_listen` or `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Control authentication schemes accepted on TCP, in order of preference:
+    /// `x509` (client certificates) and/or `scram-sha-256` (passwords, `scram_users`).
+    #[serde(default = "default_auth")]
+    pub auth: Vec<String>,
+    /// Certificate subjects allowed to operate (e.g. `CN=controller,O=ops`,
+    /// `CN=*.mig.example`). Empty (and `readonly_clients` empty): any certificate from the CA.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Certificate subjects allowed to read only (status, lists).
+    #[serde(default)]
+    pub readonly_clients: Vec<String>,
+    /// The SCRAM users file (salted verifiers; `vmferry users add`).
+    #[serde(default)]
+    pub scram_users: Option<PathBuf>,
     /// Uids allowed on the local unix control socket besides root and the daemon's own.
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// Groups allowed to operate, and uids and groups allowed to read only, on the
+    /// local socket.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    #[serde(default)]
+    pub readonly_uids: Vec<u32>,
+    #[serde(default)]
+    pub readonly_gids: Vec<u32>,
     /// Seconds an unused prepared migration (its one-time identities) stays valid.
     #[serde(default = "default_credential_ttl")]
     pub credential_ttl_secs: u64,
@@ -43,6 +65,10 @@ pub struct DaemonConfig {
 
 fn default_qemu() -> String {
     "qemu-system-x86_64".to_string()
+}
+
+fn default_auth() -> Vec<String> {
+    vec!["x509".to_string()]
 }
 
 fn default_credential_ttl() -> u64 {
@@ -60,7 +86,14 @@ impl DaemonConfig {
             qemu: default_qemu(),
             accel: Accel::Auto,
             advertise: None,
+            auth: default_auth(),
+            allowed_clients: Vec::new(),
+            readonly_clients: Vec::new(),
+            scram_users: None,
             allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            readonly_uids: Vec::new(),
+            readonly_gids: Vec::new(),
             credential_ttl_secs: default_credential_ttl(),
         }
     }

@@ -4,6 +4,8 @@
 //! trusted: every frame is size-bounded, every wait has a deadline, and a malformed
 //! message ends in an error reply and a closed connection, never a panic.
 
+use crate::audit::Event;
+use crate::auth::{Identity, Role, SCRAM};
 use crate::error::{DaemonError, Result};
 use crate::migration::{DestinationMigration, SourceMigration};
 use crate::server::Daemon;
@@ -21,10 +23,24 @@ const MAX_STATUS_WAIT_MS: u64 = 5_000;
 /// How long a session may stay silent between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Who is on the other end, for logs and (later) authorization.
+/// Who is on the other end: where from, and (once known) who, with what role.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub who: String,
+    pub from: String,
+    pub identity: Option<Identity>,
+}
+
+impl Caller {
+    pub fn new(from: String, identity: Option<Identity>) -> Caller {
+        Caller { from, identity }
+    }
+
+    fn who(&self) -> String {
+        match &self.identity {
+            Some(i) => format!("{} at {}", i.name, self.from),
+            None => format!("unauthenticated client at {}", self.from),
+        }
+    }
 }
 
 /// Serves one control connection until the peer closes it or breaks the protocol.
@@ -35,12 +51,13 @@ pub fn serve_control<S: Read + Write>(
     caller: &Caller,
     set_timeout: impl Fn(&mut S, Option<Duration>),
 ) {
+    let mut caller = caller.clone();
     set_timeout(stream, Some(HELLO_TIMEOUT));
     let hello: Hello = match framed::read_json(stream, MAX_FRAME) {
         Ok(Some(h)) => h,
         Ok(None) => return,
         Err(e) => {
-            tracing::warn!(caller = %caller.who, "control session refused: bad hello: {e}");
+            tracing::warn!(caller = %caller.who(), "control session refused: bad hello: {e}");
             reply_error(
                 stream,
                 0,
@@ -53,7 +70,7 @@ pub fn serve_control<S: Read + Write>(
         }
     };
     if hello.version != PROTOCOL_VERSION {
-        tracing::warn!(caller = %caller.who, version = hello.version, "control session refused: version");
+        tracing::warn!(caller = %caller.who(), version = hello.version, "control session refused: version");
         reply_error(
             stream,
             0,
@@ -67,6 +84,7 @@ pub fn serve_control<S: Read + Write>(
         );
         return;
     }
+    let policy = daemon.policy();
     let mine = Hello {
         version: PROTOCOL_VERSION,
         agent: format!(
@@ -74,21 +92,33 @@ pub fn serve_control<S: Read + Write>(
             env!("CARGO_PKG_VERSION"),
             daemon.hostname
         ),
+        identity: caller.identity.as_ref().map(|i| i.describe()),
+        auth: if caller.identity.is_none() && policy.accepts(SCRAM) {
+            vec![SCRAM.to_string()]
+        } else {
+            Vec::new()
+        },
     };
     if framed::write_json(stream, &mine).is_err() {
         return;
     }
     loop {
-        set_timeout(stream, Some(IDLE_TIMEOUT));
+        // An unauthenticated client gets no more time than a hello.
+        let idle = if caller.identity.is_some() {
+            IDLE_TIMEOUT
+        } else {
+            HELLO_TIMEOUT
+        };
+        set_timeout(stream, Some(idle));
         let req: Request = match framed::read_json(stream, MAX_FRAME) {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(FrameError::Timeout) => {
-                tracing::info!(caller = %caller.who, "control session idle; closing");
+                tracing::info!(caller = %caller.who(), "control session idle; closing");
                 return;
             }
             Err(e) => {
-                tracing::warn!(caller = %caller.who, "bad control message: {e}");
+                tracing::warn!(caller = %caller.who(), "bad control message: {e}");
                 reply_error(
                     stream,
                     0,
@@ -98,18 +128,222 @@ pub fn serve_control<S: Read + Write>(
             }
         };
         let op = req.body.op();
-        let body = match handle(daemon, req.body) {
-            Ok(b) => {
-                tracing::info!(caller = %caller.who, op, "request done");
-                b
+        if let RequestBody::Auth { scheme, message } = &req.body {
+            match scram_exchange(daemon, stream, &mut caller, req.id, scheme, message) {
+                Ok(()) => continue,
+                Err(()) => return,
             }
+        }
+        let subject = subject_of(&req.body);
+        let read_only = req.body.is_read_only();
+        let body = match authorize(&caller, &req.body) {
             Err(e) => {
-                tracing::warn!(caller = %caller.who, op, "request failed: {e}");
+                audit_request(daemon, &caller, op, &subject, "refused", &e.to_string());
                 ResponseBody::Error { error: e.to_wire() }
             }
+            Ok(()) => match handle(daemon, req.body) {
+                Ok(b) => {
+                    if !read_only {
+                        audit_request(daemon, &caller, op, &subject, "ok", "");
+                    }
+                    b
+                }
+                Err(e) => {
+                    audit_request(daemon, &caller, op, &subject, "failed", &e.to_string());
+                    ResponseBody::Error { error: e.to_wire() }
+                }
+            },
         };
         if framed::write_json(stream, &Response { id: req.id, body }).is_err() {
             return;
+        }
+    }
+}
+
+/// Whether the caller may make this request.
+fn authorize(caller: &Caller, body: &RequestBody) -> Result<()> {
+    match &caller.identity {
+        None => Err(DaemonError::Denied(format!(
+            "authenticate first: this daemon accepts {SCRAM} for clients without a \
+             certificate (give --user NAME and the password)"
+        ))),
+        Some(id) if id.role == Role::ReadOnly && !body.is_read_only() => {
+            Err(DaemonError::Denied(format!(
+                "{} may only read (status, lists); '{}' needs an operator",
+                id.name,
+                body.op()
+            )))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The migration or VM a request is about, for the audit log.
+fn subject_of(body: &RequestBody) -> String {
+    match body {
+        RequestBody::VmStart { spec } => spec.name.to_string(),
+        RequestBody::VmStop { name } => name.to_string(),
+        RequestBody::Begin { migration, .. }
+        | RequestBody::Status { migration, .. }
+        | RequestBody::Finish { migration }
+        | RequestBody::Confirm { migration, .. }
+        | RequestBody::Abort { migration, .. } => migration.to_string(),
+        RequestBody::Prepare { cookie, .. }
+        | RequestBody::Perform { cookie }
+        | RequestBody::Connect { cookie, .. } => cookie.migration.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn audit_request(
+    daemon: &Daemon,
+    caller: &Caller,
+    op: &str,
+    subject: &str,
+    outcome: &str,
+    detail: &str,
+) {
+    let (who, scheme) = match &caller.identity {
+        Some(i) => (i.name.as_str(), i.scheme),
+        None => ("-", "-"),
+    };
+    daemon.audit.record(&Event {
+        what: "request",
+        who,
+        from: &caller.from,
+        scheme,
+        op,
+        subject,
+        outcome,
+        detail,
+    });
+}
+
+/// Runs a SCRAM-SHA-256 exchange: `first` is the client-first message; reads the
+/// client-final from the stream. On success the caller is authenticated. `Err` means
+/// the session must end (the reason was sent and logged).
+fn scram_exchange<S: Read + Write>(
+    daemon: &Daemon,
+    stream: &mut S,
+    caller: &mut Caller,
+    id: u64,
+    scheme: &str,
+    first: &str,
+) -> std::result::Result<(), ()> {
+    let policy = daemon.policy();
+    let fail = |stream: &mut S, caller: &Caller, user: &str, why: &str, detail: &str| {
+        daemon.audit.record(&Event {
+            what: "connection",
+            who: user,
+            from: &caller.from,
+            scheme: SCRAM,
+            op: "auth",
+            subject: "",
+            outcome: "refused",
+            detail,
+        });
+        reply_error(
+            stream,
+            id,
+            WireError::new(ErrorKind::Denied, why.to_string()),
+        );
+    };
+    if caller.identity.is_some() {
+        fail(
+            stream,
+            caller,
+            "-",
+            "already authenticated",
+            "second authentication",
+        );
+        return Err(());
+    }
+    if scheme != SCRAM || !policy.accepts(SCRAM) {
+        let why = format!(
+            "authentication scheme '{scheme}' is not accepted here (accepted: {:?})",
+            policy.schemes
+        );
+        fail(stream, caller, "-", &why, &why);
+        return Err(());
+    }
+    // The user name as the client claims it, for the log only (RFC 5802: n,,n=NAME,r=...).
+    let claimed: String = first
+        .split(',')
+        .find_map(|p| p.strip_prefix("n="))
+        .unwrap_or("?")
+        .chars()
+        .take(64)
+        .collect();
+    let wrong = "authentication failed: unknown user or wrong password";
+    let server = scram_2::ScramServer::new(policy.users().clone());
+    let sf = match server.handle_client_first(first) {
+        Ok(sf) => sf,
+        Err(e) => {
+            fail(stream, caller, &claimed, wrong, &e.to_string());
+            return Err(());
+        }
+    };
+    let (cf, server_first) = sf.server_first();
+    let reply = Response {
+        id,
+        body: ResponseBody::Auth {
+            message: server_first,
+            identity: None,
+        },
+    };
+    if framed::write_json(stream, &reply).is_err() {
+        return Err(());
+    }
+    let next: Request = match framed::read_json(stream, MAX_FRAME) {
+        Ok(Some(r)) => r,
+        _ => return Err(()),
+    };
+    let RequestBody::Auth { message, .. } = next.body else {
+        fail(
+            stream,
+            caller,
+            &claimed,
+            "expected the final authentication message",
+            "protocol",
+        );
+        return Err(());
+    };
+    let status = cf.handle_client_final(&message).map(|f| f.server_final());
+    match status {
+        Ok((scram_2::AuthenticationStatus::Authenticated, server_final)) => {
+            let role = policy.users().role_of(&claimed).unwrap_or(Role::ReadOnly);
+            let identity = Identity {
+                name: format!("user {claimed}"),
+                scheme: SCRAM,
+                role,
+            };
+            daemon.audit.record(&Event {
+                what: "connection",
+                who: &identity.name,
+                from: &caller.from,
+                scheme: SCRAM,
+                op: "auth",
+                subject: "",
+                outcome: "ok",
+                detail: role.as_str(),
+            });
+            let reply = Response {
+                id: next.id,
+                body: ResponseBody::Auth {
+                    message: server_final,
+                    identity: Some(identity.describe()),
+                },
+            };
+            caller.identity = Some(identity);
+            framed::write_json(stream, &reply).map_err(|_| ())
+        }
+        Ok((_, _)) => {
+            fail(stream, caller, &claimed, wrong, "wrong password");
+            Err(())
+        }
+        Err(e) => {
+            fail(stream, caller, &claimed, wrong, &e.to_string());
+            Err(())
         }
     }
 }
@@ -126,6 +360,11 @@ fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
 
 fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
     Ok(match body {
+        RequestBody::Auth { .. } => {
+            return Err(DaemonError::BadRequest(
+                "authentication is only possible at the start of a session".into(),
+            ))
+        }
         RequestBody::Ping => ResponseBody::Pong {
             host: daemon.hostname.clone(),
         },

@@ -6,10 +6,9 @@
 //! Whatever goes wrong after `begin`, it must leave the source guest running: every error
 //! path goes through [`Driver::roll_back`].
 
-use crate::client::{ClientError, ControlClient, ControlTarget};
+use crate::client::{ClientAuth, ClientError, ControlClient, ControlTarget};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use vmferry_channel::certs::HostCredentials;
 use vmferry_proto::{
     Cookie, MigrationId, MigrationOptions, MigrationStatus, RequestBody, ResponseBody, Transport,
     TransportChoice, VmRef,
@@ -82,13 +81,13 @@ struct Driver {
 /// `cancel` rolls the migration back at the next poll.
 pub fn migrate(
     plan: &MigrationPlan,
-    creds: Option<&HostCredentials>,
+    auth: &ClientAuth,
     mut progress: impl FnMut(&MigrationStatus),
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, ControllerError> {
     let started = Instant::now();
     let connect = |t: &ControlTarget, role: &'static str| {
-        ControlClient::connect(t, creds, None).map_err(|e| ControllerError {
+        ControlClient::connect_with(t, auth, None).map_err(|e| ControllerError {
             phase: role,
             cause: e.to_string(),
             rollback: String::new(),

@@ -6,6 +6,8 @@
 //! both belong to `vmferry-channel`, so that security lives in one place.
 
 pub mod accel;
+pub mod audit;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod control;

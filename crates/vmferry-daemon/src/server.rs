@@ -5,6 +5,8 @@
 //! Every accepted connection gets its own thread and a handshake deadline, so a silent or
 //! hostile peer costs one thread for a bounded time and never blocks another client.
 
+use crate::audit::{AuditLog, Event};
+use crate::auth::{AuthPolicy, Identity};
 use crate::config::DaemonConfig;
 use crate::control::{serve_control, Caller};
 use crate::error::{DaemonError, Result};
@@ -12,9 +14,9 @@ use crate::migration::Migrations;
 use crate::vms::{lock, VmRegistry};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use vmferry_channel::certs::HostCredentials;
 use vmferry_channel::{peercred, tls};
@@ -31,19 +33,68 @@ pub struct Daemon {
     pub config: DaemonConfig,
     pub vms: VmRegistry,
     pub migrations: Migrations,
-    /// The host identity, when a certs dir is configured.
-    creds: Option<HostCredentials>,
-    control_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The host identity, when a certs dir is configured; replaced on SIGHUP.
+    creds: RwLock<Option<HostCredentials>>,
+    control_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    policy: RwLock<Arc<AuthPolicy>>,
+    pub audit: AuditLog,
     pub hostname: String,
 }
 
 impl Daemon {
     /// The host's CA-signed credentials, needed for x509 data channels.
     pub fn credentials(&self) -> Result<HostCredentials> {
-        self.creds.clone().ok_or_else(|| {
+        read(&self.creds).clone().ok_or_else(|| {
             DaemonError::BadRequest("this daemon has no certificates configured (--certs)".into())
         })
     }
+
+    pub fn policy(&self) -> Arc<AuthPolicy> {
+        read(&self.policy).clone()
+    }
+
+    fn control_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        read(&self.control_tls).clone()
+    }
+
+    /// Reloads the certificates and the users file (SIGHUP): new connections use the new
+    /// ones, connections already open keep theirs. On any error the old ones stay.
+    pub fn reload(&self) -> std::result::Result<(), String> {
+        let policy = AuthPolicy::from_config(&self.config)?;
+        let (creds, tls) = load_tls(&self.config, &policy).map_err(|e| e.to_string())?;
+        *write(&self.creds) = creds;
+        *write(&self.control_tls) = tls;
+        *write(&self.policy) = Arc::new(policy);
+        Ok(())
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+type TlsSetup = (Option<HostCredentials>, Option<Arc<rustls::ServerConfig>>);
+
+/// The host credentials and the control API's TLS configuration.
+fn load_tls(config: &DaemonConfig, policy: &AuthPolicy) -> Result<TlsSetup> {
+    let creds = match &config.certs {
+        Some(dir) => {
+            Some(HostCredentials::load(dir).map_err(|e| DaemonError::BadRequest(e.to_string()))?)
+        }
+        None => None,
+    };
+    let tls = match &creds {
+        Some(c) => Some(
+            tls::control_server_config_with(c, policy.requires_client_cert())
+                .map_err(|e| DaemonError::BadRequest(e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok((creds, tls))
 }
 
 /// A bound, not yet running daemon. Tests bind on `127.0.0.1:0` and read the port.
@@ -68,19 +119,8 @@ impl Server {
         // Others may traverse (to reach control.sock, where peer credentials decide) but
         // not list; QEMU's own sockets inside are not writable by others.
         let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711));
-        let creds = match &config.certs {
-            Some(dir) => Some(
-                HostCredentials::load(dir).map_err(|e| DaemonError::BadRequest(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let control_tls = match &creds {
-            Some(c) => Some(
-                tls::control_server_config(c)
-                    .map_err(|e| DaemonError::BadRequest(e.to_string()))?,
-            ),
-            None => None,
-        };
+        let policy = AuthPolicy::from_config(&config).map_err(DaemonError::BadRequest)?;
+        let (creds, control_tls) = load_tls(&config, &policy)?;
         let tcp = match &config.listen {
             Some(addr) => {
                 if control_tls.is_none() {
@@ -117,13 +157,16 @@ impl Server {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
         let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
+        let audit = AuditLog::open(&config.state_dir);
         Ok(Server {
             daemon: Arc::new(Daemon {
                 config,
                 vms,
                 migrations: Migrations::default(),
-                creds,
-                control_tls,
+                creds: RwLock::new(creds),
+                control_tls: RwLock::new(control_tls),
+                policy: RwLock::new(Arc::new(policy)),
+                audit,
                 hostname,
             }),
             tcp,
@@ -158,6 +201,30 @@ impl Server {
                 .spawn(move || accept_tcp(d4, data, shutdown, Port::DataOnly))
                 .map_err(|e| DaemonError::Internal(e.to_string()))?;
         }
+        let d5 = daemon.clone();
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+            .map_err(|e| DaemonError::Internal(format!("cannot handle SIGHUP: {e}")))?;
+        std::thread::Builder::new()
+            .name("sighup".into())
+            .spawn(move || {
+                for _ in signals.forever() {
+                    let (outcome, detail) = match d5.reload() {
+                        Ok(()) => ("ok", String::new()),
+                        Err(e) => ("failed", format!("{e}; keeping the previous ones")),
+                    };
+                    d5.audit.record(&Event {
+                        what: "credentials",
+                        who: "-",
+                        from: "SIGHUP",
+                        scheme: "-",
+                        op: "reload",
+                        subject: "",
+                        outcome,
+                        detail: &detail,
+                    });
+                }
+            })
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let d3 = daemon.clone();
         std::thread::Builder::new()
             .name("sweeper".into())
@@ -173,13 +240,13 @@ impl Server {
 }
 
 fn accept_unix(daemon: Arc<Daemon>, listener: UnixListener) {
-    let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let daemon = daemon.clone();
         let _ = std::thread::Builder::new()
             .name("control-unix".into())
             .spawn(move || {
+                let mut conn = conn;
                 let cred = match peercred::peer_cred(&conn) {
                     Ok(c) => c,
                     Err(e) => {
@@ -187,42 +254,71 @@ fn accept_unix(daemon: Arc<Daemon>, listener: UnixListener) {
                         return;
                     }
                 };
-                let allowed = cred.uid == 0
-                    || cred.uid == me
-                    || daemon.config.allowed_uids.contains(&cred.uid);
-                let who = format!("uid {} (pid {:?})", cred.uid, cred.pid);
-                if !allowed {
-                    tracing::warn!(caller = %who, "unix control connection refused: uid not allowed");
-                    refuse_unix(conn, &who);
-                    return;
+                let from = format!("local (pid {})", cred.pid.unwrap_or(0));
+                match daemon.policy().unix(cred.uid, cred.gid) {
+                    Ok(id) => {
+                        audit_connection(
+                            &daemon,
+                            &id.name,
+                            &from,
+                            id.scheme,
+                            "ok",
+                            id.role.as_str(),
+                        );
+                        let caller = Caller::new(from, Some(id));
+                        serve_control(&daemon, &mut conn, &caller, |s, t| {
+                            let _ = s.set_read_timeout(t);
+                        });
+                    }
+                    Err(why) => {
+                        let who = format!("uid {}", cred.uid);
+                        audit_connection(&daemon, &who, &from, crate::auth::UNIX, "refused", &why);
+                        let _ = conn.set_read_timeout(Some(REFUSE_READ));
+                        let _ = conn.set_write_timeout(Some(REFUSE_WRITE));
+                        refuse(&mut conn, &why);
+                        let _ = conn.shutdown(std::net::Shutdown::Write);
+                    }
                 }
-                tracing::info!(caller = %who, "unix control connection accepted");
-                let mut conn = conn;
-                serve_control(&daemon, &mut conn, &Caller { who }, |s, t| {
-                    let _ = s.set_read_timeout(t);
-                });
             });
     }
 }
 
-fn refuse_unix(mut conn: UnixStream, who: &str) {
-    // Take the client's hello first (briefly), so our answer is not lost to
-    // a reset when we close with unread data in the socket.
-    let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(500)));
-    let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
-    let _ = vmferry_channel::framed::read_json::<_, serde_json::Value>(&mut conn, 4096);
-    let err = vmferry_proto::WireError::new(
-        vmferry_proto::ErrorKind::Denied,
-        format!("{who} is not allowed on this daemon's control socket (allowed_uids)"),
-    );
+/// How long a refused client gets to send its hello, and we to answer it.
+const REFUSE_READ: Duration = Duration::from_millis(500);
+const REFUSE_WRITE: Duration = Duration::from_secs(2);
+
+/// Answers a refused client's hello with the reason. The hello is read first (briefly),
+/// so the answer is not lost to a reset when we close with unread data in the socket.
+fn refuse<S: std::io::Read + std::io::Write>(conn: &mut S, why: &str) {
+    let _ = vmferry_channel::framed::read_json::<_, serde_json::Value>(conn, 4096);
+    let err = vmferry_proto::WireError::new(vmferry_proto::ErrorKind::Denied, why.to_string());
     let _ = vmferry_channel::framed::write_json(
-        &mut conn,
+        conn,
         &vmferry_proto::Response {
             id: 0,
             body: vmferry_proto::ResponseBody::Error { error: err },
         },
     );
-    let _ = conn.shutdown(std::net::Shutdown::Write);
+}
+
+fn audit_connection(
+    daemon: &Daemon,
+    who: &str,
+    from: &str,
+    scheme: &str,
+    outcome: &str,
+    detail: &str,
+) {
+    daemon.audit.record(&Event {
+        what: "connection",
+        who,
+        from,
+        scheme,
+        op: "control",
+        subject: "",
+        outcome,
+        detail,
+    });
 }
 
 /// What a TCP port serves.
@@ -266,12 +362,14 @@ fn accept_tcp(
     Ok(())
 }
 
+use std::io::Write as _;
+
 fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, port: Port) {
     let peer = conn
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
-    let Some(control) = daemon.control_tls.clone() else {
+    let Some(control) = daemon.control_tls() else {
         pending.fetch_sub(1, Ordering::SeqCst);
         return;
     };
@@ -298,7 +396,17 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
     let (mut stream, _sni) = match accepted {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%peer, "connection refused: {e}");
+            let what = if route.is_some() { "data" } else { "control" };
+            daemon.audit.record(&Event {
+                what: "connection",
+                who: "-",
+                from: &peer,
+                scheme: "tls",
+                op: what,
+                subject: "",
+                outcome: "refused",
+                detail: &e.to_string(),
+            });
             return;
         }
     };
@@ -323,12 +431,48 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
             }
         }
         None => {
-            let who = client_name(&stream).unwrap_or_else(|| "client".into());
-            let who = format!("{who} at {peer}");
-            tracing::info!(caller = %who, "control connection accepted");
-            serve_control(&daemon, &mut stream, &Caller { who }, |s, t| {
-                let _ = s.sock.set_read_timeout(t);
-            });
+            let policy = daemon.policy();
+            let identity: std::result::Result<Option<Identity>, String> =
+                match stream.conn.peer_certificates().and_then(|c| c.first()) {
+                    Some(cert) => policy.x509(cert).map(Some),
+                    None if policy.accepts(crate::auth::SCRAM) => Ok(None),
+                    None => Err("this daemon requires a client certificate from its CA".into()),
+                };
+            match identity {
+                Ok(id) => {
+                    match &id {
+                        Some(i) => audit_connection(
+                            &daemon,
+                            &i.name,
+                            &peer,
+                            i.scheme,
+                            "ok",
+                            i.role.as_str(),
+                        ),
+                        None => audit_connection(
+                            &daemon,
+                            "-",
+                            &peer,
+                            "tls",
+                            "ok",
+                            "not yet authenticated",
+                        ),
+                    }
+                    let caller = Caller::new(peer.clone(), id);
+                    serve_control(&daemon, &mut stream, &caller, |s, t| {
+                        let _ = s.sock.set_read_timeout(t);
+                    });
+                }
+                Err(why) => {
+                    let who = client_name(&stream).unwrap_or_else(|| "-".into());
+                    audit_connection(&daemon, &who, &peer, crate::auth::X509, "refused", &why);
+                    let _ = stream.sock.set_read_timeout(Some(REFUSE_READ));
+                    let _ = stream.sock.set_write_timeout(Some(REFUSE_WRITE));
+                    refuse(&mut stream, &why);
+                    stream.conn.send_close_notify();
+                    let _ = stream.flush();
+                }
+            }
         }
     }
 }

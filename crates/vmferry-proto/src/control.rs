@@ -15,6 +15,26 @@ pub struct Hello {
     pub version: u32,
     /// Who is speaking, for logs: e.g. `vmferry 0.1.0 (controller)`.
     pub agent: String,
+    /// Daemon only: who the daemon takes the client to be, once authenticated (by its
+    /// certificate or its unix credentials), with its role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Daemon only, when the client is not authenticated yet: the schemes it may use,
+    /// in the daemon's order of preference (e.g. `scram-sha-256`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth: Vec<String>,
+}
+
+impl Hello {
+    /// A client's hello.
+    pub fn client(agent: String) -> Hello {
+        Hello {
+            version: crate::PROTOCOL_VERSION,
+            agent,
+            identity: None,
+            auth: Vec::new(),
+        }
+    }
 }
 
 /// A request from a controller.
@@ -31,6 +51,11 @@ pub struct Request {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RequestBody {
     Ping,
+    /// One step of an authentication exchange (SCRAM: client-first, then client-final).
+    Auth {
+        scheme: String,
+        message: String,
+    },
     VmStart {
         spec: VmSpec,
     },
@@ -87,6 +112,7 @@ impl RequestBody {
     pub fn op(&self) -> &'static str {
         match self {
             RequestBody::Ping => "ping",
+            RequestBody::Auth { .. } => "auth",
             RequestBody::VmStart { .. } => "vm_start",
             RequestBody::VmList => "vm_list",
             RequestBody::VmStop { .. } => "vm_stop",
@@ -103,6 +129,20 @@ impl RequestBody {
     }
 }
 
+impl RequestBody {
+    /// Whether a read-only client may make this request: it changes nothing.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            RequestBody::Ping
+                | RequestBody::Auth { .. }
+                | RequestBody::VmList
+                | RequestBody::Status { .. }
+                | RequestBody::MigrationList
+        )
+    }
+}
+
 /// A daemon's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
@@ -114,14 +154,34 @@ pub struct Response {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum ResponseBody {
-    Pong { host: String },
+    Pong {
+        host: String,
+    },
     Done,
-    Vm { vm: VmInfo },
-    Vms { vms: Vec<VmInfo> },
-    Cookie { cookie: Cookie },
-    Status { status: MigrationStatus },
-    Migrations { migrations: Vec<MigrationSummary> },
-    Error { error: WireError },
+    Vm {
+        vm: VmInfo,
+    },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
+    Cookie {
+        cookie: Cookie,
+    },
+    Status {
+        status: MigrationStatus,
+    },
+    Migrations {
+        migrations: Vec<MigrationSummary>,
+    },
+    /// The daemon's next authentication message; `done` with the identity when accepted.
+    Auth {
+        message: String,
+        #[serde(default)]
+        identity: Option<String>,
+    },
+    Error {
+        error: WireError,
+    },
 }
 
 /// One line of `vmferry status`.

@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use vmferry_channel::certs::{self, HostCredentials, IssueOptions};
-use vmferry_daemon::client::ControlClient;
+use vmferry_daemon::auth::{Role, ScramUsers};
+use vmferry_daemon::client::{ClientAuth, ControlClient, Login};
 use vmferry_daemon::{ControlTarget, DaemonConfig, Server};
 use vmferry_proto::{Accel, RequestBody, ResponseBody, VmName, VmSpec};
 
@@ -49,6 +50,10 @@ pub enum Command {
     Vm(VmCommand),
     /// Live-migrate a VM from one daemon to another.
     Migrate(crate::migrate_cmd::MigrateArgs),
+    /// Password accounts for the control API (SCRAM-SHA-256; the file keeps only salted
+    /// verifiers).
+    #[command(subcommand)]
+    Users(UsersCommand),
     /// Migrations on a daemon (in flight, and the last ones it was the source of), or one
     /// migration in detail: its state, transport, and why other transports were passed over.
     Status {
@@ -88,6 +93,21 @@ pub struct ServeArgs {
     /// Transport for migrations whose controller names none: auto, direct, reverse, tunnel.
     #[arg(long)]
     pub transport: Option<vmferry_proto::TransportChoice>,
+    /// Control authentication schemes accepted on TCP, in order: x509, scram-sha-256.
+    #[arg(long, value_delimiter = ',')]
+    pub auth: Option<Vec<String>>,
+    /// The SCRAM users file (`vmferry users add`).
+    #[arg(long)]
+    pub scram_users: Option<PathBuf>,
+    /// A certificate subject allowed to operate, e.g. "CN=controller,O=ops" (repeatable).
+    #[arg(long = "allowed-client")]
+    pub allowed_clients: Vec<String>,
+    /// A certificate subject allowed to read only (repeatable).
+    #[arg(long = "readonly-client")]
+    pub readonly_clients: Vec<String>,
+    /// Seconds a prepared migration's one-time credentials stay valid (default 300).
+    #[arg(long)]
+    pub credential_ttl: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,14 +144,37 @@ pub enum CertsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Add an account, or give it a new password and role. The password is read from
+    /// --password-file, else from standard input (one line).
+    Add {
+        name: String,
+        /// The users file (the daemon's `scram_users`); created with mode 0600.
+        #[arg(long)]
+        file: PathBuf,
+        /// operator (migrate, cancel, start and stop VMs) or readonly (status, lists).
+        #[arg(long, default_value = "operator")]
+        role: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// The daemon: host:port (TLS) or a unix socket path.
     #[arg(long, env = "VMFERRY_DAEMON", default_value = DEFAULT_DAEMON)]
     pub daemon: ControlTarget,
-    /// Certs dir for TLS connections.
+    /// Certs dir for TLS connections (a client certificate, or only ca.pem with --user).
     #[arg(long, env = "VMFERRY_CERTS")]
     pub certs: Option<PathBuf>,
+    /// Log in with this account's password (SCRAM-SHA-256) instead of a certificate.
+    #[arg(long, env = "VMFERRY_USER")]
+    pub user: Option<String>,
+    /// File holding the password for --user (else VMFERRY_PASSWORD).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +221,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Certs(c) => certs_cmd(c),
         Command::Vm(v) => vm_cmd(v),
         Command::Migrate(m) => crate::migrate_cmd::run(m),
+        Command::Users(u) => users_cmd(u),
         Command::Status {
             migration,
             daemon,
@@ -219,6 +263,21 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(t) = a.transport {
         config.transport = t;
     }
+    if let Some(v) = a.auth {
+        config.auth = v;
+    }
+    if a.scram_users.is_some() {
+        config.scram_users = a.scram_users;
+    }
+    if !a.allowed_clients.is_empty() {
+        config.allowed_clients = a.allowed_clients;
+    }
+    if !a.readonly_clients.is_empty() {
+        config.readonly_clients = a.readonly_clients;
+    }
+    if let Some(t) = a.credential_ttl {
+        config.credential_ttl_secs = t;
+    }
     let server = Server::bind(config.clone()).context("cannot start the daemon")?;
     tracing::info!(
         listen = ?server.local_addr(),
@@ -226,6 +285,42 @@ fn serve(a: ServeArgs) -> Result<()> {
         "vmferry daemon serving"
     );
     server.run().context("daemon stopped")?;
+    Ok(())
+}
+
+fn users_cmd(c: UsersCommand) -> Result<()> {
+    match c {
+        UsersCommand::Add {
+            name,
+            file,
+            role,
+            password_file,
+        } => {
+            let role = match role.as_str() {
+                "operator" => Role::Operator,
+                "readonly" | "read-only" => Role::ReadOnly,
+                other => bail!("--role {other:?}: use operator or readonly"),
+            };
+            let password = match password_file {
+                Some(f) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("cannot read the password from standard input")?;
+                    line
+                }
+            };
+            let password = password.trim_end_matches(['\n', '\r']);
+            ScramUsers::add(&file, &name, password, role).map_err(|e| anyhow!(e))?;
+            println!(
+                "user '{name}' ({}) written to {}",
+                role.as_str(),
+                file.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -257,16 +352,45 @@ fn certs_cmd(c: CertsCommand) -> Result<()> {
     Ok(())
 }
 
-pub fn load_creds(dir: &Option<PathBuf>) -> Result<Option<HostCredentials>> {
-    match dir {
-        Some(d) => Ok(Some(HostCredentials::load(d)?)),
-        None => Ok(None),
+/// How to log in to daemons, from `--certs`, `--user` and the password source.
+/// A certs dir with `cert.pem` holds a client certificate; one with only `ca.pem` is
+/// for verifying daemons when logging in by password.
+pub fn load_auth(
+    certs: &Option<PathBuf>,
+    user: &Option<String>,
+    password_file: &Option<PathBuf>,
+) -> Result<ClientAuth> {
+    let mut auth = ClientAuth::default();
+    if let Some(d) = certs {
+        if d.join("cert.pem").exists() || user.is_none() {
+            auth.creds = Some(HostCredentials::load(d)?);
+        } else {
+            auth.ca_dir = Some(d.clone());
+        }
     }
+    if let Some(user) = user {
+        let password = match password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the password file {}", f.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            None => std::env::var("VMFERRY_PASSWORD").map_err(|_| {
+                anyhow!(
+                    "--user {user} needs a password: set VMFERRY_PASSWORD or give --password-file"
+                )
+            })?,
+        };
+        auth.login = Some(Login {
+            user: user.clone(),
+            password,
+        });
+    }
+    Ok(auth)
 }
 
 fn connect(d: &DaemonArgs) -> Result<ControlClient> {
-    let creds = load_creds(&d.certs)?;
-    Ok(ControlClient::connect(&d.daemon, creds.as_ref(), None)?)
+    let auth = load_auth(&d.certs, &d.user, &d.password_file)?;
+    Ok(ControlClient::connect_with(&d.daemon, &auth, None)?)
 }
 
 const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

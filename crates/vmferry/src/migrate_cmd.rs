@@ -1,6 +1,6 @@
 //! `vmferry migrate`: runs the controller, shows progress, prints the summary.
 
-use crate::cli::load_creds;
+use crate::cli::load_auth;
 use crate::units::human_bytes;
 use anyhow::{anyhow, Result};
 use clap::Args;
@@ -30,9 +30,15 @@ pub struct MigrateArgs {
     /// Attach mode: QMP socket of a destination QEMU started with -incoming defer.
     #[arg(long, requires = "src_qmp")]
     pub dst_qmp: Option<PathBuf>,
-    /// Certs dir: the controller's certificate for both daemons.
+    /// Certs dir: the controller's certificate for both daemons (or only ca.pem, with --user).
     #[arg(long, env = "VMFERRY_CERTS")]
     pub certs: Option<PathBuf>,
+    /// Log in to both daemons with this account's password (SCRAM-SHA-256).
+    #[arg(long, env = "VMFERRY_USER")]
+    pub user: Option<String>,
+    /// File holding the password for --user (else VMFERRY_PASSWORD).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
     /// Multifd channels (0 = one stream).
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
@@ -129,7 +135,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             None => None,
         },
     };
-    let creds = load_creds(&a.certs)?;
+    let auth = load_auth(&a.certs, &a.user, &a.password_file)?;
 
     let cancel = Arc::new(AtomicBool::new(false));
     {
@@ -175,7 +181,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             println!("{line}");
         }
     };
-    let result = controller::migrate(&plan, creds.as_ref(), progress, &cancel);
+    let result = controller::migrate(&plan, &auth, progress, &cancel);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
