@@ -69,6 +69,36 @@ pub fn read_frame<R: Read>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, Fra
     Ok(Some(buf))
 }
 
+/// A reader that fails with `TimedOut` once `deadline` has passed, however the bytes
+/// trickle in. Per-read socket timeouts alone let a peer that sends one byte a second
+/// hold a session forever; wrap the stream in this for every frame read from a peer.
+#[derive(Debug)]
+pub struct Deadline<'a, R> {
+    inner: &'a mut R,
+    deadline: std::time::Instant,
+}
+
+impl<'a, R> Deadline<'a, R> {
+    pub fn new(inner: &'a mut R, within: std::time::Duration) -> Self {
+        Deadline {
+            inner,
+            deadline: std::time::Instant::now() + within,
+        }
+    }
+}
+
+impl<R: Read> Read for Deadline<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if std::time::Instant::now() >= self.deadline {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "the peer did not finish its message in time",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
 pub fn write_json<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
     let v = serde_json::to_vec(msg).map_err(|e| FrameError::Decode(e.to_string()))?;
     write_frame(w, &v)
@@ -90,6 +120,35 @@ pub fn read_json<R: Read, T: DeserializeOwned>(
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    /// Yields one byte per read, slowly.
+    struct Trickle(Vec<u8>, usize);
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if self.1 >= self.0.len() || buf.is_empty() {
+                return Ok(0);
+            }
+            buf[0] = self.0[self.1];
+            self.1 += 1;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn a_trickling_peer_is_cut_off_at_the_deadline() {
+        let mut frame = Vec::new();
+        write_json(&mut frame, &serde_json::json!({"pad": "x".repeat(200)})).expect("write");
+        let mut t = Trickle(frame, 0);
+        let started = std::time::Instant::now();
+        let e = read_json::<_, serde_json::Value>(
+            &mut Deadline::new(&mut t, std::time::Duration::from_millis(300)),
+            MAX_FRAME,
+        )
+        .expect_err("must time out");
+        assert!(matches!(e, FrameError::Timeout), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -53,22 +53,23 @@ pub fn serve_control<S: Read + Write>(
 ) {
     let mut caller = caller.clone();
     set_timeout(stream, Some(HELLO_TIMEOUT));
-    let hello: Hello = match framed::read_json(stream, MAX_FRAME) {
-        Ok(Some(h)) => h,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(caller = %caller.who(), "control session refused: bad hello: {e}");
-            reply_error(
-                stream,
-                0,
-                WireError::new(
-                    ErrorKind::BadRequest,
-                    format!("expected a hello message: {e}"),
-                ),
-            );
-            return;
-        }
-    };
+    let hello: Hello =
+        match framed::read_json(&mut framed::Deadline::new(stream, HELLO_TIMEOUT), MAX_FRAME) {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(caller = %caller.who(), "control session refused: bad hello: {e}");
+                reply_error(
+                    stream,
+                    0,
+                    WireError::new(
+                        ErrorKind::BadRequest,
+                        format!("expected a hello message: {e}"),
+                    ),
+                );
+                return;
+            }
+        };
     if hello.version != PROTOCOL_VERSION {
         tracing::warn!(caller = %caller.who(), version = hello.version, "control session refused: version");
         reply_error(
@@ -110,23 +111,24 @@ pub fn serve_control<S: Read + Write>(
             HELLO_TIMEOUT
         };
         set_timeout(stream, Some(idle));
-        let req: Request = match framed::read_json(stream, MAX_FRAME) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(FrameError::Timeout) => {
-                tracing::info!(caller = %caller.who(), "control session idle; closing");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(caller = %caller.who(), "bad control message: {e}");
-                reply_error(
-                    stream,
-                    0,
-                    WireError::new(ErrorKind::BadRequest, format!("bad control message: {e}")),
-                );
-                return;
-            }
-        };
+        let req: Request =
+            match framed::read_json(&mut framed::Deadline::new(stream, idle), MAX_FRAME) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(FrameError::Timeout) => {
+                    tracing::info!(caller = %caller.who(), "control session idle; closing");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(caller = %caller.who(), "bad control message: {e}");
+                    reply_error(
+                        stream,
+                        0,
+                        WireError::new(ErrorKind::BadRequest, format!("bad control message: {e}")),
+                    );
+                    return;
+                }
+            };
         let op = req.body.op();
         if let RequestBody::Auth { scheme, message } = &req.body {
             match scram_exchange(daemon, stream, &mut caller, req.id, scheme, message) {
@@ -294,10 +296,11 @@ fn scram_exchange<S: Read + Write>(
     if framed::write_json(stream, &reply).is_err() {
         return Err(());
     }
-    let next: Request = match framed::read_json(stream, MAX_FRAME) {
-        Ok(Some(r)) => r,
-        _ => return Err(()),
-    };
+    let next: Request =
+        match framed::read_json(&mut framed::Deadline::new(stream, HELLO_TIMEOUT), MAX_FRAME) {
+            Ok(Some(r)) => r,
+            _ => return Err(()),
+        };
     let RequestBody::Auth { message, .. } = next.body else {
         fail(
             stream,

@@ -252,3 +252,57 @@ fn a_client_speaking_another_protocol_version_is_refused_with_both_versions() {
     assert!(msg.contains("version 1") && msg.contains("99"), "{v}");
     still_serving(&d);
 }
+
+/// Sends `bytes` one per second until the peer closes; returns how long that took.
+fn trickle<S: std::io::Read + Write>(s: &mut S, bytes: &[u8]) -> Duration {
+    let started = std::time::Instant::now();
+    for b in bytes.iter().cycle() {
+        if s.write_all(&[*b]).and_then(|_| s.flush()).is_err() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn clients_that_send_one_byte_a_second_are_dropped_and_others_are_served() {
+    let d = daemon();
+    // One trickles its TLS handshake, one a valid hello after a good handshake.
+    let raw = {
+        let addr = d.addr.clone();
+        std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect(&addr).expect("tcp");
+            trickle(&mut tcp, b"\x16\x03\x01\x02\x00garbage-client-hello")
+        })
+    };
+    let creds = good_client(&d);
+    let cfg = vmferry_channel::tls::control_client_config(&creds).expect("cfg");
+    let tcp = TcpStream::connect(&d.addr).expect("tcp");
+    let mut s =
+        vmferry_channel::tls::connect(tcp, "127.0.0.1", cfg, Duration::from_secs(5), &d.addr)
+            .expect("handshake");
+    let mut hello = Vec::new();
+    vmferry_channel::framed::write_json(
+        &mut hello,
+        &vmferry_proto::Hello::client("slow client".into()),
+    )
+    .expect("frame");
+    let tls_side = std::thread::spawn(move || trickle(&mut s, &hello));
+    // Meanwhile, everyone else is served.
+    std::thread::sleep(Duration::from_secs(2));
+    still_serving(&d);
+    for (what, t) in [
+        ("handshake", raw.join().expect("join")),
+        ("hello", tls_side.join().expect("join")),
+    ] {
+        assert!(
+            t < Duration::from_secs(25),
+            "a client trickling its {what} was kept {t:?}"
+        );
+    }
+    still_serving(&d);
+}
