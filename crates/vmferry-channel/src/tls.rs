@@ -35,7 +35,7 @@ use rustls::{
     DigitallySignedStruct, DistinguishedName, ServerConfig, ServerConnection, SignatureScheme,
     StreamOwned,
 };
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -270,6 +270,11 @@ pub fn accept(
     };
     let sni = accepted.client_hello().server_name().map(str::to_string);
     let Some(config) = choose(sni.as_deref()) else {
+        // Say why in TLS terms (a fatal unrecognized_name alert, in the clear as it is
+        // before any key exists), rather than hanging up without a word.
+        let _ = tcp.set_write_timeout(Some(LINGER));
+        let _ = tcp.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112]);
+        linger_close(&tcp);
         return Err(TlsError::Refused {
             peer: who,
             reason: match &sni {

@@ -374,9 +374,11 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
         return;
     };
     let mut route: Option<Route> = None;
+    let mut data_sni = false;
     let accepted = tls::accept(conn, HANDSHAKE_TIMEOUT, |sni| {
         match sni.and_then(tls::migration_id_from_sni) {
             Some(id) => {
+                data_sni = true;
                 let id = MigrationId::new(id).ok()?;
                 if let Ok(m) = daemon.migrations.destination(&id) {
                     let cfg = m.data_config()?;
@@ -396,7 +398,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
     let (mut stream, _sni) = match accepted {
         Ok(s) => s,
         Err(e) => {
-            let what = if route.is_some() { "data" } else { "control" };
+            let what = if data_sni { "data" } else { "control" };
             daemon.audit.record(&Event {
                 what: "connection",
                 who: "-",
@@ -415,7 +417,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
             let (pre, conn) = match crate::migration::channel::read_preamble(stream) {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(%peer, "data connection refused: {e}");
+                    audit_data(&daemon, &peer, "", "refused", &e.to_string());
                     return;
                 }
             };
@@ -424,10 +426,14 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 Route::Source(m) => (m.id.clone(), m.accept_reverse(pre, conn)),
             };
             match r {
-                Ok(()) => {
-                    tracing::info!(%peer, migration = %id, transport = %pre.transport, stream = pre.stream, "data connection accepted")
-                }
-                Err(e) => tracing::warn!(%peer, migration = %id, "data connection refused: {e}"),
+                Ok(()) => audit_data(
+                    &daemon,
+                    &peer,
+                    id.as_str(),
+                    "ok",
+                    &format!("{} stream {} of {}", pre.transport, pre.stream, pre.streams),
+                ),
+                Err(e) => audit_data(&daemon, &peer, id.as_str(), "refused", &e.to_string()),
             }
         }
         None => {
@@ -475,6 +481,19 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
             }
         }
     }
+}
+
+fn audit_data(daemon: &Daemon, from: &str, migration: &str, outcome: &str, detail: &str) {
+    daemon.audit.record(&Event {
+        what: "connection",
+        who: "migration peer",
+        from,
+        scheme: "tls (pinned or x509)",
+        op: "data",
+        subject: migration,
+        outcome,
+        detail,
+    });
 }
 
 /// The subject of the client's certificate, for logs.
