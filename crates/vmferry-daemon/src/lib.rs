@@ -16,7 +16,6 @@ pub mod error;
 pub mod migration;
 pub mod qemu_cmd;
 pub mod server;
-mod tunnel_stub;
 pub mod vms;
 
 pub use client::{ControlClient, ControlTarget};

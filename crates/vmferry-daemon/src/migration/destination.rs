@@ -11,7 +11,6 @@ use super::channel::{self, DataConn, Slots, Trust};
 use super::QemuHandle;
 use crate::error::{DaemonError, Result};
 use crate::server::Daemon;
-use crate::tunnel_stub::{Tunnel, TunnelStop};
 use crate::vms::lock;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, StopHandle};
+use vmferry_channel::tunnel_yamux::{Tunnel, TunnelStop};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
     Cookie, MigrationId, MigrationStatus, MigrationSummary, Transport, VmName, VmRef,

@@ -9,7 +9,6 @@ use super::channel::{self, DataConn, Slots, Trust};
 use super::{QemuHandle, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
 use crate::server::Daemon;
-use crate::tunnel_stub::{Tunnel, TunnelStop};
 use crate::vms::lock;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
+use vmferry_channel::tunnel_yamux::{Tunnel, TunnelStop};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
     Cookie, MigrationId, MigrationOptions, MigrationStatus, MigrationSummary, Transport, VmName,
