@@ -36,6 +36,8 @@ pub const MAX_CONTROL: usize = 64 * 1024;
 const FRAME: usize = 256 * 1024;
 /// Copy buffer per direction per stream.
 const COPY_BUF: usize = 256 * 1024;
+/// Socket buffer of each end of the pair between the TLS and mux layers.
+const PAIR_BUF: usize = 4 << 20;
 /// At most this many streams (multifd is bounded far lower by the cookie).
 const MAX_STREAMS: usize = 80;
 
@@ -172,6 +174,11 @@ impl Tunnel {
         };
         let (tls_side, mux_side) =
             UnixStream::pair().map_err(|e| failed(format!("socket pair: {e}")))?;
+        // Deep buffers between the two layers: fewer, larger hand-overs between threads.
+        for s in [&tls_side, &mux_side] {
+            let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &PAIR_BUF);
+            let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &PAIR_BUF);
+        }
         let shared = Arc::new(Shared::default());
         let pump_stop =
             StopHandle::new(&tls_side, &tcp).map_err(|e| failed(format!("stop handle: {e}")))?;
@@ -216,6 +223,8 @@ impl Tunnel {
                             return;
                         }
                     };
+                    // Kept past the mux's end: see `linger`.
+                    let keep = mux_side.try_clone();
                     rt.block_on(drive(
                         mux_side,
                         role,
@@ -225,6 +234,10 @@ impl Tunnel {
                         shared.clone(),
                         peer,
                     ));
+                    drop(rt);
+                    if let Ok(keep) = keep {
+                        linger(keep);
+                    }
                     shared.end();
                 })
                 .map_err(|e| failed(format!("cannot start the mux: {e}")))?
@@ -397,6 +410,23 @@ impl Drop for Tunnel {
         // A tunnel dropped without `close` is abandoned: cut it so no thread lingers.
         if self.mux.is_some() || self.pump.is_some() {
             self.stop.stop();
+        }
+    }
+}
+
+/// After the mux closed, the peer may still send its last frames (its own close, window
+/// updates) before the TLS close: keep reading (and dropping) them until the pump
+/// signals the end, so it never writes into a closed socket.
+fn linger(sock: UnixStream) {
+    use std::io::Read;
+    let _ = sock.set_nonblocking(false);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = [0u8; 16 * 1024];
+    let mut sock = sock;
+    while let Ok(n) = sock.read(&mut buf) {
+        if n == 0 {
+            break;
         }
     }
 }

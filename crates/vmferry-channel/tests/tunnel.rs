@@ -1,0 +1,338 @@
+//! The tunnel over real TLS on loopback: several streams byte-exact in both directions,
+//! back-pressure from a slow reader without starving the control stream, a refused
+//! stream, and a cut connection, each ending promptly with a cause.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmferry_channel::identity::EphemeralIdentity;
+use vmferry_channel::meter::Meter;
+use vmferry_channel::tls;
+use vmferry_channel::tunnel_yamux::{Accept, Tunnel};
+
+/// A TLS connection on loopback, as (client conn, client tcp, server conn, server tcp).
+fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) {
+    let s = EphemeralIdentity::generate("s").expect("s");
+    let d = EphemeralIdentity::generate("d").expect("d");
+    let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
+    let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let srv = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().expect("accept");
+        tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
+    });
+    let tcp = TcpStream::connect(&addr).expect("connect");
+    let c = tls::connect(
+        tcp,
+        tls::PINNED_SERVER_NAME,
+        ccfg,
+        Duration::from_secs(5),
+        &addr,
+    )
+    .expect("client tls");
+    let (s, _) = srv.join().expect("join");
+    (
+        rustls::Connection::Client(c.conn),
+        c.sock,
+        rustls::Connection::Server(s.conn),
+        s.sock,
+    )
+}
+
+/// A client and a server tunnel; each stream the client opens reaches the server's
+/// side of a socket pair, whose other end is pushed to `arrived`.
+fn tunnels() -> (Tunnel, Tunnel, Arc<Mutex<Vec<(u16, UnixStream)>>>) {
+    let (cc, ct, sc, st) = tls_pair();
+    let arrived = Arc::new(Mutex::new(Vec::new()));
+    let a2 = arrived.clone();
+    let accept: Accept = Box::new(move |k| {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        a2.lock().expect("lock").push((k, theirs));
+        Ok(ours)
+    });
+    let server =
+        Tunnel::server(sc, st, "client", Arc::new(Meter::default()), accept).expect("server");
+    let client = Tunnel::client(cc, ct, "server", Arc::new(Meter::default())).expect("client");
+    (client, server, arrived)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn wait_arrived(arrived: &Mutex<Vec<(u16, UnixStream)>>, n: usize) -> Vec<(u16, UnixStream)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        {
+            let mut a = arrived.lock().expect("lock");
+            if a.len() >= n {
+                return std::mem::take(&mut *a);
+            }
+        }
+        assert!(Instant::now() < deadline, "streams did not arrive");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn four_streams_cross_byte_exact_both_ways_in_order_with_control_messages() {
+    let (client, server, arrived) = tunnels();
+    const N: usize = 4;
+    const LEN: usize = 8 << 20;
+    let mut src_ends = Vec::new();
+    for k in 0..N as u16 {
+        let (qemu, ours) = UnixStream::pair().expect("pair");
+        client.open(k, ours).expect("open");
+        src_ends.push(qemu);
+    }
+    let dst_ends = wait_arrived(&arrived, N);
+    // The server saw them in the order they were opened: main channel first.
+    assert_eq!(
+        dst_ends.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    client
+        .send_control(&serde_json::json!({"op": "hello", "n": 1}))
+        .expect("send");
+    let got = server
+        .recv_control(Duration::from_secs(5))
+        .expect("recv")
+        .expect("a control message");
+    assert_eq!(got["op"], "hello");
+    server
+        .send_control(&serde_json::json!({"op": "ack"}))
+        .expect("send back");
+    assert_eq!(
+        client
+            .recv_control(Duration::from_secs(5))
+            .expect("recv")
+            .expect("msg")["op"],
+        "ack"
+    );
+
+    let mut threads = Vec::new();
+    for (i, (mut s, (_, mut d))) in src_ends.into_iter().zip(dst_ends).enumerate() {
+        threads.push(std::thread::spawn(move || {
+            let up = pattern(i as u64 + 1, LEN);
+            let back = pattern(i as u64 + 100, 4096);
+            let mut s2 = s.try_clone().expect("clone");
+            let writer = std::thread::spawn(move || {
+                s2.write_all(&up).expect("write");
+                s2.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                up
+            });
+            let mut got = Vec::new();
+            d.write_all(&back).expect("write back");
+            d.shutdown(std::net::Shutdown::Write)
+                .expect("shutdown back");
+            d.read_to_end(&mut got).expect("read");
+            let mut got_back = Vec::new();
+            s.read_to_end(&mut got_back).expect("read back");
+            let up = writer.join().expect("join");
+            assert!(got == up, "stream {i} differs upstream");
+            assert!(got_back == back, "stream {i} differs downstream");
+        }));
+    }
+    for t in threads {
+        t.join().expect("stream thread");
+    }
+    client
+        .wait_streams(N, Duration::from_secs(30))
+        .expect("client streams");
+    server
+        .wait_streams(N, Duration::from_secs(30))
+        .expect("server streams");
+    let s = std::thread::spawn(move || server.close(Duration::from_secs(10)));
+    client.close(Duration::from_secs(10)).expect("client close");
+    s.join().expect("join").expect("server close");
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_reader_that_stops_pushes_back_and_control_messages_still_flow() {
+    let (client, server, arrived) = tunnels();
+    let (mut qemu, ours) = UnixStream::pair().expect("pair");
+    client.open(0, ours).expect("open");
+    let (_, _stalled) = wait_arrived(&arrived, 1).pop().expect("one");
+    // Write until the whole path is full: the writer must block, not buffer forever.
+    qemu.set_write_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let before = rss_kib();
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0usize;
+    while written < 1 << 30 {
+        match qemu.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < 256 << 20,
+        "{} MiB went in with nobody reading: no back-pressure",
+        written >> 20
+    );
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 256 * 1024, "memory grew by {grown} KiB");
+    // The data stream is stuck; the control stream is not.
+    let t0 = Instant::now();
+    client
+        .send_control(&serde_json::json!({"op": "still-there"}))
+        .expect("send");
+    let got = server
+        .recv_control(Duration::from_secs(2))
+        .expect("recv")
+        .expect("a control message while the data stream is stalled");
+    assert_eq!(got["op"], "still-there");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    client.stop();
+    server.stop();
+}
+
+#[test]
+fn a_stream_the_server_refuses_fails_both_ends_with_the_cause() {
+    let (cc, ct, sc, st) = tls_pair();
+    let accept: Accept = Box::new(|k| Err(format!("no QEMU waits for stream {k}")));
+    let server =
+        Tunnel::server(sc, st, "client", Arc::new(Meter::default()), accept).expect("server");
+    let client = Tunnel::client(cc, ct, "server", Arc::new(Meter::default())).expect("client");
+    let (_qemu, ours) = UnixStream::pair().expect("pair");
+    client.open(0, ours).expect("open");
+    let e = server
+        .wait_streams(1, Duration::from_secs(5))
+        .expect_err("refused");
+    assert!(e.contains("no QEMU waits for stream 0"), "{e}");
+    server.stop();
+    let t0 = Instant::now();
+    let e = client
+        .wait_streams(1, Duration::from_secs(10))
+        .expect_err("the client sees the end too");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
+}
+
+#[test]
+fn cutting_the_connection_mid_transfer_ends_both_sides_promptly() {
+    let (client, server, arrived) = tunnels();
+    let (mut qemu, ours) = UnixStream::pair().expect("pair");
+    client.open(0, ours).expect("open");
+    let (_, mut dst) = wait_arrived(&arrived, 1).pop().expect("one");
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![1u8; 1 << 20];
+        while qemu.write_all(&chunk).is_ok() {}
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    while got < 32 << 20 {
+        got += dst.read(&mut buf).expect("read");
+    }
+    let t0 = Instant::now();
+    client.stop();
+    let e1 = client
+        .wait_streams(1, Duration::from_secs(10))
+        .expect_err("client");
+    let e2 = server
+        .wait_streams(1, Duration::from_secs(10))
+        .expect_err("server");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}: {e1} / {e2}",
+        t0.elapsed()
+    );
+    drop(dst);
+    writer.join().expect("writer ends once its socket is gone");
+}
+
+/// Throughput of the tunnel against one TLS stream through the plain pump, 1 GiB each,
+/// median of 3: `cargo test --release -p vmferry-channel --test tunnel -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn tunnel_throughput_against_the_plain_pump() {
+    const LEN: usize = 1 << 30;
+    let send = |mut s: UnixStream| {
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut n = 0;
+        while n < LEN {
+            s.write_all(&chunk).expect("write");
+            n += chunk.len();
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    };
+    let recv = |mut s: UnixStream| {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        loop {
+            let r = s.read(&mut buf).expect("read");
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        assert_eq!(n, LEN);
+    };
+    let mut tunnel_times = Vec::new();
+    let mut pump_times = Vec::new();
+    for _ in 0..3 {
+        // tunnel
+        let (client, server, arrived) = tunnels();
+        let (qemu, ours) = UnixStream::pair().expect("pair");
+        let t0 = Instant::now();
+        client.open(0, ours).expect("open");
+        let (_, dst) = wait_arrived(&arrived, 1).pop().expect("one");
+        let w = std::thread::spawn(move || send(qemu));
+        recv(dst);
+        w.join().expect("w");
+        tunnel_times.push(t0.elapsed().as_secs_f64());
+        client.stop();
+        server.stop();
+        // plain pump
+        let (cc, ct, sc, st) = tls_pair();
+        let (qa, la) = UnixStream::pair().expect("pair");
+        let (qb, lb) = UnixStream::pair().expect("pair");
+        let sa = vmferry_channel::pump::StopHandle::new(&la, &ct).expect("stop");
+        let sb = vmferry_channel::pump::StopHandle::new(&lb, &st).expect("stop");
+        let t0 = Instant::now();
+        let pa = std::thread::spawn(move || {
+            vmferry_channel::pump::pump(la, cc, ct, "b", &Meter::default(), &sa)
+        });
+        let pb = std::thread::spawn(move || {
+            vmferry_channel::pump::pump(lb, sc, st, "a", &Meter::default(), &sb)
+        });
+        let w = std::thread::spawn(move || send(qa));
+        let mut qb2 = qb.try_clone().expect("clone");
+        recv(qb);
+        w.join().expect("w");
+        pump_times.push(t0.elapsed().as_secs_f64());
+        let _ = qb2.shutdown(std::net::Shutdown::Both);
+        let _ = pa.join();
+        let _ = pb.join();
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (t, p) = (med(&mut tunnel_times), med(&mut pump_times));
+    println!(
+        "1 GiB: tunnel {t:.3} s ({:.2} GiB/s), plain pump {p:.3} s ({:.2} GiB/s): tunnel/pump throughput {:.2}x",
+        1.0 / t,
+        1.0 / p,
+        p / t
+    );
+}
