@@ -44,7 +44,10 @@ fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) 
 
 /// A client and a server tunnel; each stream the client opens reaches the server's
 /// side of a socket pair, whose other end is pushed to `arrived`.
-fn tunnels() -> (Tunnel, Tunnel, Arc<Mutex<Vec<(u16, UnixStream)>>>) {
+/// Streams that reached the server side, with their index.
+type Arrived = Arc<Mutex<Vec<(u16, UnixStream)>>>;
+
+fn tunnels() -> (Tunnel, Tunnel, Arrived) {
     let (cc, ct, sc, st) = tls_pair();
     let arrived = Arc::new(Mutex::new(Vec::new()));
     let a2 = arrived.clone();
@@ -316,7 +319,7 @@ fn tunnel_throughput_against_the_plain_pump() {
             vmferry_channel::pump::pump(lb, sc, st, "a", &Meter::default(), &sb)
         });
         let w = std::thread::spawn(move || send(qa));
-        let mut qb2 = qb.try_clone().expect("clone");
+        let qb2 = qb.try_clone().expect("clone");
         recv(qb);
         w.join().expect("w");
         pump_times.push(t0.elapsed().as_secs_f64());
