@@ -54,6 +54,7 @@ pub struct MigrationReport {
     pub transport: String,
     /// Why transports tried before the one used were passed over.
     pub transport_notes: Vec<String>,
+    pub data_path: String,
     pub streams: u32,
     pub total_time_ms: u64,
     pub qemu_total_time_ms: Option<u64>,
@@ -263,6 +264,7 @@ pub fn migrate(
         migration: id.to_string(),
         transport: last.transport.clone(),
         transport_notes: last.transport_notes.clone(),
+        data_path: last.data_path.clone(),
         streams: last.streams,
         total_time_ms: total.as_millis() as u64,
         qemu_total_time_ms: last.total_time_ms,

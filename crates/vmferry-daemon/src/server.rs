@@ -39,6 +39,8 @@ pub struct Daemon {
     policy: RwLock<Arc<AuthPolicy>>,
     pub audit: AuditLog,
     pub hostname: String,
+    /// How migration bytes are protected here, for status and results.
+    pub data_path: String,
 }
 
 impl Daemon {
@@ -158,6 +160,13 @@ impl Server {
             .unwrap_or_else(|_| "unknown".into());
         let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
         let audit = AuditLog::open(&config.state_dir);
+        let data_path = match vmferry_channel::transport::kernel_tls_available() {
+            Ok(()) => "userspace TLS 1.3 (rustls); the kernel offers TLS offload, which this \
+                       build does not use yet"
+                .to_string(),
+            Err(why) => format!("userspace TLS 1.3 (rustls); kernel TLS unavailable: {why}"),
+        };
+        tracing::info!("data path: {data_path}");
         Ok(Server {
             daemon: Arc::new(Daemon {
                 config,
@@ -168,6 +177,7 @@ impl Server {
                 policy: RwLock::new(Arc::new(policy)),
                 audit,
                 hostname,
+                data_path,
             }),
             tcp,
             data,

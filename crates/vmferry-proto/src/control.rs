@@ -343,6 +343,9 @@ pub struct MigrationStatus {
     /// Why transports tried before the one used were passed over.
     #[serde(default)]
     pub transport_notes: Vec<String>,
+    /// How the bytes are protected on the source (e.g. userspace TLS, and why not kernel TLS).
+    #[serde(default)]
+    pub data_path: String,
     pub error: Option<String>,
 }
 

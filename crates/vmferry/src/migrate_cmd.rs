@@ -226,6 +226,9 @@ fn print_report(r: &MigrationReport, json: bool) {
     for n in &r.transport_notes {
         println!("  passed over {n}");
     }
+    if !r.data_path.is_empty() {
+        println!("  data path   {}", r.data_path);
+    }
     println!(
         "  total time  {:.2} s (QEMU: {})",
         r.total_time_ms as f64 / 1000.0,

@@ -270,6 +270,15 @@ fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
         let result: serde_json::Value =
             serde_json::from_str(out.lines().last().expect("a result line"))?;
         assert_eq!(result["transport"], transport, "{result}");
+        // Kernel TLS where the kernel offers it; here the fallback must say why not.
+        let ulps =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        let path = result["data_path"].as_str().unwrap_or("");
+        if ulps.split_whitespace().any(|u| u == "tls") {
+            assert!(path.contains("offers TLS offload"), "{path}");
+        } else {
+            assert!(path.contains("kernel TLS unavailable"), "{path}");
+        }
         assert!(
             same_contents(src_ram.path(), dst_ram.path())?,
             "RAM differs after a migration over {transport}"

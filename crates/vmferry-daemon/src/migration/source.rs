@@ -389,6 +389,7 @@ impl SourceMigration {
             st.streams = self.streams() as u32;
             st.transport = transport.to_string();
             st.transport_notes = cookie.transport_notes.clone();
+            st.data_path = daemon.data_path.clone();
         }
 
         let _ = std::fs::remove_file(&self.socket_path);
