@@ -7,6 +7,7 @@
 //! chain, expiry, signatures — is webpki's ordinary verification.
 
 use crate::certs::HostCredentials;
+use crate::dn::{self, DnPattern};
 use crate::tls::{self, TlsError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -19,6 +20,22 @@ use std::sync::Arc;
 struct FixedNameVerifier {
     inner: Arc<WebPkiServerVerifier>,
     name: ServerName<'static>,
+    allowed: Vec<DnPattern>,
+}
+
+/// The peer's subject must match one of `allowed` (when any are given).
+fn check_allowed(cert: &CertificateDer<'_>, allowed: &[DnPattern]) -> Result<(), rustls::Error> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let rdns = dn::subject_rdns(cert).map_err(rustls::Error::General)?;
+    if allowed.iter().any(|p| p.matches(&rdns)) {
+        return Ok(());
+    }
+    Err(rustls::Error::General(format!(
+        "certificate subject '{}' is not in allowed_peers",
+        dn::format_rdns(&rdns)
+    )))
 }
 
 impl ServerCertVerifier for FixedNameVerifier {
@@ -30,8 +47,11 @@ impl ServerCertVerifier for FixedNameVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+        let ok = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)?;
+        check_allowed(end_entity, &self.allowed)?;
+        Ok(ok)
     }
 
     fn verify_tls12_signature(
@@ -62,6 +82,7 @@ impl ServerCertVerifier for FixedNameVerifier {
 pub fn client_config(
     creds: &HostCredentials,
     expected_name: &str,
+    allowed: &[DnPattern],
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -79,7 +100,11 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
+        .with_custom_certificate_verifier(Arc::new(FixedNameVerifier {
+            inner,
+            name,
+            allowed: allowed.to_vec(),
+        }))
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| {
             TlsError::Config(format!("host certificate in {}: {e}", creds.dir.display()))
@@ -93,12 +118,15 @@ pub fn server_config(creds: &HostCredentials) -> Result<Arc<rustls::ServerConfig
     tls::control_server_config(creds)
 }
 
-/// Server side when the *client* is the peer whose name matters (the reverse transport:
-/// the destination dials the source). Its certificate must chain to our CA, as for the
-/// control API, and also be valid for `expected_name`, exactly as when it is the server.
+/// Server side of an x509 data connection. The client's certificate must chain to our
+/// CA, as for the control API; when the client is the peer whose name matters (the
+/// reverse transport: the destination dials the source) it must also be valid for
+/// `expected_name`, exactly as when it is the server; and its subject must match
+/// `allowed` when that is not empty.
 pub fn server_config_expecting(
     creds: &HostCredentials,
-    expected_name: &str,
+    expected_name: Option<&str>,
+    allowed: &[DnPattern],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let p = tls::provider();
     let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -107,12 +135,21 @@ pub fn server_config_expecting(
     )
     .build()
     .map_err(|e| TlsError::Config(format!("cannot build the client verifier: {e}")))?;
-    let name = ServerName::try_from(expected_name.to_string())
-        .map_err(|_| TlsError::Config(format!("{expected_name:?} is not a valid TLS host name")))?;
+    let name = match expected_name {
+        Some(n) => Some(
+            ServerName::try_from(n.to_string())
+                .map_err(|_| TlsError::Config(format!("{n:?} is not a valid TLS host name")))?,
+        ),
+        None => None,
+    };
     let mut cfg = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(NamedClientVerifier { inner, name }))
+        .with_client_cert_verifier(Arc::new(NamedClientVerifier {
+            inner,
+            name,
+            allowed: allowed.to_vec(),
+        }))
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| tls::host_cert_err(creds, e))?;
     cfg.send_tls13_tickets = 0;
@@ -123,7 +160,8 @@ pub fn server_config_expecting(
 #[derive(Debug)]
 struct NamedClientVerifier {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    name: ServerName<'static>,
+    name: Option<ServerName<'static>>,
+    allowed: Vec<DnPattern>,
 }
 
 impl rustls::server::danger::ClientCertVerifier for NamedClientVerifier {
@@ -140,8 +178,11 @@ impl rustls::server::danger::ClientCertVerifier for NamedClientVerifier {
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_name(&parsed, &self.name)?;
+        if let Some(name) = &self.name {
+            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&parsed, name)?;
+        }
+        check_allowed(end_entity, &self.allowed)?;
         Ok(ok)
     }
 

@@ -98,6 +98,7 @@ impl AuthPolicy {
                 .map(|p| DnPattern::parse(p).map_err(|e| format!("{key}: {e}")))
                 .collect::<Result<Vec<_>, _>>()
         };
+        parse(&c.allowed_peers, "allowed_peers")?;
         let users = match &c.scram_users {
             Some(p) => ScramUsers::load(p)?,
             None => ScramUsers::default(),

@@ -44,6 +44,10 @@ pub struct DaemonConfig {
     /// Certificate subjects allowed to read only (status, lists).
     #[serde(default)]
     pub readonly_clients: Vec<String>,
+    /// In x509 data mode, the certificate subjects of daemons this one may send a guest to
+    /// or receive one from (empty: any host certificate from the CA).
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
     /// The SCRAM users file (salted verifiers; `vmferry users add`).
     #[serde(default)]
     pub scram_users: Option<PathBuf>,
@@ -90,6 +94,7 @@ impl DaemonConfig {
             allowed_clients: Vec::new(),
             readonly_clients: Vec::new(),
             scram_users: None,
+            allowed_peers: Vec::new(),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             readonly_uids: Vec::new(),

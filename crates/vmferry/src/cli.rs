@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// A certificate subject allowed to read only (repeatable).
     #[arg(long = "readonly-client")]
     pub readonly_clients: Vec<String>,
+    /// In x509 data mode, a peer daemon's certificate subject allowed to exchange guests
+    /// with this one, e.g. "CN=hostb" (repeatable; default any host of the CA).
+    #[arg(long = "allowed-peer")]
+    pub allowed_peers: Vec<String>,
     /// Seconds a prepared migration's one-time credentials stay valid (default 300).
     #[arg(long)]
     pub credential_ttl: Option<u64>,
@@ -274,6 +278,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if !a.readonly_clients.is_empty() {
         config.readonly_clients = a.readonly_clients;
+    }
+    if !a.allowed_peers.is_empty() {
+        config.allowed_peers = a.allowed_peers;
     }
     if let Some(t) = a.credential_ttl {
         config.credential_ttl_secs = t;

@@ -392,3 +392,26 @@ fn a_man_in_the_middle_is_refused_by_both_sides_and_the_source_keeps_its_guest()
     drop(p.db);
     Ok(())
 }
+
+#[test]
+fn in_x509_mode_only_allowed_peer_daemons_exchange_guests() -> Result<()> {
+    for (allowed, ok) in [("CN=localhost", true), ("CN=some-other-host", false)] {
+        let p = pair(&["--allowed-peer", allowed])?;
+        let mut c = vmferry();
+        c.args(["migrate", "--from", &p.a, "--to", &p.b, "--src-qmp"])
+            .arg(&p.src.qmp)
+            .arg("--dst-qmp")
+            .arg(&p.dst.qmp)
+            .arg("--certs")
+            .arg(p.tmp.path().join("controller"))
+            .args(["--data-auth", "x509", "--transport", "direct"]);
+        let o = run(c);
+        assert_eq!(o.status.success(), ok, "allowed {allowed}: {}", text(&o));
+        if !ok {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("not in allowed_peers"), "{err}");
+            assert!(err.contains("source VM keeps running"), "{err}");
+        }
+    }
+    Ok(())
+}

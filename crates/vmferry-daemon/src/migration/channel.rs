@@ -72,7 +72,7 @@ impl Trust {
                     (Some(h), "destination") => h.clone(),
                     _ => host_of(addr),
                 };
-                vmferry_channel::x509_data::client_config(&creds, &host)
+                vmferry_channel::x509_data::client_config(&creds, &host, &allowed_peers(daemon)?)
                     .map_err(|e| DaemonError::Internal(e.to_string()))
             }
         }
@@ -96,14 +96,28 @@ impl Trust {
                     (None, "destination", Some(a)) => Some(host_of(a)),
                     _ => None,
                 };
-                match name {
-                    Some(n) => vmferry_channel::x509_data::server_config_expecting(&creds, &n),
-                    None => vmferry_channel::x509_data::server_config(&creds),
-                }
+                vmferry_channel::x509_data::server_config_expecting(
+                    &creds,
+                    name.as_deref(),
+                    &allowed_peers(daemon)?,
+                )
             }
         }
         .map_err(|e| DaemonError::Internal(e.to_string()))
     }
+}
+
+/// The daemons this one may exchange a guest with in x509 mode, by certificate subject.
+fn allowed_peers(daemon: &Daemon) -> Result<Vec<vmferry_channel::dn::DnPattern>> {
+    daemon
+        .config
+        .allowed_peers
+        .iter()
+        .map(|p| {
+            vmferry_channel::dn::DnPattern::parse(p)
+                .map_err(|e| DaemonError::BadRequest(format!("allowed_peers: {e}")))
+        })
+        .collect()
 }
 
 /// Dials one data connection: TCP (at most `timeout`), TLS naming the migration, then
