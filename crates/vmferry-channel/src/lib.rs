@@ -14,5 +14,5 @@ pub mod peercred;
 pub mod pump;
 pub mod tls;
 pub mod transport;
-pub mod tunnel_yamux;
+pub mod tunnel;
 pub mod x509_data;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::tls;
-use vmferry_channel::tunnel_yamux::{Accept, Tunnel};
+use vmferry_channel::tunnel::{Accept, Tunnel};
 
 /// A TLS connection on loopback, as (client conn, client tcp, server conn, server tcp).
 fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) {

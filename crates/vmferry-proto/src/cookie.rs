@@ -170,9 +170,10 @@ pub struct Cookie {
 
 impl Cookie {
     /// Number of TCP data connections the migration uses: QEMU's main channel, plus one
-    /// per multifd channel.
+    /// per multifd channel. Saturates rather than overflows: it may be asked of a cookie
+    /// from a peer before [`Cookie::check`] refuses absurd counts.
     pub fn streams(&self) -> u32 {
-        1 + self.options.multifd
+        self.options.multifd.saturating_add(1)
     }
 
     /// Checks what serde cannot: bounds on counts.

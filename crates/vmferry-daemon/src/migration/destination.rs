@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, StopHandle};
-use vmferry_channel::tunnel_yamux::{Tunnel, TunnelStop};
+use vmferry_channel::tunnel::{Tunnel, TunnelStop};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
     Cookie, MigrationId, MigrationStatus, MigrationSummary, Transport, VmName, VmRef,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
-use vmferry_channel::tunnel_yamux::{Tunnel, TunnelStop};
+use vmferry_channel::tunnel::{Tunnel, TunnelStop};
 use vmferry_proto::preamble::Preamble;
 use vmferry_proto::{
     Cookie, MigrationId, MigrationOptions, MigrationStatus, MigrationSummary, Transport, VmName,
