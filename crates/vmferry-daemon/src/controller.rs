@@ -283,7 +283,14 @@ impl Driver {
             timeout_ms: timeout.as_millis() as u64,
         };
         // Every stream may take the connect timeout, plus a TLS handshake.
-        let wait = timeout * (cookie.streams() + 1) + Duration::from_secs(15);
+        let wait = timeout
+            .saturating_mul(
+                cookie
+                    .streams()
+                    .saturating_add(1)
+                    .min(1 + vmferry_proto::MAX_MULTIFD),
+            )
+            .saturating_add(Duration::from_secs(15));
         let expect_done = |r: Result<ResponseBody, ClientError>| match r {
             Ok(ResponseBody::Done) => Ok(()),
             Ok(other) => Err(unexpected_text(&other)),
