@@ -13,6 +13,7 @@ pub mod meter;
 pub mod peercred;
 pub mod pump;
 pub mod tls;
+pub mod tls_async;
 pub mod transport;
 pub mod tunnel;
 pub mod x509_data;

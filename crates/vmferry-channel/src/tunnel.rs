@@ -3,17 +3,18 @@
 //! already-authenticated TLS connection, for when no new connection can be made at all.
 //!
 //! ```text
-//!  local sockets ⇄ [mux thread: tokio + yamux] ⇄ socket pair ⇄ [pump thread: TLS] ⇄ TCP
+//!  local sockets ⇄ [mux thread: tokio + yamux ⇄ TLS (tls_async)] ⇄ TCP
 //! ```
-//! The security layer is [`pump`], unchanged: it carries plaintext between one end of a
-//! local socket pair and the TLS connection. The framing layer is yamux, run by a
-//! single-threaded tokio runtime over the pair's other end. yamux gives every stream its
-//! own flow-control window: a QEMU that stops reading stalls its own stream only (the
-//! sender blocks once the window is spent), and the control stream keeps moving.
+//! The security layer is [`tls_async`], the pump's rules as a byte stream for tokio: it
+//! carries plaintext between yamux and the TLS connection, in the same thread (no local
+//! socket pair, no second thread in between). The framing layer is yamux, run by a
+//! single-threaded tokio runtime over it. yamux gives every stream its own flow-control
+//! window: a QEMU that stops reading stalls its own stream only (the sender blocks once
+//! the window is spent), and the control stream keeps moving.
 //!
-//! This module must never touch keys or records (that is the pump's job, and only the
-//! pump's), and never buffer without bound: every queue here has a limit, every copy
-//! a fixed buffer, and yamux's receive windows are capped per connection.
+//! This module must never touch keys or records (that is [`tls_async`]'s job, and only
+//! its), and never buffer without bound: every queue here has a limit, every copy a
+//! fixed buffer, and yamux's receive windows are capped per connection.
 //!
 //! # Inside the mux
 //! The client (the migration source) opens the control stream first, then one stream per
@@ -36,14 +37,14 @@
 //!
 //! # Ending
 //! `close` on either side sends the remaining control messages, closes yamux (GoAway),
-//! and half-closes the socket pair; the pump then sends close_notify. The other side's
-//! yamux ends on the GoAway, and its mux answers in the same way by itself, so TLS ends
-//! cleanly both ways. Both muxes keep reading the pair until the pump signals the end,
-//! so the pump never writes into a closed socket. `stop` cuts the TCP connection and
-//! every local socket at once.
+//! then sends close_notify. The other side's yamux ends on the GoAway, and its mux
+//! answers in the same way by itself, so TLS ends cleanly both ways. Both muxes keep
+//! reading TLS until the peer's close_notify, so neither closes its socket on data the
+//! other still sends. A TCP end without close_notify breaks the tunnel ("cut short").
+//! `stop` cuts the TCP connection and every local socket at once.
 
 use crate::meter::Meter;
-use crate::pump::{self, PumpError, StopHandle};
+use crate::tls_async::{self, TlsIo};
 use futures::future::{self, Either};
 use futures::io::{AsyncRead as _, AsyncReadExt as _, AsyncWrite as _};
 use futures::StreamExt as _;
@@ -54,9 +55,9 @@ use std::io::ErrorKind;
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -71,9 +72,6 @@ pub const MAX_CONTROL: usize = 64 * 1024;
 const FRAME: usize = 256 * 1024;
 /// Copy buffer per direction per stream.
 const COPY_BUF: usize = 256 * 1024;
-/// Send and receive buffer of each end of the pair between the mux and the TLS pump:
-/// deep buffers mean fewer, larger hand-overs between the two threads.
-const PAIR_BUF: usize = 4 << 20;
 /// yamux streams per connection (the control stream included). Each is guaranteed a
 /// 256 KiB window; windows grow with measured bandwidth up to the connection's cap.
 const MAX_STREAMS: usize = 128;
@@ -217,24 +215,8 @@ impl Tunnel {
             Some(_) => Role::Server,
             None => Role::Client,
         };
-        let (tls_end, mux_end) = UnixStream::pair().map_err(|e| start_err("socket pair", e))?;
-        for s in [&tls_end, &mux_end] {
-            // Best effort: the kernel's defaults work, only slower.
-            let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &PAIR_BUF);
-            let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &PAIR_BUF);
-        }
-        let pump_stop = StopHandle::new(&tls_end, &tcp).map_err(|e| start_err("stop handle", e))?;
-        // Held by the pump's thread past the pump's end, so that the pump's cause is
-        // recorded before the mux sees its side of the pair close.
-        let tls_keep = tls_end
-            .try_clone()
-            .map_err(|e| start_err("socket pair", e))?;
-        let mux_shut = mux_end
-            .try_clone()
-            .map_err(|e| start_err("socket pair", e))?;
-        mux_end
-            .set_nonblocking(true)
-            .map_err(|e| start_err("socket pair", e))?;
+        // Kept to cut the connection from any thread (`stop`).
+        let tcp_stop = tcp.try_clone().map_err(|e| start_err("stop handle", e))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -255,7 +237,8 @@ impl Tunnel {
             tasks: AtomicUsize::new(0),
             tasks_changed: Notify::new(),
             commands: cmd_tx,
-            pump_stop: pump_stop.clone(),
+            tcp_stop,
+            stopped: AtomicBool::new(false),
         });
         if role == Role::Client {
             shared.outbox.push_note(Frame::Hello { version: VERSION });
@@ -267,27 +250,6 @@ impl Tunnel {
             shared: shared.clone(),
             closed: false,
         };
-
-        // Security layer.
-        {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("tunnel-tls".into())
-                .spawn(move || {
-                    let r = pump::pump(tls_end, conn, tcp, &shared.peer, &meter, &pump_stop);
-                    let r = r.map(|_| ()).map_err(|e| match e {
-                        PumpError::Stopped => "it was stopped on this host".to_string(),
-                        e => format!("the connection broke: {e}"),
-                    });
-                    if let Err(cause) = &r {
-                        shared.record_broken(cause.clone());
-                    }
-                    let _ = tls_keep.shutdown(Shutdown::Both);
-                    shared.lock().pump = Some(r);
-                    shared.changed.notify_all();
-                })
-                .map_err(|e| start_err("cannot start the TLS thread", e))?;
-        }
 
         // Where the server's `accept` runs: its own thread, as it may block (connecting
         // to a QEMU whose backlog is full must not stall the streams QEMU is reading).
@@ -316,7 +278,7 @@ impl Tunnel {
             let spawned = std::thread::Builder::new()
                 .name("tunnel-mux".into())
                 .spawn(move || {
-                    rt.block_on(mux(shared.clone(), mux_end, mux_shut, cmd_rx, accept_tx));
+                    rt.block_on(mux(shared.clone(), conn, tcp, meter, cmd_rx, accept_tx));
                     drop(rt);
                     shared.outbox.close();
                     shared.inbox.close();
@@ -534,8 +496,10 @@ struct Shared {
     tasks_changed: Notify,
     /// Requests to the mux.
     commands: mpsc::Sender<Command>,
-    /// Cuts the TLS side (and so the mux, which then sees its socket end).
-    pump_stop: StopHandle,
+    /// The TCP connection, to cut it (the mux then sees it end).
+    tcp_stop: TcpStream,
+    /// `cut` was called: the connection's end is ours, not a failure.
+    stopped: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -546,7 +510,7 @@ struct State {
     failed: Option<String>,
     /// Why the connection broke (or was stopped), if it did.
     broken: Option<String>,
-    /// The pump's end: Ok after a clean TLS close.
+    /// The TLS connection's end: Ok after a clean close (close_notify both ways).
     pump: Option<Result<(), String>>,
     /// The mux thread has finished.
     mux_ended: bool,
@@ -629,7 +593,8 @@ impl Shared {
     /// Cuts everything: the cause is recorded first, so whatever sees the cut names it.
     fn cut(&self, cause: String) {
         self.record_broken(cause);
-        self.pump_stop.stop();
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self.tcp_stop.shutdown(Shutdown::Both);
         self.phase.send_if_modified(|p| {
             let was = *p;
             *p = Phase::Broken;
@@ -874,54 +839,16 @@ fn short(cause: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// The mux's side of the socket pair, for yamux. Our own adapter rather than tokio-util's
-// compat, so that yamux dropping it (when the connection ends) does not close the socket:
-// the mux keeps reading until the pump ends (a closed socket would make the pump fail on
-// its last writes), and closing it is a half-close.
+// The TLS connection's end, as the tunnel reports it.
 
-struct Wire {
-    sock: Arc<tokio::net::UnixStream>,
-    /// The same socket, for `shutdown`.
-    shut: Arc<UnixStream>,
-}
-
-impl futures::io::AsyncRead for Wire {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        loop {
-            ready!(self.sock.poll_read_ready(cx))?;
-            match self.sock.try_read(buf) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
+impl Shared {
+    /// How a failure of the TLS connection reads (a cut makes it fail too).
+    fn tls_cause(&self, e: &dyn std::fmt::Display) -> String {
+        if self.stopped.load(Ordering::SeqCst) {
+            "it was stopped on this host".to_string()
+        } else {
+            format!("the connection broke: {e}")
         }
-    }
-}
-
-impl futures::io::AsyncWrite for Wire {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        loop {
-            ready!(self.sock.poll_write_ready(cx))?;
-            match self.sock.try_write(buf) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(self.shut.shutdown(Shutdown::Write))
     }
 }
 
@@ -960,23 +887,28 @@ enum Opening {
 
 async fn mux(
     shared: Arc<Shared>,
-    sock: UnixStream,
-    shut: UnixStream,
+    tls: rustls::Connection,
+    tcp: TcpStream,
+    meter: Arc<Meter>,
     mut commands: mpsc::Receiver<Command>,
     accept: Option<std::sync::mpsc::Sender<AcceptRequest>>,
 ) {
-    let sock = match tokio::net::UnixStream::from_std(sock) {
-        Ok(s) => Arc::new(s),
+    // The first failure of the connection is recorded as it happens, before yamux (and
+    // so any stream) sees it.
+    let on_fail: tls_async::OnFail = {
+        let shared = shared.clone();
+        Box::new(move |e| shared.record_broken(shared.tls_cause(e)))
+    };
+    let wire = match TlsIo::new(tls, tcp, &shared.peer, meter, on_fail) {
+        Ok(w) => w,
         Err(e) => {
             shared.cut(format!("the mux cannot use its socket: {e}"));
+            shared.lock().pump = Some(Err(format!("the mux cannot use its socket: {e}")));
+            shared.changed.notify_all();
             return;
         }
     };
-    let shut = Arc::new(shut);
-    let wire = Wire {
-        sock: sock.clone(),
-        shut: shut.clone(),
-    };
+    let tls = wire.clone();
     let role = shared.role;
     let mode = match role {
         Role::Client => yamux::Mode::Client,
@@ -1109,8 +1041,8 @@ async fn mux(
             }
         }
     };
-    // An EOF looks the same whether the peer closed or the pump died; the pump (or
-    // `stop`) records its cause before our socket closes, so look there first.
+    // A failed connection (or `stop`) records its cause before yamux sees it end, so
+    // look there first.
     let end = match (end, shared.broken_cause()) {
         (_, Some(_)) => Phase::Broken,
         (Ok(p), None) => p,
@@ -1144,25 +1076,22 @@ async fn mux(
         }
     }
     // Streams that drained what they were sent, control tasks, ... end by themselves now.
-    // Meanwhile keep reading the pair until the pump ends: it may still deliver the
-    // peer's last frames, and must not write into a closed socket.
+    // Meanwhile end TLS: close_notify (unless yamux's close sent it), then keep reading
+    // until the peer's, as it may still deliver its last frames.
     drop(conn);
-    let _ = shut.shutdown(Shutdown::Write);
-    let drain = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if poll_fn(|cx| sock.poll_read_ready(cx)).await.is_err() {
-                return;
-            }
-            match sock.try_read(&mut buf) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
+    let finish = async {
+        let r = if shared.stopped.load(Ordering::SeqCst) {
+            Err("it was stopped on this host".to_string())
+        } else {
+            tls.finish().await.map_err(|e| shared.tls_cause(&e))
+        };
+        if let Err(cause) = &r {
+            shared.record_broken(cause.clone());
         }
+        shared.lock().pump = Some(r);
+        shared.changed.notify_all();
     };
-    future::join(drain, shared.tasks_finished()).await;
+    future::join(finish, shared.tasks_finished()).await;
 }
 
 /// Server: takes the client's data streams in the order they were opened, reads each
@@ -1513,6 +1442,7 @@ mod tests {
 
     use super::*;
     use crate::identity::EphemeralIdentity;
+    use crate::pump::{self, StopHandle};
     use crate::tls;
     use std::io::{Read, Write};
     use std::net::TcpListener;
