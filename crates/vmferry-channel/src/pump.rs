@@ -46,6 +46,8 @@ pub struct StopHandle {
     local: Arc<UnixStream>,
     tcp: Arc<TcpStream>,
     stopped: Arc<AtomicBool>,
+    /// Set once the local side ended and every byte of it, and close_notify, went out.
+    forward_done: Arc<AtomicBool>,
 }
 
 impl StopHandle {
@@ -54,6 +56,7 @@ impl StopHandle {
             local: Arc::new(local.try_clone()?),
             tcp: Arc::new(tcp.try_clone()?),
             stopped: Arc::new(AtomicBool::new(false)),
+            forward_done: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -65,6 +68,12 @@ impl StopHandle {
 
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Whether the local side ended and everything it sent (and our close_notify) was
+    /// handed to the kernel for the peer; the other direction may still be open.
+    pub fn forward_done(&self) -> bool {
+        self.forward_done.load(Ordering::SeqCst)
     }
 }
 
@@ -135,6 +144,10 @@ fn run(
                 Err(e) if would_block(&e) => break,
                 Err(e) => return Err(peer_err(e.to_string())),
             }
+        }
+
+        if local_eof && !conn.wants_write() {
+            stop.forward_done.store(true, Ordering::SeqCst);
         }
 
         // Decrypted plaintext out to QEMU.

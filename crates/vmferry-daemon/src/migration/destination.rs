@@ -28,9 +28,12 @@ use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
 /// How long `finish` waits for QEMU to load the state once the source is done.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the streams may take to end once QEMU loaded everything.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the streams may take to end once QEMU loaded everything (QEMU needs nothing
+/// more from them; this only lets them end cleanly rather than be cut).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(20);
+/// How long QEMU gets to report completion after a stream broke.
+const BROKEN_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Default)]
 struct Streams {
@@ -348,24 +351,38 @@ impl DestinationMigration {
     /// `finish`: waits until QEMU loaded the whole state, then resumes the guest if it ran
     /// on the source.
     pub fn finish(&self, daemon: &Daemon) -> Result<MigrationStatus> {
+        // QEMU is the authority on whether it has the whole state: a stream that breaks
+        // at the very end (QEMU 7.2 closes or resets multifd sockets once it has what it
+        // needs) must not fail a migration QEMU completed; one that breaks before fails
+        // it, once QEMU has had a moment to say so itself.
         let deadline = Instant::now() + LOAD_TIMEOUT;
+        let mut broken_since: Option<(Instant, String)> = None;
         let info = loop {
-            if let Some(e) = lock(&self.streams).error.clone() {
-                return Err(DaemonError::Channel(e));
-            }
-            if let Some((_, Some(e))) = lock(&self.tunnel).as_ref().map(|t| t.streams_done()) {
-                return Err(DaemonError::Channel(e));
+            let stream_error = lock(&self.streams)
+                .error
+                .clone()
+                .or_else(|| lock(&self.tunnel).as_ref().and_then(|t| t.streams_done().1));
+            if let (Some(e), None) = (&stream_error, &broken_since) {
+                broken_since = Some((Instant::now(), e.clone()));
             }
             let info = self.qemu.with_qmp(|q| q.query_migrate())?;
             match info.status {
                 QemuMigrationStatus::Completed => break info,
                 QemuMigrationStatus::Failed | QemuMigrationStatus::Cancelled => {
-                    return Err(DaemonError::Qemu(format!(
-                        "the destination QEMU failed to load the state: {}",
-                        info.error_desc.unwrap_or_else(|| "no reason given".into())
-                    )))
+                    let qemu = info.error_desc.unwrap_or_else(|| "no reason given".into());
+                    return Err(DaemonError::Qemu(match &broken_since {
+                        Some((_, e)) => {
+                            format!("the destination QEMU failed to load the state: {qemu} ({e})")
+                        }
+                        None => format!("the destination QEMU failed to load the state: {qemu}"),
+                    }));
                 }
                 _ => {}
+            }
+            if let Some((since, e)) = &broken_since {
+                if since.elapsed() > BROKEN_GRACE {
+                    return Err(DaemonError::Channel(e.clone()));
+                }
             }
             if Instant::now() >= deadline {
                 return Err(DaemonError::Timeout(format!(
@@ -376,11 +393,13 @@ impl DestinationMigration {
             }
             std::thread::sleep(POLL);
         };
-        // QEMU completed; the streams end when the source closes its side.
+        // QEMU completed; the streams end when the source closes its side. Whatever
+        // happens to them now cannot take anything from QEMU: note it, and go on.
         let tunnel = lock(&self.tunnel).take();
         if let Some(t) = tunnel {
-            t.wait_streams(self.n_streams, DRAIN_TIMEOUT)
-                .map_err(DaemonError::Channel)?;
+            if let Err(e) = t.wait_streams(self.n_streams, DRAIN_TIMEOUT) {
+                tracing::warn!(migration = %self.id, "after QEMU completed: {e}");
+            }
             if let Err(e) = t.close(DRAIN_TIMEOUT) {
                 tracing::warn!(migration = %self.id, "tunnel did not close cleanly: {e}");
             }
@@ -388,14 +407,17 @@ impl DestinationMigration {
         let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let st = lock(&self.streams);
-            if let Some(e) = st.error.clone() {
-                return Err(DaemonError::Channel(e));
-            }
             if st.running == 0 || Instant::now() >= drain_deadline {
+                if let Some(e) = &st.error {
+                    tracing::warn!(migration = %self.id, "after QEMU completed: {e}");
+                }
                 break;
             }
             drop(st);
             std::thread::sleep(POLL);
+        }
+        for s in lock(&self.stops).iter() {
+            s.stop();
         }
         let status = self.qemu.with_qmp(|q| q.query_status())?;
         if self.source_running && !status.running {
