@@ -1,23 +1,62 @@
 #!/usr/bin/env python3
-"""Side-by-side migration benchmark: plain (unencrypted) QEMU TCP migration vs vmferry over
-each of its transports (direct, reverse, tunnel).
+"""Migration benchmark: plain QEMU TCP vs QEMU native TLS vs stunnel vs vmferry.
 
 A paused guest with RAM_MIB of random RAM (a memory-backend-file on /dev/shm, written from
-the host) migrates over each route, interleaved, after one warm-up round; every run checks
-that the destination RAM is byte-identical to the source RAM. Destination RAM is
-preallocated (prealloc=on) for every route alike. Prints medians, min-max and the ratio of
-each route to plain TCP. This machine is shared and noisy: trust the ratios, not the
-absolute times.
+the host) migrates over each route, each with one stream and with multifd, interleaved:
+one warm-up round, then RUNS rounds (the order rotates every round). Destination RAM is
+preallocated (prealloc=on) for every route alike, before the clock starts. Every run checks
+that the destination RAM is byte-identical to the source RAM.
 
-Usage: bench/migrate_bench.py [--runs 5] [--ram-mib 1024] [--multifd 0]
-                              [--routes plain,direct,reverse,tunnel]
-(route "vmferry" is vmferry with --transport auto)
-Needs root only for nothing; needs qemu-system-x86_64 and a release build of vmferry.
+Routes (all on 127.0.0.1; the QEMUs run TCG, which is fine for a paused guest):
+  plain     QEMU -> TCP -> QEMU, unencrypted (the baseline)
+  qemu-tls  QEMU's own TLS (tls-creds-x509, mutual, verify-peer=on, tls-hostname)
+  stunnel   QEMU -> stunnel client -> TLS -> stunnel server -> QEMU (mutual certificates;
+            all multifd channels go through the same stunnel port)
+  direct, reverse, tunnel
+            vmferry serve (two daemons) + vmferry migrate in attach mode, --transport ROUTE
+  vmferry   the same with --transport auto
+A failed run (say the tunnel transport is mid-change) is reported with its error (and what
+the QEMUs wrote on stderr), tried again (--retries), counted, and shown in the tables; a
+route that failed --max-failures times is left out from then on; the other routes go on.
+Known on QEMU 7.2: multifd through a proxy that connects the channels in its own order
+(stunnel) fails often, because the destination QEMU takes the first connection to arrive
+as the main channel ("multifd: received packet magic 5145564d expected 11223344").
+
+Prints each run, then per stream count: median wall time, min-max, GiB/s, ratio to plain
+TCP with the same stream count, QEMU's own total-time, and CPU seconds per GiB (utime+stime
+from /proc of both QEMUs and whatever carries the stream: stunnel, or both vmferry daemons
+plus the vmferry controller). Wall time runs from the first QMP command (or the start of
+`vmferry migrate`) until the destination has the whole state (for vmferry: until
+`vmferry migrate` returns, so its phases and handshakes are included). QEMU's total-time is
+the source's view: it ends when the source has written everything, which can be well before
+a slower destination (decrypting, say) has read it.
+
+Then (unless --no-live) a live run: the test guest (scripts/guest-image.sh: it dirties 16 MiB
+continuously and prints "vmferry-heartbeat N") boots under TCG with the same random RAM
+behind it, runs, and migrates live over plain and vmferry direct (--live-routes); reports
+QEMU's total-time and downtime from query-migrate on the source (vmferry: its --json
+result) and checks that the heartbeat goes on at the destination.
+
+Last, a Markdown table to paste into the README. This machine is shared and noisy (2
+cores): trust the ratios and the CPU numbers more than the absolute times.
+
+Example: python3 bench/migrate_bench.py                    # everything, 5 runs, 1 GiB
+         python3 bench/migrate_bench.py --ram-mib 128 --runs 1 --routes plain,direct
+Needs: qemu-system-x86_64, openssl, a release build of vmferry (cargo build --release -p
+vmferry); installs stunnel4 with apt-get if it is missing (as root). Everything it starts is
+killed and its files (also in /dev/shm) removed on exit, failure or Ctrl-C. Exits 1 if any
+run failed (the tables are printed all the same).
 """
 import argparse
+import ctypes
+import datetime
+import glob
 import json
 import os
+import re
+import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -26,25 +65,125 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMFERRY = os.path.join(ROOT, "target", "release", "vmferry")
+VMFERRY = os.environ.get("VMFERRY", os.path.join(ROOT, "target", "release", "vmferry"))
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+GUEST_DIR = os.environ.get("VMFERRY_CACHE", os.path.join(ROOT, ".cache", "guest"))
+GUEST_APPEND = "console=ttyS0 quiet panic=-1"
+SHM_PREFIX = "/dev/shm/vmferry-bench-"
+QEMU_ROUTES = ("plain", "qemu-tls", "stunnel")
+VMFERRY_ROUTES = ("direct", "reverse", "tunnel", "vmferry")
+ALL_ROUTES = QEMU_ROUTES + VMFERRY_ROUTES
+UNLIMITED = 1 << 40  # QEMU's max-bandwidth default is a cap: lift it for every route
+GIB = 1 << 30
+
+# ---------------------------------------------------------------------------------------
+# Everything started or made is registered here and torn down by cleanup().
+
+PROCS = []  # Popen objects still to kill
+PATHS = []  # files and dirs to remove
+
+
+def _die_with_parent():
+    # Children get SIGKILL if this script dies without running its cleanup (kill -9).
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw):
+    """Starts a child in its own session (Ctrl-C reaches only this script, whose cleanup
+    then kills it), registered for cleanup."""
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                         start_new_session=True, preexec_fn=_die_with_parent, **kw)
+    PROCS.append(p)
+    return p
+
+
+def kill(p):
+    if p.poll() is None:
+        try:
+            p.kill()
+        except OSError:
+            pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    if p in PROCS:
+        PROCS.remove(p)
+
+
+def remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    except OSError:
+        pass
+    if path in PATHS:
+        PATHS.remove(path)
+
+
+def cleanup():
+    for p in list(PROCS):
+        kill(p)
+    for path in list(PATHS):
+        remove(path)
+
+
+def _on_signal(sig, _frame):
+    raise SystemExit(128 + sig)
+
+
+def remove_stale_files():
+    """Removes the /dev/shm files and work dirs of earlier runs of this script that were
+    killed -9 (their names carry the pid)."""
+    tmp = tempfile.gettempdir()
+    for path in glob.glob(SHM_PREFIX + "*") + glob.glob(os.path.join(tmp, "vmferry-bench-*-*")):
+        m = re.match(r".*/vmferry-bench-(?:src-|dst-)?(\d+)-", path + "-")
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            remove(path)
+        except OSError:
+            pass
+
+
+def shm_path(what):
+    path = f"{SHM_PREFIX}{os.getpid()}-{what}"
+    PATHS.append(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# QEMU and QMP
 
 
 class Qmp:
-    def __init__(self, path, timeout=10.0):
+    def __init__(self, path, timeout=30.0):
         deadline = time.time() + timeout
         while True:
+            self.s = socket.socket(socket.AF_UNIX)
             try:
-                self.s = socket.socket(socket.AF_UNIX)
                 self.s.connect(path)
                 break
             except OSError:
+                self.s.close()
                 if time.time() > deadline:
                     raise
                 time.sleep(0.02)
+        self.s.settimeout(timeout)
         self.f = self.s.makefile("rwb")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
+        try:
+            self.f.readline()  # the greeting: sent once QEMU's main loop runs
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
 
     def cmd(self, name, **args):
         msg = {"execute": name}
@@ -53,17 +192,98 @@ class Qmp:
         self.f.write(json.dumps(msg).encode() + b"\n")
         self.f.flush()
         while True:
-            r = json.loads(self.f.readline())
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError(f"QMP {name}: QEMU closed the connection")
+            r = json.loads(line)
             if "return" in r:
                 return r["return"]
             if "error" in r:
-                raise RuntimeError(f"{name}: {r['error']}")
+                raise RuntimeError(f"QMP {name}: {r['error'].get('desc', r['error'])}")
 
     def close(self):
         # The file object holds its own reference to the socket: close both, or
         # QEMU (one QMP client at a time) never greets the next client.
-        self.f.close()
-        self.s.close()
+        try:
+            self.f.close()
+        finally:
+            self.s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+class Qemu:
+    def __init__(self, work, tag, ram_path, ram_mib, incoming, prealloc, paused=True, guest=None):
+        self.tag = tag
+        self.qmp = os.path.join(work, f"{tag}.qmp")
+        self.serial = os.path.join(work, f"{tag}.serial")
+        self.errlog = os.path.join(work, f"{tag}.stderr")
+        for path in (self.qmp, self.serial):
+            remove(path)
+        args = [QEMU, "-machine", "q35,accel=tcg,memory-backend=ram0", "-m", f"{ram_mib}M",
+                "-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path},share=on"
+                + (",prealloc=on" if prealloc else ""),
+                "-nodefaults", "-no-user-config", "-display", "none",
+                "-serial", f"file:{self.serial}",
+                "-qmp", f"unix:{self.qmp},server=on,wait=off"]
+        if guest:
+            args += ["-kernel", guest[0], "-initrd", guest[1], "-append", GUEST_APPEND]
+        if paused:
+            args.append("-S")
+        if incoming:
+            args += ["-incoming", "defer"]
+        with open(self.errlog, "w") as err:
+            self.p = spawn(args, stderr=err)
+        self.pid = self.p.pid
+        # Wait for the QMP greeting, not just the socket file: QEMU greets from its main
+        # loop, after prealloc=on has touched all RAM, so that stays out of the clock.
+        deadline = time.time() + 120
+        while True:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"QEMU {tag} exited: {self.stderr_tail()}")
+            if os.path.exists(self.qmp):
+                try:
+                    Qmp(self.qmp, timeout=120).close()
+                    break
+                except OSError:
+                    pass
+            if time.time() > deadline:
+                raise RuntimeError(f"QEMU {tag} did not start")
+            time.sleep(0.01)
+
+    def stderr_tail(self):
+        try:
+            with open(self.errlog) as f:
+                return " ".join(f.read().strip().splitlines()[-3:]) or "(no stderr)"
+        except OSError:
+            return "(no stderr)"
+
+    def stop(self):
+        kill(self.p)
+        remove(self.qmp)
+
+
+def cpu_seconds(pids):
+    """utime + stime of these processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def free_port():
@@ -74,184 +294,734 @@ def free_port():
     return p
 
 
-def qemu(work, tag, ram_path, ram_mib, incoming, prealloc):
-    qmp = os.path.join(work, f"{tag}.qmp")
-    args = [QEMU, "-machine", "q35,accel=tcg,memory-backend=ram0", "-m", f"{ram_mib}M",
-            "-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path},share=on"
-            + (",prealloc=on" if prealloc else ""),
-            "-nodefaults", "-no-user-config", "-display", "none", "-S",
-            "-qmp", f"unix:{qmp},server=on,wait=off"]
-    if incoming:
-        args += ["-incoming", "defer"]
-    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while not os.path.exists(qmp):
-        if p.poll() is not None:
-            raise RuntimeError(f"QEMU {tag} exited: {p.stderr.read().decode()}")
-        if time.time() > deadline:
-            raise RuntimeError(f"QEMU {tag} did not start")
-        time.sleep(0.01)
-    return p, qmp
-
-
-def cpu_seconds(pids):
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-    return total
-
-
-def wait_completed(qmp_path, timeout=300):
-    q = Qmp(qmp_path)
+def wait_listening(port, proc, what, timeout=20):
+    """Waits until something listens on 127.0.0.1:port (read from /proc/net/tcp, so no
+    probe connection is made)."""
+    needle = f"0100007F:{port:04X}"
     deadline = time.time() + timeout
-    try:
-        while True:
-            info = q.cmd("query-migrate")
-            st = info.get("status")
-            if st == "completed":
-                return info
-            if st in ("failed", "cancelled"):
-                raise RuntimeError(f"migration {st}: {info.get('error-desc')}")
-            if time.time() > deadline:
-                raise RuntimeError("migration timed out")
-            time.sleep(0.005)
-    finally:
-        q.close()
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[1] == needle and parts[3] == "0A":
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} is not listening on port {port}")
 
 
-def run_once(route, work, template, ram_mib, multifd, daemons, certs):
-    dst_ram = os.path.join("/dev/shm", f"vmferry-bench-dst-{os.getpid()}")
-    src, src_qmp = qemu(work, "src", template, ram_mib, False, False)
-    dst, dst_qmp = qemu(work, "dst", dst_ram, ram_mib, True, True)
-    try:
-        daemon_pids = [d.pid for d in daemons] if route != "plain" else []
-        cpu0 = cpu_seconds([src.pid, dst.pid] + daemon_pids)
-        if route == "plain":
-            port = free_port()
-            uri = f"tcp:127.0.0.1:{port}"
-            t0 = time.perf_counter()
-            for path, incoming in ((dst_qmp, True), (src_qmp, False)):
-                q = Qmp(path)
-                if multifd:
-                    q.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
-                    q.cmd("migrate-set-parameters", **{"multifd-channels": multifd})
-                q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-                if incoming:
-                    q.cmd("migrate-incoming", uri=uri)
-                else:
-                    q.cmd("migrate", uri=uri)
-                q.close()
-            wait_completed(dst_qmp)
-            elapsed = time.perf_counter() - t0
-            q = Qmp(src_qmp)
-            qemu_ms = q.cmd("query-migrate").get("total-time")
-            q.close()
-        else:
-            cmd = [VMFERRY, "migrate", "--from", daemons[0].addr, "--to", daemons[1].addr,
-                   "--src-qmp", src_qmp, "--dst-qmp", dst_qmp, "--certs", certs,
-                   "--multifd", str(multifd), "--json",
-                   "--transport", "auto" if route == "vmferry" else route]
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            elapsed = time.perf_counter() - t0
-            if r.returncode != 0:
-                raise RuntimeError(f"vmferry migrate failed: {r.stderr.strip()}")
-            qemu_ms = json.loads(r.stdout.strip().splitlines()[-1]).get("qemu_total_time_ms")
-        cpu = cpu_seconds([src.pid, dst.pid] + daemon_pids) - cpu0
-        same = subprocess.run(["cmp", "-s", template, dst_ram]).returncode == 0
-        if not same:
-            raise RuntimeError(f"{route}: destination RAM differs from source RAM")
-        return elapsed, cpu, qemu_ms
-    finally:
-        for p in (src, dst):
-            p.kill()
-            p.wait()
-        if os.path.exists(dst_ram):
-            os.unlink(dst_ram)
+# ---------------------------------------------------------------------------------------
+# Certificates (for QEMU's TLS and stunnel; vmferry makes its own with `vmferry certs`)
+
+
+def make_x509(dir_):
+    """A CA, a server certificate (localhost, 127.0.0.1) and a client certificate, with the
+    file names QEMU's tls-creds-x509 expects."""
+    os.makedirs(dir_)
+
+    def ossl(*args):
+        r = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=dir_)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
+
+    with open(os.path.join(dir_, "ca.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                "subjectKeyIdentifier=hash\n")
+    with open(os.path.join(dir_, "server.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    with open(os.path.join(dir_, "client.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=clientAuth\n")
+    for name in ("ca", "server", "client"):
+        ossl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", f"{name}-key.pem")
+    ossl("req", "-new", "-key", "ca-key.pem", "-subj", "/CN=vmferry-bench CA", "-out", "ca.csr")
+    ossl("x509", "-req", "-in", "ca.csr", "-signkey", "ca-key.pem", "-days", "30",
+         "-extfile", "ca.ext", "-out", "ca-cert.pem")
+    for name, cn in (("server", "localhost"), ("client", "vmferry-bench-client")):
+        ossl("req", "-new", "-key", f"{name}-key.pem", "-subj", f"/CN={cn}", "-out", f"{name}.csr")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+             "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}-cert.pem")
+
+
+# ---------------------------------------------------------------------------------------
+# The long-running carriers: vmferry daemons and stunnel
 
 
 class Daemon:
     def __init__(self, work, name, certs):
+        self.work, self.name, self.certs = work, name, certs
+        self.restarts = 0
+        self.start()
+
+    def start(self):
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        state = os.path.join(work, name)
-        self.log = open(os.path.join(work, f"{name}.log"), "w")
-        self.p = subprocess.Popen([VMFERRY, "serve", "--listen", self.addr, "--state-dir", state,
-                                   "--certs", certs], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=self.log)
+        state = os.path.join(self.work, self.name)
+        remove(os.path.join(state, "control.sock"))
+        with open(os.path.join(self.work, f"{self.name}.log"), "a") as log:
+            self.p = spawn([VMFERRY, "serve", "--listen", self.addr, "--state-dir", state,
+                            "--certs", self.certs], stderr=log)
         self.pid = self.p.pid
-        deadline = time.time() + 15
+        deadline = time.time() + 20
         while not os.path.exists(os.path.join(state, "control.sock")):
             if time.time() > deadline or self.p.poll() is not None:
-                raise RuntimeError(f"daemon {name} did not start")
+                raise RuntimeError(f"vmferry daemon {self.name} did not start (see its log)")
             time.sleep(0.02)
+        wait_listening(self.port, self.p, f"vmferry daemon {self.name}")
 
-    def stop(self):
-        self.p.kill()
-        self.p.wait()
+    def ensure(self):
+        """Restarts the daemon if an earlier (failed) run took it down."""
+        if self.p.poll() is not None:
+            print(f"    (vmferry daemon {self.name} had exited with status {self.p.returncode}:"
+                  " restarting it)", flush=True)
+            kill(self.p)
+            self.restarts += 1
+            self.start()
+
+
+def find_stunnel():
+    return shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+def install_stunnel():
+    if find_stunnel():
+        return find_stunnel()
+    if os.geteuid() != 0:
+        raise RuntimeError("stunnel is missing (apt-get install stunnel4, as root)")
+    print("installing stunnel4 with apt-get ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "stunnel4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not find_stunnel():
+        raise RuntimeError(f"apt-get install stunnel4 failed: {r.stderr.strip()[-300:]}")
+    return find_stunnel()
+
+
+class Stunnel:
+    """stunnel client (source side) -> TLS 1.3 with mutual certificates -> stunnel server
+    (destination side) -> the destination QEMU's fixed incoming port."""
+
+    def __init__(self, work, x509):
+        binary = install_stunnel()
+        self.dst_port = free_port()  # the destination QEMU listens here, every run
+        self.server_port = free_port()
+        self.client_port = free_port()
+        ca = os.path.join(x509, "ca-cert.pem")
+        common = "foreground = yes\npid =\nsyslog = no\ndebug = 4\nsslVersionMin = TLSv1.3\n"
+        server = (common + f"[migration]\naccept = 127.0.0.1:{self.server_port}\n"
+                  f"connect = 127.0.0.1:{self.dst_port}\n"
+                  f"cert = {x509}/server-cert.pem\nkey = {x509}/server-key.pem\n"
+                  f"CAfile = {ca}\nverifyChain = yes\n")
+        client = (common + f"client = yes\n[migration]\naccept = 127.0.0.1:{self.client_port}\n"
+                  f"connect = 127.0.0.1:{self.server_port}\n"
+                  f"cert = {x509}/client-cert.pem\nkey = {x509}/client-key.pem\n"
+                  f"CAfile = {ca}\nverifyChain = yes\ncheckHost = localhost\n")
+        self.procs = []
+        for name, conf, port in (("server", server, self.server_port),
+                                 ("client", client, self.client_port)):
+            path = os.path.join(work, f"stunnel-{name}.conf")
+            with open(path, "w") as f:
+                f.write(conf)
+            with open(os.path.join(work, f"stunnel-{name}.log"), "w") as log:
+                p = spawn([binary, path], stderr=log)
+            self.procs.append(p)
+            wait_listening(port, p, f"stunnel {name}")
+        self.pids = [p.pid for p in self.procs]
+        r = subprocess.run([binary, "-version"], capture_output=True, text=True)
+        lines = (r.stdout + r.stderr).splitlines()
+        self.version = " / ".join(x.strip() for x in lines if x.startswith(("stunnel ", "Running "))) or "stunnel"
+
+    def alive(self):
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"stunnel exited with status {p.returncode}")
+
+
+# ---------------------------------------------------------------------------------------
+# One migration
+
+
+class Env:
+    """What the runs share: work dir, certificates, carriers, sizes."""
+
+    def __init__(self, args, work):
+        self.args = args
+        self.work = work
+        self.certs = None
+        self.x509 = None
+        self.daemons = None
+        self.daemons_error = None
+        self.stunnel = None
+        self.stunnel_error = None
+
+
+def qemu_route_migrate(env, route, src, dst, multifd, live):
+    """plain / qemu-tls / stunnel: drives both QEMUs over QMP. Returns (elapsed s, source
+    query-migrate info, carrier pids)."""
+    carrier = []
+    if route == "stunnel":
+        if env.stunnel is None:
+            raise RuntimeError(f"stunnel unavailable: {env.stunnel_error}")
+        env.stunnel.alive()
+        carrier = env.stunnel.pids
+        dst_uri = f"tcp:127.0.0.1:{env.stunnel.dst_port}"
+        src_uri = f"tcp:127.0.0.1:{env.stunnel.client_port}"
+    else:
+        port = free_port()
+        dst_uri = src_uri = f"tcp:127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with Qmp(dst.qmp) as qd, Qmp(src.qmp) as qs:
+        for q, side in ((qd, "dst"), (qs, "src")):
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "multifd", "state": multifd > 0}])
+            params = {"max-bandwidth": UNLIMITED}
+            if multifd:
+                params["multifd-channels"] = multifd
+            if route == "qemu-tls":
+                q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": env.x509,
+                                       "endpoint": "server" if side == "dst" else "client",
+                                       "verify-peer": True})
+                params["tls-creds"] = "tls0"
+                if side == "src":
+                    params["tls-hostname"] = "localhost"
+            q.cmd("migrate-set-parameters", **params)
+        qd.cmd("migrate-incoming", uri=dst_uri)
+        qs.cmd("migrate", uri=src_uri)
+        deadline = time.time() + env.args.timeout
+        polls = 0
+        progress, progress_at = -1, time.time()
+        while True:
+            d = qd.cmd("query-migrate")
+            if d.get("status") == "completed":
+                elapsed = time.perf_counter() - t0
+                break
+            if d.get("status") in ("failed", "cancelled"):
+                raise RuntimeError(f"destination: migration {d['status']}: {d.get('error-desc')}")
+            polls += 1
+            if polls % 20 == 0:  # the source too, less often (every ~0.1 s)
+                s = qs.cmd("query-migrate")
+                if s.get("status") in ("failed", "cancelled"):
+                    raise RuntimeError(f"source: migration {s['status']}: {s.get('error-desc')}")
+                sent = s.get("ram", {}).get("transferred", 0)
+                if sent != progress:
+                    progress, progress_at = sent, time.time()
+                elif time.time() - progress_at > env.args.stall:
+                    raise RuntimeError(
+                        f"stalled: no progress for {env.args.stall} s (source {s.get('status')}, "
+                        f"{sent >> 20} MiB sent; destination status {d.get('status')})")
+                if dst.p.poll() is not None:
+                    raise RuntimeError(f"destination QEMU exited: {dst.stderr_tail()}")
+            if time.time() > deadline:
+                raise RuntimeError(f"timed out after {env.args.timeout} s (destination status"
+                                   f" {d.get('status')})")
+            time.sleep(0.005)
+        while True:
+            info = qs.cmd("query-migrate")
+            if info.get("status") == "completed":
+                break
+            if info.get("status") in ("failed", "cancelled") or time.time() > deadline:
+                raise RuntimeError(f"source: migration {info.get('status')}: {info.get('error-desc')}")
+            time.sleep(0.005)
+    r = {"qemu_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+         "setup_ms": info.get("setup-time"), "bytes": info.get("ram", {}).get("transferred"),
+         "dirty_syncs": info.get("ram", {}).get("dirty-sync-count")}
+    return elapsed, r, carrier
+
+
+def vmferry_route_migrate(env, route, src, dst, multifd, live):
+    if env.daemons is None:
+        raise RuntimeError(f"vmferry daemons unavailable: {env.daemons_error}")
+    for d in env.daemons:
+        d.ensure()
+    transport = "auto" if route == "vmferry" else route
+    cmd = [VMFERRY, "migrate", "--from", env.daemons[0].addr, "--to", env.daemons[1].addr,
+           "--src-qmp", src.qmp, "--dst-qmp", dst.qmp, "--certs", env.certs,
+           "--multifd", str(multifd), "--json", "--transport", transport,
+           "--timeout", str(env.args.timeout)]
+    carrier = [d.pid for d in env.daemons]
+    c0 = children_cpu()
+    t0 = time.perf_counter()
+    p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=env.args.timeout + 30)
+    except subprocess.TimeoutExpired:
+        kill(p)
+        raise RuntimeError(f"vmferry migrate did not return within {env.args.timeout + 30} s")
+    elapsed = time.perf_counter() - t0
+    PROCS.remove(p)
+    controller_cpu = children_cpu() - c0
+    result = None
+    for line in out.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if obj.get("event") == "result":
+            result = obj
+    if p.returncode != 0 or not result or not result.get("ok"):
+        msg = (result or {}).get("error") or err.strip().splitlines()[-1:] or [f"exit status {p.returncode}"]
+        raise RuntimeError(msg if isinstance(msg, str) else msg[0])
+    if transport != "auto" and result.get("transport") != transport:
+        raise RuntimeError(f"asked for transport {transport}, got {result.get('transport')}")
+    r = {"qemu_ms": result.get("qemu_total_time_ms"), "downtime_ms": result.get("downtime_ms"),
+         "bytes": result.get("bytes"), "transport": result.get("transport"),
+         "streams": result.get("streams"), "controller_cpu": controller_cpu}
+    return elapsed, r, carrier
+
+
+def migrate(env, route, src, dst, multifd, live=False):
+    fn = qemu_route_migrate if route in QEMU_ROUTES else vmferry_route_migrate
+    return fn(env, route, src, dst, multifd, live)
+
+
+def run_paused(env, route, multifd, template):
+    """One migration of the paused guest; checks the destination RAM byte for byte."""
+    ram_mib = env.args.ram_mib
+    dst_ram = shm_path("dst")
+    src = dst = None
+    try:
+        src = Qemu(env.work, "src", template, ram_mib, incoming=False, prealloc=False)
+        dst = Qemu(env.work, "dst", dst_ram, ram_mib, incoming=True, prealloc=True)
+        qemu_pids = [src.pid, dst.pid]
+        if route in VMFERRY_ROUTES and env.daemons:
+            for d in env.daemons:
+                d.ensure()
+        carrier = ([d.pid for d in env.daemons] if route in VMFERRY_ROUTES and env.daemons else
+                   env.stunnel.pids if route == "stunnel" and env.stunnel else [])
+        q0 = cpu_seconds(qemu_pids)
+        c0 = cpu_seconds(carrier)
+        try:
+            elapsed, r, carrier = migrate(env, route, src, dst, multifd)
+        except Exception as e:
+            raise RuntimeError(f"{e}{qemu_complaints(src, dst)}") from None
+        r["cpu_qemu"] = cpu_seconds(qemu_pids) - q0
+        r["cpu"] = r["cpu_qemu"] + cpu_seconds(carrier) - c0 + r.get("controller_cpu", 0.0)
+        r["elapsed"] = elapsed
+        if subprocess.run(["cmp", "-s", template, dst_ram]).returncode != 0:
+            raise RuntimeError("destination RAM differs from the source RAM")
+        return r
+    finally:
+        for q in (src, dst):
+            if q:
+                q.stop()
+        remove(dst_ram)
+
+
+def qemu_complaints(*qemus):
+    """What the QEMUs wrote on stderr (why a migration failed, often), as an error tail."""
+    said = []
+    for q in qemus:
+        try:
+            with open(q.errlog, errors="replace") as f:
+                text = " ".join(f.read().split())
+        except OSError:
+            continue
+        if text:
+            said.append(f"{q.tag} QEMU: {text[-300:]}")
+    return f" [{'; '.join(said)}]" if said else ""
+
+
+def heartbeats(path):
+    try:
+        with open(path, errors="replace") as f:
+            return [int(n) for n in re.findall(r"vmferry-heartbeat (\d+)", f.read())]
+    except OSError:
+        return []
+
+
+def wait_heartbeat(path, above, timeout, proc):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hb = heartbeats(path)
+        if hb and hb[-1] > above:
+            return hb
+        if proc.p.poll() is not None:
+            raise RuntimeError(f"QEMU {proc.tag} exited: {proc.stderr_tail()}")
+        time.sleep(0.1)
+    raise RuntimeError(f"no heartbeat above {above} in {os.path.basename(path)} after {timeout} s")
+
+
+def run_live(env, route, multifd, template, guest):
+    """Boots the test guest on the same random RAM, lets it run and dirty memory, migrates it
+    live; the destination must go on with the heartbeat."""
+    ram_mib = env.args.live_ram_mib
+    src_ram = shm_path("live-src")
+    dst_ram = shm_path("live-dst")
+    src = dst = None
+    try:
+        # Random, not zero, RAM behind the guest (what the kernel does not overwrite stays
+        # random), so the migration carries real data, not just zero pages.
+        with open(template, "rb") as r, open(src_ram, "wb") as w:
+            left = ram_mib << 20
+            while left > 0:
+                chunk = r.read(min(left, 16 << 20)) or b"\0" * min(left, 16 << 20)
+                w.write(chunk)
+                left -= len(chunk)
+        src = Qemu(env.work, "live-src", src_ram, ram_mib, incoming=False, prealloc=False,
+                   paused=False, guest=guest)
+        t_boot = time.time()
+        first = wait_heartbeat(src.serial, 0, 300, src)[-1]
+        boot_s = time.time() - t_boot
+        wait_heartbeat(src.serial, first + 2, 60, src)  # dirtying for a good second
+        dst = Qemu(env.work, "live-dst", dst_ram, ram_mib, incoming=True, prealloc=True,
+                   paused=False, guest=guest)
+        try:
+            elapsed, r, _ = migrate(env, route, src, dst, multifd, live=True)
+        except Exception as e:
+            raise RuntimeError(f"{e}{qemu_complaints(src, dst)}") from None
+        r["elapsed"] = elapsed
+        r["boot_s"] = boot_s
+        last_src = heartbeats(src.serial)[-1]
+        hb = wait_heartbeat(dst.serial, 0, 30, dst)
+        r["heartbeat"] = (last_src, hb[0])
+        if hb[0] > last_src + 1:
+            raise RuntimeError(f"destination heartbeat jumped from {last_src} to {hb[0]}")
+        return r
+    finally:
+        for q in (src, dst):
+            if q:
+                q.stop()
+        remove(src_ram)
+        remove(dst_ram)
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+
+def streams_label(multifd):
+    return "1 stream" if multifd == 0 else f"multifd {multifd}"
+
+
+def fmt_ms(v):
+    return "-" if v is None else f"{v:.0f} ms"
+
+
+def summarize(cells, results, failures, gib):
+    """Returns rows: dicts with the numbers of each (route, multifd) cell."""
+    rows = []
+    for route, mfd in cells:
+        runs = results[(route, mfd)]
+        fails = failures[(route, mfd)]
+        row = {"route": route, "multifd": mfd, "n": len(runs), "failed": len(fails),
+               "error": fails[-1] if fails else None}
+        if runs:
+            ts = [r["elapsed"] for r in runs]
+            row.update(median=statistics.median(ts), min=min(ts), max=max(ts),
+                       gibps=gib / statistics.median(ts),
+                       qemu_ms=statistics.median([r["qemu_ms"] for r in runs if r.get("qemu_ms") is not None] or [0]),
+                       cpu=statistics.median(r["cpu"] for r in runs) / gib,
+                       cpu_qemu=statistics.median(r["cpu_qemu"] for r in runs) / gib)
+        rows.append(row)
+    for row in rows:
+        base = next((b for b in rows if b["route"] == "plain" and b["multifd"] == row["multifd"]
+                     and b.get("median")), None)
+        row["ratio"] = row["median"] / base["median"] if base and row.get("median") else None
+    return rows
+
+
+def print_table(rows, runs):
+    print(f"{'route':9} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
+          f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'(QEMUs)':>8}")
+    last = None
+    for row in rows:
+        if last is not None and row["multifd"] != last:
+            print()
+        last = row["multifd"]
+        head = f"{row['route']:9} {streams_label(row['multifd']):10} {row['n']:>2}"
+        if row.get("median") is None:
+            print(f"{head} FAILED: {row['error']}")
+            continue
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        print(f"{head} {row['median']:9.3f} {row['min']:6.3f}-{row['max']:<6.3f} {row['gibps']:6.2f}"
+              f" {ratio:>9} {row['qemu_ms']:8.0f} {row['cpu']:10.2f} {row['cpu_qemu']:8.2f}")
+        if row["failed"]:
+            print(f"{'':13} and {row['failed']} failed run(s), the last: {row['error']}")
+
+
+def print_markdown(rows, live_rows, a, header):
+    cmd = " ".join(["python3 bench/migrate_bench.py"] + sys.argv[1:])
+    print(f"Measured {header} (`{cmd}`):")
+    print()
+    print("| route    | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
+    print("|----------|------------|------|-------------|---------------|-------|----------|-----------|")
+    notes = []
+    for row in rows:
+        runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
+        head = f"| {row['route']:8} | {streams_label(row['multifd']):10} | {runs:4} |"
+        if row["failed"]:
+            notes.append(f"{row['route']}, {streams_label(row['multifd'])}: {row['failed']} failed"
+                         f" run(s): {row['error']}")
+        if row.get("median") is None:
+            print(f"{head} failed      | –             |     – |        – |         – |")
+            continue
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "–"
+        mm = f"{row['min']:.2f}–{row['max']:.2f} s"
+        med = f"{row['median']:.3f} s"
+        print(f"{head} {med:11} | {mm:13} | {row['gibps']:5.2f} | {ratio:>8} | {row['cpu']:9.2f} |")
+    for n in notes:
+        n = n if len(n) <= 300 else n[:297] + "..."
+        print(f"\n✗ {n}".replace("|", "/"))
+    if live_rows:
+        print()
+        print(f"Live guest ({a.live_ram_mib} MiB, dirtying 16 MiB continuously, TCG; medians, min–max),"
+              " QEMU's total-time and downtime from query-migrate on the source:")
+        print()
+        print("| route    | streams    | runs | QEMU total-time      | downtime             | wall    |")
+        print("|----------|------------|------|----------------------|----------------------|---------|")
+        for lr in summarize_live(live_rows):
+            runs = f"{lr['n']}" + (f"+{lr['failed']}✗" if lr["failed"] else "")
+            head = f"| {lr['route']:8} | {streams_label(lr['multifd']):10} | {runs:4} |"
+            if not lr["n"]:
+                print(f"{head} failed               | –                    | –       |")
+                continue
+            wall = f"{lr['wall']:.2f} s"
+            print(f"{head} {lr['total']:20} | {lr['downtime']:20} | {wall:7} |")
+        for lr in summarize_live(live_rows):
+            if lr["failed"]:
+                print(f"\n✗ live {lr['route']}: {lr['failed']} failed run(s): {lr['error']}".replace("|", "/"))
+
+
+def med_range(values, unit="ms"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.0f} {unit}"
+    return f"{statistics.median(values):.0f} ({min(values):.0f}–{max(values):.0f}) {unit}"
+
+
+def summarize_live(live_rows):
+    out = []
+    for route in dict.fromkeys(r for r, *_ in live_rows):
+        mine = [x for x in live_rows if x[0] == route]
+        ok = [r for _, _, r, err in mine if not err]
+        errs = [err for *_, err in mine if err]
+        out.append({"route": route, "multifd": mine[0][1], "n": len(ok), "failed": len(errs),
+                    "error": errs[-1] if errs else None,
+                    "total": med_range([r.get("qemu_ms") for r in ok]),
+                    "downtime": med_range([r.get("downtime_ms") for r in ok]),
+                    "wall": statistics.median(r["elapsed"] for r in ok) if ok else None})
+    return out
+
+
+def machine_header(load_start):
+    return (f"{datetime.date.today().isoformat()} on this {os.cpu_count()}-core machine (127.0.0.1, TCG;"
+            f" load average {load_start.split()[0]} at the start, {loadavg().split()[0]} at the end)")
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def parse_list(s, allowed=None, conv=str):
+    items = [conv(x.strip()) for x in s.split(",") if x.strip()]
+    if allowed:
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            sys.exit(f"unknown: {', '.join(map(str, bad))} (choose from {', '.join(allowed)})")
+    return items
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--ram-mib", type=int, default=1024)
-    ap.add_argument("--multifd", type=int, default=0)
-    ap.add_argument("--routes", default="plain,direct,reverse,tunnel")
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    ap.add_argument("--routes", default="plain,qemu-tls,stunnel,direct,reverse,tunnel",
+                    help="comma-separated, from: " + ",".join(ALL_ROUTES))
+    ap.add_argument("--multifd", default="0,2,4",
+                    help="comma-separated stream counts: 0 = one stream, N = multifd with N channels")
+    ap.add_argument("--runs", type=int, default=5, help="measured runs per route and stream count")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds (not counted)")
+    ap.add_argument("--ram-mib", type=int, default=1024, help="guest RAM, MiB of random data")
+    ap.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                    help="also migrate a live guest that dirties memory (default on)")
+    ap.add_argument("--live-routes", default="plain,direct", help="routes for the live guest")
+    ap.add_argument("--live-multifd", type=int, default=0, help="stream count for the live guest")
+    ap.add_argument("--live-runs", type=int, default=3, help="live runs per route (interleaved)")
+    ap.add_argument("--live-ram-mib", type=int, default=None, help="default: --ram-mib")
+    ap.add_argument("--timeout", type=int, default=90, help="seconds one migration may take")
+    ap.add_argument("--stall", type=int, default=10,
+                    help="QEMU routes: fail a migration whose source sent nothing for this many seconds")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="a failed run is tried again this many times in its round (failures are counted"
+                         " and reported)")
+    ap.add_argument("--max-failures", type=int, default=4,
+                    help="a route that failed this many times in all is left out from then on")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the work dir (logs, configs, certificates) for a look afterwards")
+    ap.add_argument("--json-out", help="also write every run's numbers to this file")
     a = ap.parse_args()
-    routes = a.routes.split(",")
-    unknown = [r for r in routes if r not in ("plain", "vmferry", "direct", "reverse", "tunnel")]
-    if unknown:
-        sys.exit(f"unknown route(s) {', '.join(unknown)}: use plain, vmferry, direct, reverse, tunnel")
-    if not os.path.exists(VMFERRY):
-        sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
-    work = tempfile.mkdtemp(prefix="vmferry-bench-")
-    template = os.path.join("/dev/shm", f"vmferry-bench-src-{os.getpid()}")
-    daemons = []
+    routes = parse_list(a.routes, ALL_ROUTES)
     try:
-        certs = os.path.join(work, "certs")
-        subprocess.run([VMFERRY, "certs", "init", "--dir", certs], check=True, capture_output=True)
-        subprocess.run([VMFERRY, "certs", "issue", "--dir", certs, "--host", "localhost", "--ip", "127.0.0.1"],
-                       check=True, capture_output=True)
-        daemons = [Daemon(work, "d1", certs), Daemon(work, "d2", certs)]
-        print(f"writing {a.ram_mib} MiB of random guest RAM ...", flush=True)
+        mfds = parse_list(a.multifd, conv=int)
+    except ValueError:
+        sys.exit("--multifd takes comma-separated integers, e.g. 0,2,4")
+    live_routes = parse_list(a.live_routes, ALL_ROUTES) if a.live else []
+    if a.live_ram_mib is None:
+        a.live_ram_mib = a.ram_mib
+    if a.runs < 1 or a.ram_mib < 16 or any(m < 0 for m in mfds) or (live_routes and a.live_ram_mib < 128):
+        sys.exit("need --runs >= 1, --ram-mib >= 16, --multifd >= 0, and --live-ram-mib >= 128"
+                 " (the guest's kernel must fit)")
+    need_vmferry = any(r in VMFERRY_ROUTES for r in routes + live_routes)
+    if need_vmferry and not os.access(VMFERRY, os.X_OK):
+        sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
+    if not shutil.which(QEMU):
+        sys.exit(f"{QEMU} not found")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    remove_stale_files()
+    work = tempfile.mkdtemp(prefix=f"vmferry-bench-{os.getpid()}-")
+    if not a.keep_work:
+        PATHS.append(work)
+    env = Env(a, work)
+    all_runs = []
+    try:
+        qemu_version = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        load_start = loadavg()
+        print(f"{qemu_version}; {os.cpu_count()} cores; load average {load_start}", flush=True)
+        if need_vmferry:
+            env.certs = os.path.join(work, "certs")
+            subprocess.run([VMFERRY, "certs", "init", "--dir", env.certs], check=True, capture_output=True)
+            subprocess.run([VMFERRY, "certs", "issue", "--dir", env.certs, "--host", "localhost",
+                            "--ip", "127.0.0.1"], check=True, capture_output=True)
+            try:
+                env.daemons = [Daemon(work, "src-daemon", env.certs), Daemon(work, "dst-daemon", env.certs)]
+            except Exception as e:  # reported on each vmferry route
+                env.daemons_error = str(e)
+            rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                                 capture_output=True, text=True).stdout.strip()
+            built = datetime.datetime.fromtimestamp(os.path.getmtime(VMFERRY)).strftime("%Y-%m-%d %H:%M")
+            print(f"vmferry {VMFERRY} (built {built}; the tree is now at {rev or '?'})", flush=True)
+        if "qemu-tls" in routes + live_routes or "stunnel" in routes + live_routes:
+            env.x509 = os.path.join(work, "x509")
+            make_x509(env.x509)
+        if "stunnel" in routes + live_routes:
+            try:
+                env.stunnel = Stunnel(work, env.x509)
+                print(f"{env.stunnel.version}", flush=True)
+            except Exception as e:
+                env.stunnel_error = str(e)
+                print(f"stunnel unavailable: {e}", flush=True)
+
+        template = shm_path("src")
+        print(f"writing {a.ram_mib} MiB of random guest RAM to {template} ...", flush=True)
         with open("/dev/urandom", "rb") as r, open(template, "wb") as w:
             for _ in range(a.ram_mib):
                 w.write(r.read(1 << 20))
-        results = {r: [] for r in routes}
-        for i in range(a.runs + 1):
-            for route in routes:
-                t, cpu, qemu_ms = run_once(route, work, template, a.ram_mib, a.multifd, daemons, certs)
-                tag = "warm-up" if i == 0 else f"run {i}"
-                print(f"  {tag:8} {route:8} {t:6.3f} s  {a.ram_mib / 1024 / t:5.2f} GiB/s  cpu {cpu:5.2f} s"
-                      f"  (QEMU total-time {qemu_ms} ms)", flush=True)
-                if i > 0:
-                    results[route].append((t, cpu))
+        gib = a.ram_mib / 1024
+
+        cells = [(r, m) for m in mfds for r in routes]
+        results = {c: [] for c in cells}
+        failures = {c: [] for c in cells}
+        total = len(cells) * (a.runs + a.warmup)
+        print(f"{len(cells)} routes x stream counts, {a.warmup} warm-up + {a.runs} runs each:"
+              f" {total} migrations of {a.ram_mib} MiB", flush=True)
+        for i in range(a.warmup + a.runs):
+            tag = f"warm-up {i + 1}" if i < a.warmup else f"run {i - a.warmup + 1}/{a.runs}"
+            k = i % len(cells)
+            for cell in cells[k:] + cells[:k]:  # interleaved, the order rotating each round
+                route, mfd = cell
+                for attempt in range(1 + a.retries):
+                    if len(failures[cell]) >= a.max_failures:
+                        break
+                    try:
+                        r = run_paused(env, route, mfd, template)
+                    except Exception as e:
+                        failures[cell].append(str(e))
+                        if len(failures[cell]) >= a.max_failures:
+                            e = f"{e} (failed {len(failures[cell])} times: left out from now on)"
+                        elif attempt < a.retries:
+                            e = f"{e} (trying again)"
+                        print(f"  {tag:11} {route:8} {streams_label(mfd):10} FAILED: {e}", flush=True)
+                        all_runs.append({"route": route, "multifd": mfd, "round": tag, "error": str(e)})
+                        continue
+                    extra = f"  transport {r['transport']}" if r.get("transport") and route == "vmferry" else ""
+                    print(f"  {tag:11} {route:8} {streams_label(mfd):10} {r['elapsed']:6.3f} s"
+                          f" {gib / r['elapsed']:5.2f} GiB/s  QEMU {fmt_ms(r.get('qemu_ms')):>8}"
+                          f"  cpu {r['cpu']:5.2f} s (QEMUs {r['cpu_qemu']:.2f})  RAM identical{extra}",
+                          flush=True)
+                    all_runs.append({"route": route, "multifd": mfd, "round": tag, **r})
+                    if i >= a.warmup:
+                        results[cell].append(r)
+                    break
+
+        rows = summarize(cells, results, failures, gib)
         print()
-        base = statistics.median(t for t, _ in results[routes[0]])
-        print(f"{'route':10} {'median s':>9} {'min-max s':>15} {'GiB/s':>6} {'time vs ' + routes[0]:>14} {'cpu s/GiB':>10}")
-        for route in routes:
-            ts = [t for t, _ in results[route]]
-            cpus = [c for _, c in results[route]]
-            m = statistics.median(ts)
-            print(f"{route:10} {m:9.3f} {min(ts):7.3f}-{max(ts):<7.3f} {a.ram_mib / 1024 / m:6.2f} "
-                  f"{m / base:13.2f}x {statistics.median(cpus) / (a.ram_mib / 1024):10.2f}")
-        if "direct" in results and "tunnel" in results:
-            d = statistics.median(t for t, _ in results["direct"])
-            t = statistics.median(t for t, _ in results["tunnel"])
-            print(f"\ntunnel throughput vs direct: {d / t:.2f}x")
-        print(f"\n(multifd={a.multifd}, {a.runs} runs each after a warm-up, interleaved; RAM verified byte-identical every run)")
+        print(f"Paused guest, {a.ram_mib} MiB random RAM; medians of {a.runs} runs after {a.warmup}"
+              " warm-up, interleaved; destination RAM verified byte-identical every run.")
+        print("vs plain: median wall time / plain TCP's with the same stream count.  QEMU ms: QEMU's"
+              " total-time on the source.")
+        print("cpu s/GiB: both QEMUs + the carrier (stunnel, or both vmferry daemons + controller);"
+              " (QEMUs): the QEMUs' share.")
+        print()
+        print_table(rows, a.runs)
+
+        live_rows = []
+        if live_routes:
+            guest = (os.path.join(GUEST_DIR, "vmlinuz"), os.path.join(GUEST_DIR, "initramfs.img"))
+            if not all(os.path.exists(p) for p in guest):
+                print("\nbuilding the test guest (scripts/guest-image.sh) ...", flush=True)
+                r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "guest-image.sh")],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"guest-image.sh failed: {r.stderr.strip()[-300:]}")
+            print(f"\nLive guest: {a.live_ram_mib} MiB (random RAM under it), TCG, dirtying 16 MiB"
+                  f" continuously; {streams_label(a.live_multifd)}; {a.live_runs} run(s) per route", flush=True)
+            for i in range(a.live_runs):
+                for route in live_routes:
+                    try:
+                        if not all(os.path.exists(p) for p in guest):
+                            raise RuntimeError(f"no test guest in {GUEST_DIR} (scripts/guest-image.sh)")
+                        r = run_live(env, route, a.live_multifd, template, guest)
+                    except Exception as e:
+                        print(f"  live {route:8} FAILED: {e}", flush=True)
+                        live_rows.append((route, a.live_multifd, None, str(e)))
+                        all_runs.append({"live": True, "route": route, "multifd": a.live_multifd, "error": str(e)})
+                        continue
+                    extra = f", {r['dirty_syncs']} dirty syncs" if r.get("dirty_syncs") is not None else ""
+                    mib = f", {r['bytes'] / (1 << 20):.0f} MiB sent" if r.get("bytes") else ""
+                    print(f"  live {route:8} QEMU total-time {fmt_ms(r.get('qemu_ms'))}, downtime"
+                          f" {fmt_ms(r.get('downtime_ms'))}, wall {r['elapsed']:.2f} s{mib}{extra};"
+                          f" heartbeat {r['heartbeat'][0]} on the source, then {r['heartbeat'][1]} on"
+                          f" the destination (boot took {r['boot_s']:.0f} s)", flush=True)
+                    live_rows.append((route, a.live_multifd, r, None))
+                    all_runs.append({"live": True, "route": route, "multifd": a.live_multifd, **r})
+
+        print(f"\nload average now {loadavg()}")
+        if env.daemons and any(d.restarts for d in env.daemons):
+            print("note: a vmferry daemon was restarted after a failed run")
+        print("\n--- for the README ---\n")
+        print_markdown(rows, live_rows, a, machine_header(load_start))
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump({"args": vars(a), "runs": all_runs,
+                           "summary": [{k: v for k, v in row.items()} for row in rows]}, f, indent=1)
+        if any(failures.values()) or any(err for *_, err in live_rows):
+            sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        sys.exit(130)
     finally:
-        for d in daemons:
-            d.stop()
-        if os.path.exists(template):
-            os.unlink(template)
-        shutil.rmtree(work, ignore_errors=True)
+        cleanup()
+        if a.keep_work:
+            print(f"work dir kept: {work}", file=sys.stderr)
 
 
 if __name__ == "__main__":
