@@ -99,6 +99,17 @@ pub struct IssueOptions {
     pub organization: Option<String>,
     pub not_before: time::OffsetDateTime,
     pub not_after: time::OffsetDateTime,
+    /// What the certificate may authenticate: a host needs both (it serves and it dials).
+    pub usage: KeyUse,
+}
+
+/// The extended key usages of a host certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyUse {
+    #[default]
+    ServerAndClient,
+    ServerOnly,
+    ClientOnly,
 }
 
 impl IssueOptions {
@@ -112,6 +123,7 @@ impl IssueOptions {
             organization: None,
             not_before: now - time::Duration::hours(1),
             not_after: now + time::Duration::days(HOST_VALIDITY_DAYS),
+            usage: KeyUse::ServerAndClient,
         }
     }
 }
@@ -186,10 +198,14 @@ pub fn issue_host(ca_dir: &Path, out_dir: &Path, opts: &IssueOptions) -> Result<
             .push(rcgen::DnType::OrganizationName, org.as_str());
     }
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
-    p.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    p.extended_key_usages = match opts.usage {
+        KeyUse::ServerAndClient => vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        KeyUse::ServerOnly => vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        KeyUse::ClientOnly => vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+    };
     p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     p.not_before = opts.not_before;
     p.not_after = opts.not_after;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use vmferry_channel::certs::{self, HostCredentials, IssueOptions};
+use vmferry_channel::certs::{self, HostCredentials, IssueOptions, KeyUse};
 use vmferry_daemon::auth::{Role, ScramUsers};
 use vmferry_daemon::client::{ClientAuth, ClientError, ControlClient, Login};
 use vmferry_daemon::{ControlTarget, DaemonConfig, Server};
@@ -253,4 +253,32 @@ fn a_broken_certificate_on_reload_keeps_the_old_ones() {
         c.call(RequestBody::Ping, T).expect("ping"),
         ResponseBody::Pong { .. }
     ));
+}
+
+#[test]
+fn certificates_are_only_taken_for_the_use_their_key_usage_allows() {
+    // A server-only certificate presented by a client is refused.
+    let d = daemon(|_| {});
+    let mut o = IssueOptions::new("controller");
+    o.usage = KeyUse::ServerOnly;
+    let out = d.root.join("server-only");
+    certs::issue_host(&d.root.join("ca"), &out, &o).expect("issue");
+    let e = connect(&d, &with_cert(HostCredentials::load(&out).expect("load")))
+        .expect_err("a server-only certificate cannot log in")
+        .to_string();
+    assert!(e.contains("refused our certificate"), "{e}");
+    let log = audit_with(&d, "refused");
+    assert!(log.to_lowercase().contains("usage"), "{log}");
+
+    // A daemon presenting a client-only certificate is refused by the client.
+    let d2 = daemon(|_| {});
+    let mut o = IssueOptions::new("hosta");
+    o.ips = vec!["127.0.0.1".parse().expect("ip")];
+    o.usage = KeyUse::ClientOnly;
+    certs::issue_host(&d2.root.join("ca"), &d2.root.join("hosta"), &o).expect("reissue");
+    d2.daemon.reload().expect("reload");
+    let e = connect(&d2, &with_cert(client(&d2, "controller", None)))
+        .expect_err("a client-only certificate cannot serve")
+        .to_string();
+    assert!(e.to_lowercase().contains("usage"), "{e}");
 }
