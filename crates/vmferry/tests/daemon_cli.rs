@@ -104,3 +104,64 @@ fn password_accounts_sighup_reload_and_the_audit_log() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs `vmferry ARGS` as another uid and gid (no supplementary groups).
+fn as_user(uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &uid.to_string(),
+        "--regid",
+        &gid.to_string(),
+        "--clear-groups",
+        BIN,
+    ])
+    .args(args);
+    run(c)
+}
+
+#[test]
+fn the_local_socket_gives_groups_their_roles() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // Others may reach the socket, so that the daemon's own check is what decides.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711))?;
+    let pki = Pki::new(tmp.path())?;
+    let host = pki.issue("localhost", Some("127.0.0.1"))?;
+    let state = tmp.path().join("state");
+    let config = tmp.path().join("vmferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nallowed_gids = [4250]\nreadonly_gids = [4243]\n",
+            state.display()
+        ),
+    )?;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = config.display().to_string();
+    let _d = DaemonProc::start(None, &addr, &state, &host, &["--config", &cfg])?;
+    let sock = state.join("control.sock").display().to_string();
+    // A read-only group: may list, may not stop a VM.
+    let o = as_user(4242, 4243, &["vm", "list", "--daemon", &sock]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = as_user(4242, 4243, &["vm", "stop", "x", "--daemon", &sock]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("uid 4242 may only read"), "{}", text(&o));
+    // An operator group gets past authorization (the VM does not exist).
+    let o = as_user(4242, 4250, &["vm", "stop", "x", "--daemon", &sock]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("may only read") && !err.contains("not allowed"),
+        "{}",
+        text(&o)
+    );
+    // Neither: refused, naming the uid and its group.
+    let o = as_user(4244, 4245, &["vm", "list", "--daemon", &sock]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("uid 4244 (gid 4245) is not allowed"),
+        "{}",
+        text(&o)
+    );
+    Ok(())
+}
