@@ -213,6 +213,7 @@ fn a_garbage_control_message_gets_a_clear_error_and_the_daemon_keeps_serving() {
 #[test]
 fn a_frame_announcing_four_gigabytes_is_dropped_without_allocating() {
     let d = daemon();
+    let before = rss_kib();
     let creds = good_client(&d);
     let cfg = vmferry_channel::tls::control_client_config(&creds).expect("cfg");
     let tcp = TcpStream::connect(&d.addr).expect("tcp");
@@ -228,6 +229,18 @@ fn a_frame_announcing_four_gigabytes_is_dropped_without_allocating() {
         assert_eq!(v["reply"], "error", "{v}");
     }
     still_serving(&d);
+    // The daemon runs in this process: its memory did not follow the announcement.
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -292,7 +305,8 @@ fn clients_that_send_one_byte_a_second_are_dropped_and_others_are_served() {
     )
     .expect("frame");
     let tls_side = std::thread::spawn(move || trickle(&mut s, &hello));
-    // Meanwhile, everyone else is served.
+    // Meanwhile, everyone else is served, and memory stays flat.
+    let before = rss_kib();
     std::thread::sleep(Duration::from_secs(2));
     still_serving(&d);
     for (what, t) in [
@@ -305,4 +319,6 @@ fn clients_that_send_one_byte_a_second_are_dropped_and_others_are_served() {
         );
     }
     still_serving(&d);
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
 }

@@ -288,3 +288,78 @@ impl Slots {
         self.slots.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data connection over a real loopback socket (the TLS state is never used here).
+    fn conn() -> DataConn {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let id = vmferry_channel::identity::EphemeralIdentity::generate("t").expect("id");
+        let cfg = tls::pinned_client_config(&id, id.fingerprint()).expect("cfg");
+        let name = rustls::pki_types::ServerName::try_from("vmferry.invalid").expect("name");
+        let c = rustls::ClientConnection::new(cfg, name).expect("conn");
+        DataConn {
+            conn: rustls::Connection::Client(c),
+            sock,
+            peer: "127.0.0.1:1".into(),
+        }
+    }
+
+    fn pre(transport: Transport, stream: u16, streams: u16) -> Preamble {
+        Preamble {
+            transport,
+            stream,
+            streams,
+        }
+    }
+
+    #[test]
+    fn each_stream_slot_is_taken_once_and_a_second_claim_is_refused() {
+        let mut s = Slots::default();
+        s.put(Transport::Direct, &pre(Transport::Direct, 0, 2), 2, conn())
+            .expect("first");
+        let e = s
+            .put(Transport::Direct, &pre(Transport::Direct, 0, 2), 2, conn())
+            .expect_err("second claim of stream 0");
+        assert!(e.to_string().contains("a second time"), "{e}");
+        assert!(!s.complete());
+        s.put(Transport::Direct, &pre(Transport::Direct, 1, 2), 2, conn())
+            .expect("stream 1");
+        let (t, conns) = s.take_complete().expect("complete");
+        assert_eq!((t, conns.len()), (Transport::Direct, 2));
+    }
+
+    #[test]
+    fn a_claim_that_does_not_fit_the_migration_is_refused() {
+        let mut s = Slots::default();
+        let e = s
+            .put(Transport::Direct, &pre(Transport::Direct, 0, 5), 2, conn())
+            .expect_err("wrong count");
+        assert!(e.to_string().contains("has 2 streams"), "{e}");
+    }
+
+    #[test]
+    fn streams_of_another_transport_replace_an_abandoned_attempt() {
+        let mut s = Slots::default();
+        s.put(Transport::Direct, &pre(Transport::Direct, 0, 2), 2, conn())
+            .expect("direct");
+        s.put(
+            Transport::Reverse,
+            &pre(Transport::Reverse, 0, 2),
+            2,
+            conn(),
+        )
+        .expect("reverse replaces");
+        s.put(
+            Transport::Reverse,
+            &pre(Transport::Reverse, 1, 2),
+            2,
+            conn(),
+        )
+        .expect("reverse 1");
+        assert_eq!(s.take_complete().map(|(t, _)| t), Some(Transport::Reverse));
+    }
+}
