@@ -351,7 +351,7 @@ fn scram_exchange<S: Read + Write>(
     }
 }
 
-fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
+pub(crate) fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
     let _ = framed::write_json(
         stream,
         &Response {

@@ -301,13 +301,10 @@ const REFUSE_WRITE: Duration = Duration::from_secs(2);
 /// so the answer is not lost to a reset when we close with unread data in the socket.
 fn refuse<S: std::io::Read + std::io::Write>(conn: &mut S, why: &str) {
     let _ = vmferry_channel::framed::read_json::<_, serde_json::Value>(conn, 4096);
-    let err = vmferry_proto::WireError::new(vmferry_proto::ErrorKind::Denied, why.to_string());
-    let _ = vmferry_channel::framed::write_json(
+    crate::control::reply_error(
         conn,
-        &vmferry_proto::Response {
-            id: 0,
-            body: vmferry_proto::ResponseBody::Error { error: err },
-        },
+        0,
+        vmferry_proto::WireError::new(vmferry_proto::ErrorKind::Denied, why.to_string()),
     );
 }
 
