@@ -275,7 +275,7 @@ impl HostCredentials {
             reason: pem_reason(&e, "private key"),
         })?;
         warn_if_readable_by_others(&key_path);
-        let provider = rustls::crypto::ring::default_provider();
+        let provider = crate::tls::provider();
         rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
             |e| match e {
                 rustls::Error::InconsistentKeys(_) => CertError::Bad {

@@ -68,7 +68,7 @@ impl FromStr for Fingerprint {
 
 /// The fingerprint of a certificate as sent on the wire (DER).
 pub fn fingerprint_of(cert: &CertificateDer<'_>) -> Fingerprint {
-    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     Fingerprint(out)

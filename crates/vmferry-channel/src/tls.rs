@@ -385,8 +385,20 @@ impl Side {
 /// reset (closing with its unread data in our buffer would send a TCP RST).
 const LINGER: Duration = Duration::from_millis(250);
 
+/// TLS 1.3 suites in our order of preference. AES-128-GCM first: it is TLS 1.3's
+/// mandatory suite, and with 10 AES rounds instead of 14 it encrypts the data path
+/// measurably faster than AES-256-GCM (see bench/README.md); AES-256-GCM and
+/// ChaCha20-Poly1305 remain acceptable to a peer that prefers them.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..default_provider()
+    })
 }
 
 pub(crate) fn roots(creds: &HostCredentials) -> Result<rustls::RootCertStore, TlsError> {
@@ -1127,7 +1139,9 @@ mod tests {
         for c in &pki.controller.ca {
             roots.add(c.clone()).expect("root");
         }
-        let old = ClientConfig::builder_with_provider(provider())
+        // The stock provider: ours lists TLS 1.3 suites only.
+        let stock = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let old = ClientConfig::builder_with_provider(stock)
             .with_protocol_versions(&[&rustls::version::TLS12])
             .expect("tls12")
             .with_root_certificates(roots)

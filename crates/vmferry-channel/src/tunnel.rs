@@ -1531,7 +1531,7 @@ mod tests {
     /// Writes `len` pseudo-random bytes, half-closes, returns their SHA-256.
     fn send_noise(mut s: UnixStream, seed: u64, len: usize) -> Vec<u8> {
         let mut noise = Noise(seed | 1);
-        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 1 << 20];
         let mut left = len;
         while left > 0 {
@@ -1547,7 +1547,7 @@ mod tests {
 
     /// Reads to EOF; returns the SHA-256 and the length.
     fn recv_hash(s: &mut UnixStream) -> (Vec<u8>, usize) {
-        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 1 << 20];
         let mut len = 0;
         loop {

@@ -84,7 +84,7 @@ pub fn client_config(
     expected_name: &str,
     allowed: &[DnPattern],
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in &creds.ca {
         roots.add(c.clone()).map_err(|e| {

@@ -243,7 +243,7 @@ impl ScramUsers {
             ScramUsers::default()
         };
         let mut salt = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut salt)
             .map_err(|_| "the system random generator failed".to_string())?;
         let iters = NonZeroU32::new(SCRAM_ITERATIONS).ok_or("bad iteration count")?;
         let salted = scram_2::hash_password(password, iters, &salt);

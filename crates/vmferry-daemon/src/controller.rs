@@ -362,11 +362,11 @@ fn unexpected(phase: &'static str, b: &ResponseBody) -> ControllerError {
 }
 
 fn new_migration_id() -> MigrationId {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut b = [0u8; 16];
     // The system RNG does not fail on Linux; should it, a time-based id is still unique
     // enough for naming (it carries no authority).
-    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

@@ -148,7 +148,7 @@ fn a_client_without_a_certificate_is_refused() {
         roots.add(c.clone()).expect("root");
     }
     let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .expect("tls13")

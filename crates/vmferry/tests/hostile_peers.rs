@@ -321,7 +321,7 @@ fn a_man_in_the_middle_is_refused_by_both_sides_and_the_source_keeps_its_guest()
             return seen;
         };
         let me = EphemeralIdentity::generate("mitm").expect("identity");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         // Towards the destination, claiming to be the source (SNI copied below).
         let client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
