@@ -1,11 +1,13 @@
 //! The layered channel every vmferry byte path goes through:
-//! transport (TCP, unix) → security (TLS 1.3, pinned or x509) → filters (metering) → framing.
+//! transport (TCP, unix) → security (TLS 1.3, pinned or x509) → filters (metering, compression) →
+//! framing.
 //!
 //! Security lives here and nowhere else: no other crate builds a rustls config, opens a
 //! data connection, or copies migration bytes. This crate never speaks QMP and never
 //! decides migration policy; it only moves and protects bytes.
 
 pub mod certs;
+pub mod compress;
 pub mod dn;
 pub mod framed;
 pub mod identity;

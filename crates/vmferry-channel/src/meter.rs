@@ -3,11 +3,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Plaintext bytes carried "forward" (local unix side → TLS peer) and "backward".
+/// Plaintext bytes carried "forward" (local unix side → TLS peer) and "backward", and
+/// the same after the compression filter ("wire": what TLS encrypts).
 #[derive(Debug, Default)]
 pub struct Meter {
     forward: AtomicU64,
     backward: AtomicU64,
+    wire_forward: AtomicU64,
+    wire_backward: AtomicU64,
 }
 
 impl Meter {
@@ -22,5 +25,17 @@ impl Meter {
     }
     pub fn backward(&self) -> u64 {
         self.backward.load(Ordering::Relaxed)
+    }
+    pub fn add_wire_forward(&self, n: u64) {
+        self.wire_forward.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_wire_backward(&self, n: u64) {
+        self.wire_backward.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn wire_forward(&self) -> u64 {
+        self.wire_forward.load(Ordering::Relaxed)
+    }
+    pub fn wire_backward(&self) -> u64 {
+        self.wire_backward.load(Ordering::Relaxed)
     }
 }

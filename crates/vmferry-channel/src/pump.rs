@@ -5,10 +5,13 @@
 //! memory stays bounded: the local socket is read only when rustls has flushed what it had,
 //! and the TCP socket only when the plaintext already decrypted has been handed to QEMU.
 //! Reads and writes are large (256 KiB) into buffers reused for the whole stream.
+//! With the compression filter on, what QEMU sends is compressed before rustls sees it,
+//! and what arrives is decompressed a bounded chunk at a time after it.
 //!
 //! It must never end a stream silently: a TCP close without TLS close_notify is an attack
 //! or a crash, and is reported as [`PumpError::Truncated`].
 
+use crate::compress::{Compression, Compressor, Decompressor, Filters};
 use crate::meter::Meter;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{ErrorKind, Read, Write};
@@ -84,14 +87,27 @@ fn would_block(e: &std::io::Error) -> bool {
 /// Pumps until both directions have ended cleanly, or fails. `peer` names the TLS peer
 /// in errors (e.g. "10.0.0.2:4700").
 pub fn pump(
+    local: UnixStream,
+    conn: rustls::Connection,
+    tcp: TcpStream,
+    peer: &str,
+    meter: &Meter,
+    stop: &StopHandle,
+) -> Result<PumpStats, PumpError> {
+    pump_with(local, conn, tcp, peer, meter, stop, Filters::default())
+}
+
+/// [`pump`] with filters: both ends of a stream must use the same options.
+pub fn pump_with(
     mut local: UnixStream,
     mut conn: rustls::Connection,
     mut tcp: TcpStream,
     peer: &str,
     meter: &Meter,
     stop: &StopHandle,
+    options: Filters,
 ) -> Result<PumpStats, PumpError> {
-    let result = run(&mut local, &mut conn, &mut tcp, peer, meter, stop);
+    let result = run(&mut local, &mut conn, &mut tcp, peer, meter, stop, options);
     match result {
         Err(_) if stop.is_stopped() => Err(PumpError::Stopped),
         other => other,
@@ -105,6 +121,7 @@ fn run(
     peer: &str,
     meter: &Meter,
     stop: &StopHandle,
+    options: Filters,
 ) -> Result<PumpStats, PumpError> {
     let peer_err = |msg: String| PumpError::Peer {
         peer: peer.to_string(),
@@ -126,9 +143,28 @@ fn run(
     let mut local_eof = false;
     let mut peer_done = false;
     let mut local_write_shut = false;
+    // The compression filter: what the local side sends is compressed into `cbuf`; what
+    // arrives waits in `staged` (compressed) until `pending` has room for its output.
+    let (mut compressor, mut decompressor) = match options.compress {
+        Compression::None => (None, None),
+        Compression::Zstd { level } => (
+            Some(Compressor::new(level).map_err(&peer_err)?),
+            Some(Decompressor::new().map_err(&peer_err)?),
+        ),
+    };
+    let mut cbuf: Vec<u8> = Vec::new();
+    let mut staged: Vec<u8> = Vec::new();
+    let mut staged_off = 0usize;
+    // The decompressor filled the room it had: it may hold more output.
+    let mut decode_more = false;
 
     // Plaintext that arrived with the handshake or a preamble read.
-    drain_plaintext(conn, &mut pending, &mut peer_done).map_err(&peer_err)?;
+    let inbox = if decompressor.is_some() {
+        &mut staged
+    } else {
+        &mut pending
+    };
+    drain_plaintext(conn, inbox, &mut peer_done).map_err(&peer_err)?;
 
     loop {
         if stop.is_stopped() {
@@ -168,11 +204,39 @@ fn run(
             pending.clear();
             pending_off = 0;
         }
-        if peer_done && pending.is_empty() && !local_write_shut {
+        // Compressed input out to plaintext, a chunk at a time.
+        if let Some(d) = decompressor.as_mut() {
+            if pending.is_empty() && (staged_off < staged.len() || decode_more) {
+                let used = d
+                    .decompress(&staged[staged_off..], &mut pending, CHUNK)
+                    .map_err(&peer_err)?;
+                staged_off += used;
+                if staged_off == staged.len() {
+                    staged.clear();
+                    staged_off = 0;
+                }
+                decode_more = pending.len() == CHUNK;
+                progress |= used > 0 || !pending.is_empty();
+                if used == 0 && pending.is_empty() && !staged.is_empty() {
+                    return Err(peer_err(
+                        "the compressed stream makes no progress".to_string(),
+                    ));
+                }
+            }
+        }
+        let inbound_empty = pending.is_empty() && staged.is_empty() && !decode_more;
+        if peer_done && inbound_empty && !local_write_shut {
+            if let Some(d) = &decompressor {
+                if !d.at_frame_end() {
+                    return Err(peer_err(
+                        "the compressed stream ended in the middle of a frame".to_string(),
+                    ));
+                }
+            }
             let _ = local.shutdown(Shutdown::Write);
             local_write_shut = true;
         }
-        if local_eof && peer_done && pending.is_empty() && !conn.wants_write() {
+        if local_eof && peer_done && inbound_empty && !conn.wants_write() {
             let _ = tcp.shutdown(Shutdown::Write);
             return Ok(stats);
         }
@@ -182,13 +246,30 @@ fn run(
             match local.read(&mut lbuf) {
                 Ok(0) => {
                     local_eof = true;
+                    if let Some(c) = compressor.as_mut() {
+                        cbuf.clear();
+                        c.finish(&mut cbuf).map_err(&peer_err)?;
+                        conn.writer()
+                            .write_all(&cbuf)
+                            .map_err(|e| peer_err(e.to_string()))?;
+                        meter.add_wire_forward(cbuf.len() as u64);
+                    }
                     conn.send_close_notify();
                     progress = true;
                 }
                 Ok(n) => {
+                    let out = match compressor.as_mut() {
+                        Some(c) => {
+                            cbuf.clear();
+                            c.compress(&lbuf[..n], &mut cbuf).map_err(&peer_err)?;
+                            &cbuf[..]
+                        }
+                        None => &lbuf[..n],
+                    };
                     conn.writer()
-                        .write_all(&lbuf[..n])
+                        .write_all(out)
                         .map_err(|e| peer_err(e.to_string()))?;
+                    meter.add_wire_forward(out.len() as u64);
                     stats.forward += n as u64;
                     meter.add_forward(n as u64);
                     progress = true;
@@ -199,7 +280,7 @@ fn run(
         }
 
         // Peer → plaintext.
-        if !peer_done && pending.is_empty() {
+        if !peer_done && inbound_empty {
             match tcp.read(&mut tbuf) {
                 Ok(0) => {
                     // Anything still buffered was processed; no close_notify came.
@@ -208,14 +289,21 @@ fn run(
                     });
                 }
                 Ok(n) => {
+                    let inbox = if decompressor.is_some() {
+                        &mut staged
+                    } else {
+                        &mut pending
+                    };
+                    let before = inbox.len();
                     let mut slice = &tbuf[..n];
                     while !slice.is_empty() {
                         conn.read_tls(&mut slice)
                             .map_err(|e| peer_err(e.to_string()))?;
                         conn.process_new_packets()
                             .map_err(|e| peer_err(crate::tls::describe(&e, peer)))?;
-                        drain_plaintext(conn, &mut pending, &mut peer_done).map_err(&peer_err)?;
+                        drain_plaintext(conn, inbox, &mut peer_done).map_err(&peer_err)?;
                     }
+                    meter.add_wire_backward((inbox.len() - before) as u64);
                     progress = true;
                 }
                 Err(e) if would_block(&e) => {}
@@ -230,7 +318,7 @@ fn run(
         // Nothing moved: sleep until something can.
         let want_local_in = !local_eof && !conn.wants_write();
         let want_local_out = pending_off < pending.len();
-        let want_tcp_in = !peer_done && pending.is_empty();
+        let want_tcp_in = !peer_done && pending.is_empty() && staged.is_empty() && !decode_more;
         let want_tcp_out = conn.wants_write();
         let mut lflags = PollFlags::empty();
         if want_local_in {
@@ -304,9 +392,15 @@ mod tests {
         b: std::thread::JoinHandle<Result<PumpStats, PumpError>>,
         stop_a: StopHandle,
         tcp_b: TcpStream,
+        meter_a: Arc<Meter>,
+        meter_b: Arc<Meter>,
     }
 
     fn rig() -> Rig {
+        rig_with(Filters::default(), Filters::default())
+    }
+
+    fn rig_with(opts_a: Filters, opts_b: Filters) -> Rig {
         let s = EphemeralIdentity::generate("s").expect("s");
         let d = EphemeralIdentity::generate("d").expect("d");
         let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
@@ -333,24 +427,28 @@ mod tests {
         let stop_b = StopHandle::new(&b_local, &ss.sock).expect("stop");
         let tcp_b = ss.sock.try_clone().expect("clone");
         let sa = stop_a.clone();
+        let (meter_a, meter_b) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
+        let (ma, mb) = (meter_a.clone(), meter_b.clone());
         let a = std::thread::spawn(move || {
-            pump(
+            pump_with(
                 a_local,
                 rustls::Connection::Client(cs.conn),
                 cs.sock,
                 "b",
-                &Meter::default(),
+                &ma,
                 &sa,
+                opts_a,
             )
         });
         let b = std::thread::spawn(move || {
-            pump(
+            pump_with(
                 b_local,
                 rustls::Connection::Server(ss.conn),
                 ss.sock,
                 "a",
-                &Meter::default(),
+                &mb,
                 &stop_b,
+                opts_b,
             )
         });
         Rig {
@@ -360,7 +458,85 @@ mod tests {
             b,
             stop_a,
             tcp_b,
+            meter_a,
+            meter_b,
         }
+    }
+
+    const ZSTD: Filters = Filters {
+        compress: Compression::Zstd { level: 1 },
+    };
+
+    /// Guest memory that compresses: page-sized runs of text and counters.
+    fn compressible(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| match (i / 4096) % 3 {
+                0 => b"kernel page cache line "[i % 23],
+                1 => (i / 64) as u8,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_streams_arrive_byte_identical_both_ways_and_shrink_on_the_wire() {
+        let r = rig_with(ZSTD, ZSTD);
+        let (mut src, mut dst) = (r.src_qemu, r.dst_qemu);
+        let up = compressible(48 << 20);
+        let down = data(2 << 20); // random: passes through, barely larger
+        let (up2, down2) = (up.clone(), down.clone());
+        let mut src2 = src.try_clone().expect("clone");
+        let mut dst2 = dst.try_clone().expect("clone");
+        let w1 = std::thread::spawn(move || {
+            src2.write_all(&up2).expect("write up");
+            src2.shutdown(Shutdown::Write).expect("shut");
+        });
+        let w2 = std::thread::spawn(move || {
+            dst2.write_all(&down2).expect("write down");
+            dst2.shutdown(Shutdown::Write).expect("shut");
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got_down = Vec::new();
+            src.read_to_end(&mut got_down).expect("read down");
+            got_down
+        });
+        let mut got_up = Vec::new();
+        dst.read_to_end(&mut got_up).expect("read up");
+        w1.join().expect("w1");
+        w2.join().expect("w2");
+        r.b.join().expect("b").expect("pump b ok");
+        r.a.join().expect("a").expect("pump a ok");
+        let got_down = reader.join().expect("reader");
+        assert!(got_up == up, "upstream differs");
+        assert!(got_down == down, "downstream differs");
+        let (a, b) = (&r.meter_a, &r.meter_b);
+        assert_eq!(a.forward(), 48 << 20);
+        assert_eq!(b.backward(), 48 << 20);
+        assert_eq!(a.wire_forward(), b.wire_backward(), "wire bytes agree");
+        assert!(
+            a.wire_forward() < a.forward() / 20,
+            "{} of {} bytes on the wire",
+            a.wire_forward(),
+            a.forward()
+        );
+        assert!(b.wire_forward() < b.forward() + b.forward() / 50);
+    }
+
+    #[test]
+    fn a_peer_that_does_not_compress_is_refused_and_nothing_reaches_qemu() {
+        let r = rig_with(Filters::default(), ZSTD);
+        let mut src = r.src_qemu;
+        src.write_all(&data(1 << 20)).expect("write");
+        let e = r.b.join().expect("b").expect_err("refused");
+        assert!(e.to_string().contains("cannot be decoded"), "{e}");
+        let mut dst = r.dst_qemu;
+        dst.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        let _ = dst.read_to_end(&mut got);
+        assert!(got.is_empty(), "{} bytes reached QEMU", got.len());
+        r.stop_a.stop();
+        let _ = r.a.join();
     }
 
     fn data(n: usize) -> Vec<u8> {

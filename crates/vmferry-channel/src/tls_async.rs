@@ -16,14 +16,12 @@
 //! Errors carry a [`PumpError`] (worded as the pump words them); the first one is also
 //! kept ([`TlsIo::failure`]) and handed to the `on_fail` hook when it happens.
 
-use crate::meter::Meter;
 use crate::pump::PumpError;
 use std::cell::RefCell;
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 /// TCP read buffer.
@@ -51,7 +49,6 @@ struct Inner {
     /// The same socket, for the half-close.
     shut: TcpStream,
     peer: String,
-    meter: Arc<Meter>,
     /// TCP bytes read and not yet given to rustls: `rbuf[roff..rlen]`.
     rbuf: Vec<u8>,
     roff: usize,
@@ -88,7 +85,6 @@ impl TlsIo {
         mut conn: rustls::Connection,
         tcp: TcpStream,
         peer: &str,
-        meter: Arc<Meter>,
         on_fail: OnFail,
     ) -> std::io::Result<TlsIo> {
         tcp.set_nonblocking(true)?;
@@ -102,7 +98,6 @@ impl TlsIo {
                 tcp,
                 shut,
                 peer: peer.to_string(),
-                meter,
                 rbuf: vec![0u8; CHUNK],
                 roff: 0,
                 rlen: 0,
@@ -297,20 +292,14 @@ impl futures::io::AsyncRead for TlsIo {
             if me.peer_done {
                 // Plaintext that came before the close_notify first, then the end.
                 return match std::io::Read::read(&mut me.conn.reader(), buf) {
-                    Ok(n) => {
-                        me.meter.add_backward(n as u64);
-                        Poll::Ready(Ok(n))
-                    }
+                    Ok(n) => Poll::Ready(Ok(n)),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => Poll::Ready(Ok(0)),
                     Err(e) => Poll::Ready(Err(me.peer_err(e.to_string()))),
                 };
             }
             match std::io::Read::read(&mut me.conn.reader(), buf) {
                 Ok(0) => me.peer_done = true,
-                Ok(n) => {
-                    me.meter.add_backward(n as u64);
-                    return Poll::Ready(Ok(n));
-                }
+                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     ready!(me.poll_fill(cx))?;
                 }
@@ -333,7 +322,6 @@ impl futures::io::AsyncWrite for TlsIo {
         }
         if buf.len() <= SMALL && me.gathered.len() < GATHER {
             me.gathered.extend_from_slice(buf);
-            me.meter.add_forward(buf.len() as u64);
             return Poll::Ready(Ok(buf.len()));
         }
         // A large write (or too much gathered): only once rustls sent what it had.
@@ -344,11 +332,9 @@ impl futures::io::AsyncWrite for TlsIo {
             buf.len().min(MAX_TAKE)
         };
         me.encrypt(&buf[..n])?;
-        me.meter.add_forward(n as u64);
         me.try_send()?;
         if n == 0 {
             me.gathered.extend_from_slice(buf);
-            me.meter.add_forward(buf.len() as u64);
             return Poll::Ready(Ok(buf.len()));
         }
         Poll::Ready(Ok(n))

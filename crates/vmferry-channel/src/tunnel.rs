@@ -43,6 +43,7 @@
 //! other still sends. A TCP end without close_notify breaks the tunnel ("cut short").
 //! `stop` cuts the TCP connection and every local socket at once.
 
+use crate::compress::{Compression, Compressor, Decompressor, Filters};
 use crate::meter::Meter;
 use crate::tls_async::{self, TlsIo};
 use futures::future::{self, Either};
@@ -182,8 +183,9 @@ impl Tunnel {
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
+        filters: Filters,
     ) -> Result<Tunnel, TunnelError> {
-        Self::start(conn, tcp, peer, meter, None)
+        Self::start(conn, tcp, peer, meter, filters, None)
     }
 
     /// Server (destination): `accept(k)` is called (from a thread of the tunnel, in the
@@ -195,9 +197,10 @@ impl Tunnel {
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
+        filters: Filters,
         accept: Accept,
     ) -> Result<Tunnel, TunnelError> {
-        Self::start(conn, tcp, peer, meter, Some(accept))
+        Self::start(conn, tcp, peer, meter, filters, Some(accept))
     }
 
     fn start(
@@ -205,6 +208,7 @@ impl Tunnel {
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
+        filters: Filters,
         accept: Option<Accept>,
     ) -> Result<Tunnel, TunnelError> {
         let start_err = |what: &str, e: std::io::Error| TunnelError::Start {
@@ -227,6 +231,8 @@ impl Tunnel {
         let shared = Arc::new(Shared {
             peer: peer.to_string(),
             role,
+            filters,
+            meter,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             outbox: Mailbox::new(MAILBOX),
@@ -278,7 +284,7 @@ impl Tunnel {
             let spawned = std::thread::Builder::new()
                 .name("tunnel-mux".into())
                 .spawn(move || {
-                    rt.block_on(mux(shared.clone(), conn, tcp, meter, cmd_rx, accept_tx));
+                    rt.block_on(mux(shared.clone(), conn, tcp, cmd_rx, accept_tx));
                     drop(rt);
                     shared.outbox.close();
                     shared.inbox.close();
@@ -480,6 +486,9 @@ struct Shared {
     /// The TLS peer, as errors name it (e.g. "10.0.0.2:4700").
     peer: String,
     role: Role,
+    /// What every data stream applies between its local socket and the mux.
+    filters: Filters,
+    meter: Arc<Meter>,
     /// What the callers wait on; `changed` is signalled on every change.
     state: Mutex<State>,
     changed: Condvar,
@@ -889,7 +898,6 @@ async fn mux(
     shared: Arc<Shared>,
     tls: rustls::Connection,
     tcp: TcpStream,
-    meter: Arc<Meter>,
     mut commands: mpsc::Receiver<Command>,
     accept: Option<std::sync::mpsc::Sender<AcceptRequest>>,
 ) {
@@ -899,7 +907,7 @@ async fn mux(
         let shared = shared.clone();
         Box::new(move |e| shared.record_broken(shared.tls_cause(e)))
     };
-    let wire = match TlsIo::new(tls, tcp, &shared.peer, meter, on_fail) {
+    let wire = match TlsIo::new(tls, tcp, &shared.peer, on_fail) {
         Ok(w) => w,
         Err(e) => {
             shared.cut(format!("the mux cannot use its socket: {e}"));
@@ -1251,6 +1259,12 @@ async fn carry_both(
                 .map_err(CarryError::There)?;
         }
         let mut buf = vec![0u8; COPY_BUF];
+        let mut compressor = match shared.filters.compress {
+            Compression::None => None,
+            Compression::Zstd { level } => Some(Compressor::new(level).map_err(CarryError::Here)?),
+        };
+        let mut cbuf = Vec::new();
+        // Bytes given to the stream (compressed, if so): what the peer must confirm.
         let mut sent = 0u64;
         // Once the peer closed the mux, what the local socket sends has nowhere to go.
         // (A break or our own close is `carry`'s to report.)
@@ -1268,12 +1282,31 @@ async fn carry_both(
                 }
             };
             if n == 0 {
+                if let Some(c) = compressor.as_mut() {
+                    cbuf.clear();
+                    c.finish(&mut cbuf).map_err(CarryError::Here)?;
+                    if let Err(e) = write_all(&stream, &cbuf).await {
+                        return Err(there(format!("sending: {e}")).await);
+                    }
+                    sent += cbuf.len() as u64;
+                    shared.meter.add_wire_forward(cbuf.len() as u64);
+                }
                 break;
             }
-            if let Err(e) = write_all(&stream, &buf[..n]).await {
+            let out = match compressor.as_mut() {
+                Some(c) => {
+                    cbuf.clear();
+                    c.compress(&buf[..n], &mut cbuf).map_err(CarryError::Here)?;
+                    &cbuf[..]
+                }
+                None => &buf[..n],
+            };
+            if let Err(e) = write_all(&stream, out).await {
                 return Err(there(format!("sending: {e}")).await);
             }
-            sent += n as u64;
+            sent += out.len() as u64;
+            shared.meter.add_forward(n as u64);
+            shared.meter.add_wire_forward(out.len() as u64);
         }
         shared.outbox.push_note(Frame::End {
             stream: k,
@@ -1286,21 +1319,53 @@ async fn carry_both(
     };
 
     let down = async {
+        let mut decompressor = match shared.filters.compress {
+            Compression::None => None,
+            Compression::Zstd { .. } => Some(Decompressor::new().map_err(CarryError::Here)?),
+        };
+        let mut plain = Vec::new();
         let mut got = 0u64;
         loop {
             match poll_fn(|cx| lock(&stream).poll_next_unpin(cx)).await {
                 Some(Ok(packet)) => {
-                    lw.write_all(packet.as_ref()).await.map_err(|e| {
-                        CarryError::Here(format!("writing to the local socket: {e}"))
-                    })?;
-                    got += packet.as_ref().len() as u64;
+                    let packet = packet.as_ref();
+                    got += packet.len() as u64;
+                    shared.meter.add_wire_backward(packet.len() as u64);
+                    let Some(d) = decompressor.as_mut() else {
+                        lw.write_all(packet).await.map_err(|e| {
+                            CarryError::Here(format!("writing to the local socket: {e}"))
+                        })?;
+                        shared.meter.add_backward(packet.len() as u64);
+                        continue;
+                    };
+                    // A chunk of output at a time, however far the packet expands.
+                    let mut at = 0;
+                    loop {
+                        plain.clear();
+                        at += d
+                            .decompress(&packet[at..], &mut plain, COPY_BUF)
+                            .map_err(CarryError::There)?;
+                        lw.write_all(&plain).await.map_err(|e| {
+                            CarryError::Here(format!("writing to the local socket: {e}"))
+                        })?;
+                        shared.meter.add_backward(plain.len() as u64);
+                        if at == packet.len() && plain.len() < COPY_BUF {
+                            break;
+                        }
+                    }
                 }
                 Some(Err(e)) => return Err(there(format!("receiving: {e}")).await),
                 None => break,
             }
         }
         match shared.peer_end(k).await {
-            Some(PeerEnd::Sent(n)) if n == got => {}
+            Some(PeerEnd::Sent(n)) if n == got => {
+                if decompressor.as_ref().is_some_and(|d| !d.at_frame_end()) {
+                    return Err(CarryError::There(format!(
+                        "{peer_word}'s compressed stream ended in the middle of a frame"
+                    )));
+                }
+            }
             Some(PeerEnd::Sent(n)) => {
                 return Err(CarryError::There(format!(
                     "ended after {got} of the {n} bytes {peer_word} sent"
@@ -1489,6 +1554,10 @@ mod tests {
     }
 
     fn pair() -> Pair {
+        pair_with(Filters::default(), Arc::default(), Arc::default())
+    }
+
+    fn pair_with(filters: Filters, client_meter: Arc<Meter>, server_meter: Arc<Meter>) -> Pair {
         let (cc, ct, sc, st) = tls_pair();
         let server_tcp = st.try_clone().expect("clone");
         let (tx, arrivals) = std::sync::mpsc::channel();
@@ -1498,9 +1567,8 @@ mod tests {
             Ok(ours)
         });
         let server =
-            Tunnel::server(sc, st, "source", Arc::new(Meter::default()), accept).expect("server");
-        let client =
-            Tunnel::client(cc, ct, "destination", Arc::new(Meter::default())).expect("client");
+            Tunnel::server(sc, st, "source", server_meter, filters, accept).expect("server");
+        let client = Tunnel::client(cc, ct, "destination", client_meter, filters).expect("client");
         Pair {
             client,
             server,
@@ -1558,6 +1626,61 @@ mod tests {
             hash.update(&buf[..n]);
             len += n;
         }
+    }
+
+    #[test]
+    fn compressed_streams_cross_byte_exact_and_shrink_inside_the_tunnel() {
+        const UP: usize = 24 << 20;
+        let filters = Filters {
+            compress: crate::compress::Compression::Zstd { level: 1 },
+        };
+        let (cm, sm) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
+        let p = pair_with(filters, cm.clone(), sm.clone());
+        let page = |i: usize| b"guest text page "[i % 16] ^ ((i / 4096) as u8 & 1);
+        let up: Vec<u8> = (0..UP).map(page).collect();
+        let mut threads = Vec::new();
+        for k in 0..2u16 {
+            let (qemu, ours) = UnixStream::pair().expect("pair");
+            p.client.open(k, ours).expect("open");
+            let (_, mut d) = arrival(&p.arrivals);
+            let up = up.clone();
+            threads.push(std::thread::spawn(move || {
+                let d2 = d.try_clone().expect("clone");
+                let down = std::thread::spawn(move || send_noise(d2, 99 + k as u64, 300_000));
+                let mut q = qemu;
+                let mut q2 = q.try_clone().expect("clone");
+                let w = std::thread::spawn(move || {
+                    q2.write_all(&up).expect("write");
+                    q2.shutdown(Shutdown::Write).expect("shut");
+                });
+                let mut got = Vec::new();
+                d.read_to_end(&mut got).expect("read up");
+                let (got_down, n) = recv_hash(&mut q);
+                w.join().expect("writer");
+                assert_eq!(n, 300_000);
+                assert!(got_down == down.join().expect("down"), "stream {k} down");
+                got
+            }));
+        }
+        for t in threads {
+            assert!(t.join().expect("stream") == up, "upstream differs");
+        }
+        p.client
+            .wait_streams(2, Duration::from_secs(10))
+            .expect("client");
+        p.server
+            .wait_streams(2, Duration::from_secs(10))
+            .expect("server");
+        assert_eq!(cm.forward(), 2 * UP as u64);
+        assert_eq!(sm.backward(), 2 * UP as u64);
+        assert_eq!(cm.wire_forward(), sm.wire_backward());
+        assert!(
+            cm.wire_forward() < cm.forward() / 20,
+            "{} of {} bytes",
+            cm.wire_forward(),
+            cm.forward()
+        );
+        p.client.stop();
     }
 
     #[test]
@@ -1710,10 +1833,23 @@ mod tests {
     fn a_stream_the_destination_refuses_fails_at_the_source_with_the_cause() {
         let (cc, ct, sc, st) = tls_pair();
         let accept: Accept = Box::new(|k| Err(format!("no QEMU listens for stream {k}")));
-        let server =
-            Tunnel::server(sc, st, "source", Arc::new(Meter::default()), accept).expect("server");
-        let client =
-            Tunnel::client(cc, ct, "10.0.0.2:4700", Arc::new(Meter::default())).expect("client");
+        let server = Tunnel::server(
+            sc,
+            st,
+            "source",
+            Arc::new(Meter::default()),
+            Filters::default(),
+            accept,
+        )
+        .expect("server");
+        let client = Tunnel::client(
+            cc,
+            ct,
+            "10.0.0.2:4700",
+            Arc::new(Meter::default()),
+            Filters::default(),
+        )
+        .expect("client");
         let (mut qemu, ours) = UnixStream::pair().expect("pair");
         let t0 = Instant::now();
         client.open(2, ours).expect("open");

@@ -7,6 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmferry_channel::compress::Filters;
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::tls;
@@ -56,9 +57,23 @@ fn tunnels() -> (Tunnel, Tunnel, Arrived) {
         a2.lock().expect("lock").push((k, theirs));
         Ok(ours)
     });
-    let server =
-        Tunnel::server(sc, st, "client", Arc::new(Meter::default()), accept).expect("server");
-    let client = Tunnel::client(cc, ct, "server", Arc::new(Meter::default())).expect("client");
+    let server = Tunnel::server(
+        sc,
+        st,
+        "client",
+        Arc::new(Meter::default()),
+        Filters::default(),
+        accept,
+    )
+    .expect("server");
+    let client = Tunnel::client(
+        cc,
+        ct,
+        "server",
+        Arc::new(Meter::default()),
+        Filters::default(),
+    )
+    .expect("client");
     (client, server, arrived)
 }
 
@@ -214,9 +229,23 @@ fn a_reader_that_stops_pushes_back_and_control_messages_still_flow() {
 fn a_stream_the_server_refuses_fails_both_ends_with_the_cause() {
     let (cc, ct, sc, st) = tls_pair();
     let accept: Accept = Box::new(|k| Err(format!("no QEMU waits for stream {k}")));
-    let server =
-        Tunnel::server(sc, st, "client", Arc::new(Meter::default()), accept).expect("server");
-    let client = Tunnel::client(cc, ct, "server", Arc::new(Meter::default())).expect("client");
+    let server = Tunnel::server(
+        sc,
+        st,
+        "client",
+        Arc::new(Meter::default()),
+        Filters::default(),
+        accept,
+    )
+    .expect("server");
+    let client = Tunnel::client(
+        cc,
+        ct,
+        "server",
+        Arc::new(Meter::default()),
+        Filters::default(),
+    )
+    .expect("client");
     let (_qemu, ours) = UnixStream::pair().expect("pair");
     client.open(0, ours).expect("open");
     let e = server

@@ -60,6 +60,9 @@ pub struct MigrationReport {
     pub qemu_total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub bytes: u64,
+    /// Bytes after compression (what TLS carried); equals `bytes` without it.
+    pub wire_bytes: u64,
+    pub compression: String,
     pub throughput_mbps: f64,
 }
 
@@ -270,6 +273,8 @@ pub fn migrate(
         qemu_total_time_ms: last.total_time_ms,
         downtime_ms: last.downtime_ms,
         bytes: last.channel_bytes,
+        wire_bytes: last.wire_bytes,
+        compression: last.compression.clone(),
         throughput_mbps: last.channel_bytes as f64 * 8.0 / 1e6 / secs,
     })
 }

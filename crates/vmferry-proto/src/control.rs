@@ -336,6 +336,13 @@ pub struct MigrationStatus {
     pub mbps: f64,
     /// Plaintext bytes the daemon carried to the peer, over all streams.
     pub channel_bytes: u64,
+    /// The same after the compression filter: what TLS encrypted (= `channel_bytes`
+    /// without compression).
+    #[serde(default)]
+    pub wire_bytes: u64,
+    /// The streams' compression, e.g. `zstd (level 1)`, or `none`.
+    #[serde(default)]
+    pub compression: String,
     pub streams: u32,
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,

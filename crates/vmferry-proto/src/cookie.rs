@@ -112,6 +112,48 @@ impl std::str::FromStr for TransportChoice {
     }
 }
 
+/// The compression levels `--compress-level` accepts (zstd's negative levels are faster).
+pub const COMPRESSION_LEVELS: std::ops::RangeInclusive<i32> = -7..=19;
+
+/// A stream's compression, as agreed through the migration's cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "algorithm")]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd {
+        level: i32,
+    },
+}
+
+impl Compression {
+    pub fn is_none(&self) -> bool {
+        matches!(self, Compression::None)
+    }
+
+    /// Refuses a level zstd does not have (a peer's cookie, or a typo).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Compression::None => Ok(()),
+            Compression::Zstd { level } if COMPRESSION_LEVELS.contains(level) => Ok(()),
+            Compression::Zstd { level } => Err(format!(
+                "zstd level {level} is not one vmferry uses (from {} to {})",
+                COMPRESSION_LEVELS.start(),
+                COMPRESSION_LEVELS.end()
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::None => write!(f, "none"),
+            Compression::Zstd { level } => write!(f, "zstd (level {level})"),
+        }
+    }
+}
+
 /// What the controller asks of a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct MigrationOptions {
@@ -129,6 +171,9 @@ pub struct MigrationOptions {
     /// The transport asked for; `None` lets the source daemon's configured default decide.
     #[serde(default)]
     pub transport: Option<TransportChoice>,
+    /// The compression filter on every stream (off unless asked for).
+    #[serde(default, skip_serializing_if = "Compression::is_none")]
+    pub compress: Compression,
 }
 
 /// Upper bound on multifd channels, so a cookie cannot make a daemon open absurd numbers
@@ -184,6 +229,7 @@ impl Cookie {
                 self.options.multifd
             ));
         }
+        self.options.compress.check()?;
         if let Some(vm) = &self.vm {
             vm.check()?;
         }

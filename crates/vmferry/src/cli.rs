@@ -442,6 +442,13 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
                 crate::units::human_bytes(st.ram_total),
                 crate::units::human_bytes(st.channel_bytes)
             );
+            if !st.compression.is_empty() && st.compression != "none" {
+                println!(
+                    "  compressed  {} on the wire ({})",
+                    crate::units::human_bytes(st.wire_bytes),
+                    st.compression
+                );
+            }
             if let Some(d) = st.downtime_ms {
                 println!("  downtime    {d} ms");
             }

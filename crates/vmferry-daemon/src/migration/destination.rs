@@ -16,6 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vmferry_channel::compress::Filters;
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, StopHandle};
@@ -60,6 +61,8 @@ pub struct DestinationMigration {
     server_config: Arc<rustls::ServerConfig>,
     trust: Trust,
     n_streams: usize,
+    /// The filters every stream applies (compression), as the cookie says.
+    filters: Filters,
     source_running: bool,
     /// The unix socket the destination QEMU listens on.
     incoming_socket: PathBuf,
@@ -129,6 +132,9 @@ impl DestinationMigration {
             server_config,
             trust,
             n_streams: streams,
+            filters: Filters {
+                compress: cookie.options.compress,
+            },
             source_running: cookie.source_running,
             incoming_socket,
             streams: Mutex::new(Streams::default()),
@@ -240,8 +246,15 @@ impl DestinationMigration {
                 )
             })
         });
-        let t = Tunnel::server(c.conn, c.sock, &c.peer, self.meter.clone(), accept)
-            .map_err(|e| DaemonError::Channel(e.to_string()))?;
+        let t = Tunnel::server(
+            c.conn,
+            c.sock,
+            &c.peer,
+            self.meter.clone(),
+            self.filters,
+            accept,
+        )
+        .map_err(|e| DaemonError::Channel(e.to_string()))?;
         *lock(&self.tunnel_stop) = Some(t.stop_handle());
         *lock(&self.tunnel) = Some(t);
         tracing::info!(migration = %self.id, peer = %c.peer, "tunnel established");
@@ -320,7 +333,7 @@ impl DestinationMigration {
                 .name(format!("pump-dst-{k}"))
                 .spawn(move || {
                     let DataConn { conn, sock, peer } = c;
-                    let r = pump::pump(local, conn, sock, &peer, &me.meter, &stop)
+                    let r = pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters)
                         .map(|_| ())
                         .map_err(|e| format!("data stream {k} with {peer}: {e}"));
                     lock(&me.streams).running -= 1;

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vmferry_channel::compress::Filters;
 use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
@@ -292,7 +293,7 @@ impl SourceMigration {
                     streams: n16,
                 };
                 let c = channel::dial(&self.id, &addr, cfg, pre, timeout)?;
-                let t = Tunnel::client(c.conn, c.sock, &c.peer, self.meter.clone())
+                let t = Tunnel::client(c.conn, c.sock, &c.peer, self.meter.clone(), self.filters())
                     .map_err(|e| DaemonError::Channel(e.to_string()))?;
                 *lock(&self.tunnel_stop) = Some(t.stop_handle());
                 Held::Tunnel(t)
@@ -395,6 +396,7 @@ impl SourceMigration {
             st.transport = transport.to_string();
             st.transport_notes = cookie.transport_notes.clone();
             st.data_path = daemon.data_path.clone();
+            st.compression = self.options.compress.to_string();
         }
 
         let _ = std::fs::remove_file(&self.socket_path);
@@ -467,6 +469,7 @@ impl SourceMigration {
                 let mut st = lock(&self.status);
                 st.qemu_status = "completed".into();
                 st.channel_bytes = self.meter.forward();
+                st.wire_bytes = self.meter.wire_forward();
                 st.finished = true;
                 self.finished.notify_all();
             }
@@ -576,6 +579,12 @@ impl SourceMigration {
         })
     }
 
+    fn filters(&self) -> Filters {
+        Filters {
+            compress: self.options.compress,
+        }
+    }
+
     fn spawn_pump(
         self: &Arc<Self>,
         k: usize,
@@ -591,7 +600,7 @@ impl SourceMigration {
             .name(format!("pump-src-{k}"))
             .spawn(move || {
                 let r: std::result::Result<PumpStats, _> =
-                    pump::pump(local, conn, sock, &peer, &me.meter, &stop);
+                    pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters());
                 if let Err(e) = r {
                     let mut pe = lock(&me.pump_error);
                     if pe.is_none() {
@@ -632,6 +641,7 @@ impl SourceMigration {
                 st.total_time_ms = info.total_time_ms.or(st.total_time_ms);
                 st.downtime_ms = info.downtime_ms.or(st.downtime_ms);
                 st.channel_bytes = self.meter.forward();
+                st.wire_bytes = self.meter.wire_forward();
             }
             match info.status {
                 QemuMigrationStatus::Completed => return Ok(()),
@@ -727,6 +737,7 @@ impl SourceMigration {
         }
         let mut st = st.clone();
         st.channel_bytes = self.meter.forward();
+        st.wire_bytes = self.meter.wire_forward();
         st
     }
 
