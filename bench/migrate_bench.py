@@ -15,6 +15,8 @@ Routes (all on 127.0.0.1; the QEMUs run TCG, which is fine for a paused guest):
   direct, reverse, tunnel
             vmferry serve (two daemons) + vmferry migrate in attach mode, --transport ROUTE
   vmferry   the same with --transport auto
+  direct-zstd, tunnel-zstd
+            direct or tunnel with --compress zstd (level 1)
 A failed run (say the tunnel transport is mid-change) is reported with its error (and what
 the QEMUs wrote on stderr), tried again (--retries), counted, and shown in the tables; a
 route that failed --max-failures times is left out from then on; the other routes go on.
@@ -71,7 +73,7 @@ GUEST_DIR = os.environ.get("VMFERRY_CACHE", os.path.join(ROOT, ".cache", "guest"
 GUEST_APPEND = "console=ttyS0 quiet panic=-1"
 SHM_PREFIX = "/dev/shm/vmferry-bench-"
 QEMU_ROUTES = ("plain", "qemu-tls", "stunnel")
-VMFERRY_ROUTES = ("direct", "reverse", "tunnel", "vmferry")
+VMFERRY_ROUTES = ("direct", "reverse", "tunnel", "vmferry", "direct-zstd", "tunnel-zstd")
 ALL_ROUTES = QEMU_ROUTES + VMFERRY_ROUTES
 UNLIMITED = 1 << 40  # QEMU's max-bandwidth default is a cap: lift it for every route
 GIB = 1 << 30
@@ -539,11 +541,12 @@ def vmferry_route_migrate(env, route, src, dst, multifd, live):
         raise RuntimeError(f"vmferry daemons unavailable: {env.daemons_error}")
     for d in env.daemons:
         d.ensure()
-    transport = "auto" if route == "vmferry" else route
+    transport = "auto" if route == "vmferry" else route.removesuffix("-zstd")
+    compress = ["--compress", "zstd"] if route.endswith("-zstd") else []
     cmd = [VMFERRY, "migrate", "--from", env.daemons[0].addr, "--to", env.daemons[1].addr,
            "--src-qmp", src.qmp, "--dst-qmp", dst.qmp, "--certs", env.certs,
            "--multifd", str(multifd), "--json", "--transport", transport,
-           "--timeout", str(env.args.timeout)]
+           "--timeout", str(env.args.timeout)] + compress
     carrier = [d.pid for d in env.daemons]
     c0 = children_cpu()
     t0 = time.perf_counter()
@@ -727,14 +730,14 @@ def summarize(cells, results, failures, gib):
 
 
 def print_table(rows, runs):
-    print(f"{'route':9} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
+    print(f"{'route':11} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
           f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'(QEMUs)':>8}")
     last = None
     for row in rows:
         if last is not None and row["multifd"] != last:
             print()
         last = row["multifd"]
-        head = f"{row['route']:9} {streams_label(row['multifd']):10} {row['n']:>2}"
+        head = f"{row['route']:11} {streams_label(row['multifd']):10} {row['n']:>2}"
         if row.get("median") is None:
             print(f"{head} FAILED: {row['error']}")
             continue
@@ -749,12 +752,12 @@ def print_markdown(rows, live_rows, a, header):
     cmd = " ".join(["python3 bench/migrate_bench.py"] + sys.argv[1:])
     print(f"Measured {header} (`{cmd}`):")
     print()
-    print("| route    | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
-    print("|----------|------------|------|-------------|---------------|-------|----------|-----------|")
+    print("| route       | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
+    print("|-------------|------------|------|-------------|---------------|-------|----------|-----------|")
     notes = []
     for row in rows:
         runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
-        head = f"| {row['route']:8} | {streams_label(row['multifd']):10} | {runs:4} |"
+        head = f"| {row['route']:11} | {streams_label(row['multifd']):10} | {runs:4} |"
         if row["failed"]:
             notes.append(f"{row['route']}, {streams_label(row['multifd'])}: {row['failed']} failed"
                          f" run(s): {row['error']}")
@@ -773,11 +776,11 @@ def print_markdown(rows, live_rows, a, header):
         print(f"Live guest ({a.live_ram_mib} MiB, dirtying 16 MiB continuously, TCG; medians, min–max),"
               " QEMU's total-time and downtime from query-migrate on the source:")
         print()
-        print("| route    | streams    | runs | QEMU total-time      | downtime             | wall    |")
-        print("|----------|------------|------|----------------------|----------------------|---------|")
+        print("| route       | streams    | runs | QEMU total-time      | downtime             | wall    |")
+        print("|-------------|------------|------|----------------------|----------------------|---------|")
         for lr in summarize_live(live_rows):
             runs = f"{lr['n']}" + (f"+{lr['failed']}✗" if lr["failed"] else "")
-            head = f"| {lr['route']:8} | {streams_label(lr['multifd']):10} | {runs:4} |"
+            head = f"| {lr['route']:11} | {streams_label(lr['multifd']):10} | {runs:4} |"
             if not lr["n"]:
                 print(f"{head} failed               | –                    | –       |")
                 continue
@@ -848,6 +851,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="measured runs per route and stream count")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds (not counted)")
     ap.add_argument("--ram-mib", type=int, default=1024, help="guest RAM, MiB of random data")
+    ap.add_argument("--ram-pattern", choices=("random", "text"), default="random",
+                    help="guest RAM contents: random (incompressible) or text-like pages "
+                         "(compressible, no zero pages)")
     ap.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                     help="also migrate a live guest that dirties memory (default on)")
     ap.add_argument("--live-routes", default="plain,direct", help="routes for the live guest")
@@ -921,10 +927,19 @@ def main():
                 print(f"stunnel unavailable: {e}", flush=True)
 
         template = shm_path("src")
-        print(f"writing {a.ram_mib} MiB of random guest RAM to {template} ...", flush=True)
+        print(f"writing {a.ram_mib} MiB of {a.ram_pattern} guest RAM to {template} ...", flush=True)
         with open("/dev/urandom", "rb") as r, open(template, "wb") as w:
-            for _ in range(a.ram_mib):
-                w.write(r.read(1 << 20))
+            for mib in range(a.ram_mib):
+                if a.ram_pattern == "random":
+                    w.write(r.read(1 << 20))
+                    continue
+                # Text-like pages: every page different, none zero, compressible ~10:1.
+                pages = []
+                for p in range(256):
+                    line = (f"page {mib * 256 + p:08} of the guest page cache: "
+                            f"{r.read(6).hex()} lorem ipsum dolor sit amet. ").encode()
+                    pages.append((line * (4096 // len(line) + 1))[:4096])
+                w.write(b"".join(pages))
         gib = a.ram_mib / 1024
 
         cells = [(r, m) for m in mfds for r in routes]
@@ -964,7 +979,7 @@ def main():
 
         rows = summarize(cells, results, failures, gib)
         print()
-        print(f"Paused guest, {a.ram_mib} MiB random RAM; medians of {a.runs} runs after {a.warmup}"
+        print(f"Paused guest, {a.ram_mib} MiB {a.ram_pattern} RAM; medians of {a.runs} runs after {a.warmup}"
               " warm-up, interleaved; destination RAM verified byte-identical every run.")
         print("vs plain: median wall time / plain TCP's with the same stream count.  QEMU ms: QEMU's"
               " total-time on the source.")
