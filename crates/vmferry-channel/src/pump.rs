@@ -361,14 +361,20 @@ fn drain_plaintext(
     pending: &mut Vec<u8>,
     peer_done: &mut bool,
 ) -> Result<(), String> {
-    let mut chunk = [0u8; 16 * 1024];
+    // rustls's own buffer straight into `pending`: one copy out of rustls, not two.
+    use std::io::BufRead;
     loop {
-        match conn.reader().read(&mut chunk) {
-            Ok(0) => {
+        let mut reader = conn.reader();
+        match reader.fill_buf() {
+            Ok([]) => {
                 *peer_done = true;
                 return Ok(());
             }
-            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Ok(buf) => {
+                let n = buf.len();
+                pending.extend_from_slice(buf);
+                reader.consume(n);
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e.to_string()),
         }
