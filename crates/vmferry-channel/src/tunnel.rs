@@ -2050,6 +2050,10 @@ mod tests {
         t
     }
 
+    /// The daemon's allocator (the vmferry binary's), so these figures match its.
+    #[global_allocator]
+    static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
     /// `cargo test --release -p vmferry-channel --lib tunnel::tests::throughput -- --ignored --nocapture`
     #[test]
     #[ignore]

@@ -7,6 +7,12 @@ mod units;
 
 use clap::Parser;
 
+/// mimalloc keeps freed large buffers for reuse; glibc's malloc returns them to the kernel
+/// and faults them back in, which cost the tunnel transport a quarter of its throughput
+/// (bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMFERRY_LOG")
