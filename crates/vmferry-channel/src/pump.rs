@@ -406,7 +406,11 @@ mod tests {
         rig_with(Filters::default(), Filters::default())
     }
 
-    fn rig_with(opts_a: Filters, opts_b: Filters) -> Rig {
+    /// A pinned TLS pair over loopback, as every data stream starts.
+    fn handshake() -> (
+        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    ) {
         let s = EphemeralIdentity::generate("s").expect("s");
         let d = EphemeralIdentity::generate("d").expect("d");
         let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
@@ -427,6 +431,25 @@ mod tests {
         )
         .expect("client tls");
         let (ss, _) = srv.join().expect("join");
+        (cs, ss)
+    }
+
+    #[test]
+    fn data_streams_negotiate_aes_128_gcm() {
+        let (cs, ss) = handshake();
+        for suite in [
+            cs.conn.negotiated_cipher_suite(),
+            ss.conn.negotiated_cipher_suite(),
+        ] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
+    }
+
+    fn rig_with(opts_a: Filters, opts_b: Filters) -> Rig {
+        let (cs, ss) = handshake();
         let (src_qemu, a_local) = UnixStream::pair().expect("pair");
         let (dst_qemu, b_local) = UnixStream::pair().expect("pair");
         let stop_a = StopHandle::new(&a_local, &cs.sock).expect("stop");

@@ -161,10 +161,13 @@ impl Server {
         let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
         let audit = AuditLog::open(&config.state_dir);
         let data_path = match vmferry_channel::transport::kernel_tls_available() {
-            Ok(()) => "userspace TLS 1.3 (rustls); the kernel offers TLS offload, which this \
-                       build does not use yet"
+            Ok(()) => "userspace TLS 1.3 (rustls on aws-lc-rs, AES-128-GCM preferred); the \
+                       kernel offers TLS offload, which this build does not use yet"
                 .to_string(),
-            Err(why) => format!("userspace TLS 1.3 (rustls); kernel TLS unavailable: {why}"),
+            Err(why) => format!(
+                "userspace TLS 1.3 (rustls on aws-lc-rs, AES-128-GCM preferred); kernel TLS \
+                 unavailable: {why}"
+            ),
         };
         tracing::info!("data path: {data_path}");
         Ok(Server {
