@@ -12,6 +12,10 @@ Routes (all on 127.0.0.1; the QEMUs run TCG, which is fine for a paused guest):
   qemu-tls  QEMU's own TLS (tls-creds-x509, mutual, verify-peer=on, tls-hostname)
   stunnel   QEMU -> stunnel client -> TLS -> stunnel server -> QEMU (mutual certificates;
             all multifd channels go through the same stunnel port)
+  plain-unix  QEMU -> unix socket -> QEMU, unencrypted: what QEMU itself spends on the
+            unix sockets vmferry's daemons give it
+  relay     QEMU -> socat -> TCP -> socat -> QEMU, unencrypted: the cost of two userspace
+            hops alone (vmferry's topology without its TLS); one stream only
   direct, reverse, tunnel
             vmferry serve (two daemons) + vmferry migrate in attach mode, --transport ROUTE
   vmferry   the same with --transport auto
@@ -72,7 +76,7 @@ QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 GUEST_DIR = os.environ.get("VMFERRY_CACHE", os.path.join(ROOT, ".cache", "guest"))
 GUEST_APPEND = "console=ttyS0 quiet panic=-1"
 SHM_PREFIX = "/dev/shm/vmferry-bench-"
-QEMU_ROUTES = ("plain", "qemu-tls", "stunnel")
+QEMU_ROUTES = ("plain", "plain-unix", "qemu-tls", "stunnel", "relay")
 VMFERRY_ROUTES = ("direct", "reverse", "tunnel", "vmferry", "direct-zstd", "tunnel-zstd")
 ALL_ROUTES = QEMU_ROUTES + VMFERRY_ROUTES
 UNLIMITED = 1 << 40  # QEMU's max-bandwidth default is a cap: lift it for every route
@@ -463,17 +467,55 @@ class Env:
         self.stunnel_error = None
 
 
+def install_socat():
+    if shutil.which("socat"):
+        return shutil.which("socat")
+    if os.geteuid() != 0:
+        raise RuntimeError("socat is missing (apt-get install socat, as root)")
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "socat"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not shutil.which("socat"):
+        raise RuntimeError(f"apt-get install socat failed: {r.stderr.strip()[-300:]}")
+    return shutil.which("socat")
+
+
+def start_relay(dst_port):
+    """Two socat relays in a row (like the two daemons), 256 KiB buffers, no encryption.
+    Returns (the port the source QEMU dials, the socat processes)."""
+    if not hasattr(start_relay, "socat"):
+        start_relay.socat = install_socat()
+    mid, entry = free_port(), free_port()
+    procs = []
+    for listen, to in ((mid, dst_port), (entry, mid)):
+        p = spawn([start_relay.socat, "-b", "262144", f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr",
+                   f"TCP:127.0.0.1:{to}"])
+        procs.append(p)
+        wait_listening(listen, p, "socat")
+    return entry, procs
+
+
 def qemu_route_migrate(env, route, src, dst, multifd, live):
-    """plain / qemu-tls / stunnel: drives both QEMUs over QMP. Returns (elapsed s, source
-    query-migrate info, carrier pids)."""
+    """plain / qemu-tls / stunnel / relay: drives both QEMUs over QMP. Returns (elapsed s,
+    source query-migrate info, carrier pids)."""
     carrier = []
-    if route == "stunnel":
+    relays = []
+    if route == "relay":
+        if multifd:
+            raise RuntimeError("relay carries one stream only (socat without fork)")
+        port = free_port()
+        dst_uri = f"tcp:127.0.0.1:{port}"
+        # socat dials onward only once dialed itself, so it may start before QEMU listens.
+        entry, relays = start_relay(port)
+        src_uri = f"tcp:127.0.0.1:{entry}"
+    elif route == "stunnel":
         if env.stunnel is None:
             raise RuntimeError(f"stunnel unavailable: {env.stunnel_error}")
         env.stunnel.alive()
         carrier = env.stunnel.pids
         dst_uri = f"tcp:127.0.0.1:{env.stunnel.dst_port}"
         src_uri = f"tcp:127.0.0.1:{env.stunnel.client_port}"
+    elif route == "plain-unix":
+        dst_uri = src_uri = f"unix:{os.path.join(env.work, f'plain-{free_port()}.sock')}"
     else:
         port = free_port()
         dst_uri = src_uri = f"tcp:127.0.0.1:{port}"
@@ -533,6 +575,17 @@ def qemu_route_migrate(env, route, src, dst, multifd, live):
     r = {"qemu_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
          "setup_ms": info.get("setup-time"), "bytes": info.get("ram", {}).get("transferred"),
          "dirty_syncs": info.get("ram", {}).get("dirty-sync-count")}
+    if relays:
+        # socat ends with its connection; reaped here, its CPU is the children's.
+        c0 = children_cpu()
+        for p in relays:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill(p)
+            if p in PROCS:
+                PROCS.remove(p)
+        r["controller_cpu"] = children_cpu() - c0
     return elapsed, r, carrier
 
 

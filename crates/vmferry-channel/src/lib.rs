@@ -14,6 +14,8 @@ pub mod identity;
 pub mod meter;
 pub mod peercred;
 pub mod pump;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod tls_async;
 pub mod transport;

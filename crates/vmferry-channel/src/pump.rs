@@ -128,6 +128,7 @@ fn run(
         msg,
     };
     local.set_nonblocking(true).map_err(PumpError::Local)?;
+    crate::transport::tune_local(local);
     tcp.set_nonblocking(true)
         .map_err(|e| peer_err(e.to_string()))?;
     // The local socket is read only when rustls's send buffer is empty, so one read's
@@ -384,9 +385,6 @@ fn drain_plaintext(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::EphemeralIdentity;
-    use crate::tls;
-    use std::net::TcpListener;
     use std::time::{Duration, Instant};
 
     /// A TLS pair over loopback, each side wrapped in a pump with a unix socketpair;
@@ -406,33 +404,7 @@ mod tests {
         rig_with(Filters::default(), Filters::default())
     }
 
-    /// A pinned TLS pair over loopback, as every data stream starts.
-    fn handshake() -> (
-        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-        rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    ) {
-        let s = EphemeralIdentity::generate("s").expect("s");
-        let d = EphemeralIdentity::generate("d").expect("d");
-        let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
-        let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
-        let srv = std::thread::spawn(move || {
-            let (tcp, _) = l.accept().expect("accept");
-            tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
-        });
-        let tcp = TcpStream::connect(&addr).expect("connect");
-        let cs = tls::connect(
-            tcp,
-            tls::PINNED_SERVER_NAME,
-            ccfg,
-            Duration::from_secs(5),
-            &addr,
-        )
-        .expect("client tls");
-        let (ss, _) = srv.join().expect("join");
-        (cs, ss)
-    }
+    use crate::testing::tls_streams as handshake;
 
     #[test]
     fn data_streams_negotiate_aes_128_gcm() {

@@ -93,6 +93,21 @@ pub fn tune_socket(s: &TcpStream) {
     }
 }
 
+/// The local (QEMU) end of a stream: a large send buffer, so each write hands QEMU more
+/// and wakes it less often. A unix stream socket has no autotuning, and its default
+/// (`wmem_default`, ~208 KiB) made QEMU's multifd receive threads wake for every few
+/// hundred KiB: with 4 MiB the benchmark's multifd-4 migration took 0.74 s instead of
+/// 0.91 s, the QEMUs' CPU per GiB fell from 0.93 to 0.64 s. Best effort: the kernel caps
+/// the request at `wmem_max`.
+pub fn tune_local(s: &std::os::unix::net::UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    const WANT: usize = 4 << 20;
+    let n = WANT.min(sysctl_max("/proc/sys/net/core/wmem_max").unwrap_or(WANT));
+    if let Err(e) = setsockopt(s, sockopt::SndBuf, &n) {
+        tracing::debug!("cannot set the local socket's SO_SNDBUF to {n}: {e}");
+    }
+}
+
 /// The buffer size to set, if setting one is better than autotuning: the kernel caps a
 /// request at `core_max` and doubles it (bookkeeping overhead); autotuning may grow a
 /// buffer up to `autotune_max`.

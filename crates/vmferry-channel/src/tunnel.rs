@@ -984,6 +984,7 @@ async fn mux(
                     // at once, or the server would wait for it forever (see `early`).
                     match local
                         .set_nonblocking(true)
+                        .map(|_| crate::transport::tune_local(&local))
                         .and_then(|_| tokio::net::UnixStream::from_std(local))
                     {
                         Ok(local) => {
@@ -1164,6 +1165,7 @@ async fn acceptor(
             };
             match local
                 .set_nonblocking(true)
+                .map(|_| crate::transport::tune_local(&local))
                 .and_then(|_| tokio::net::UnixStream::from_std(local))
             {
                 Ok(local) => {
@@ -1506,41 +1508,9 @@ mod tests {
     //! because `tests/tunnel.rs` belongs to `tunnel_yamux`.)
 
     use super::*;
-    use crate::identity::EphemeralIdentity;
     use crate::pump::{self, StopHandle};
-    use crate::tls;
+    use crate::testing::tls_pair;
     use std::io::{Read, Write};
-    use std::net::TcpListener;
-
-    /// A TLS connection on loopback: (client conn, client tcp, server conn, server tcp).
-    fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) {
-        let s = EphemeralIdentity::generate("s").expect("s");
-        let d = EphemeralIdentity::generate("d").expect("d");
-        let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
-        let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
-        let srv = std::thread::spawn(move || {
-            let (tcp, _) = l.accept().expect("accept");
-            tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
-        });
-        let tcp = TcpStream::connect(&addr).expect("connect");
-        let c = tls::connect(
-            tcp,
-            tls::PINNED_SERVER_NAME,
-            ccfg,
-            Duration::from_secs(5),
-            &addr,
-        )
-        .expect("client tls");
-        let (s, _) = srv.join().expect("join");
-        (
-            rustls::Connection::Client(c.conn),
-            c.sock,
-            rustls::Connection::Server(s.conn),
-            s.sock,
-        )
-    }
 
     /// Where the server's streams arrive: the far end of each stream's local socket.
     type Arrivals = std::sync::mpsc::Receiver<(u16, UnixStream)>;

@@ -3,60 +3,21 @@
 //! stream, and a cut connection, each ending promptly with a cause.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmferry_channel::compress::Filters;
-use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
-use vmferry_channel::tls;
 use vmferry_channel::tunnel::{Accept, Tunnel};
 
-/// A TLS connection on loopback, as (client conn, client tcp, server conn, server tcp).
-fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) {
-    let s = EphemeralIdentity::generate("s").expect("s");
-    let d = EphemeralIdentity::generate("d").expect("d");
-    let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
-    let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr").to_string();
-    let srv = std::thread::spawn(move || {
-        let (tcp, _) = l.accept().expect("accept");
-        tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
-    });
-    let tcp = TcpStream::connect(&addr).expect("connect");
-    let c = tls::connect(
-        tcp,
-        tls::PINNED_SERVER_NAME,
-        ccfg,
-        Duration::from_secs(5),
-        &addr,
-    )
-    .expect("client tls");
-    let (s, _) = srv.join().expect("join");
-    (
-        rustls::Connection::Client(c.conn),
-        c.sock,
-        rustls::Connection::Server(s.conn),
-        s.sock,
-    )
-}
+use vmferry_channel::testing::tls_pair;
 
-/// A client and a server tunnel; each stream the client opens reaches the server's
-/// side of a socket pair, whose other end is pushed to `arrived`.
 /// Streams that reached the server side, with their index.
 type Arrived = Arc<Mutex<Vec<(u16, UnixStream)>>>;
 
-fn tunnels() -> (Tunnel, Tunnel, Arrived) {
+/// A client and a server tunnel over a fresh TLS pair; `accept` decides the streams.
+fn tunnel_pair(accept: Accept) -> (Tunnel, Tunnel) {
     let (cc, ct, sc, st) = tls_pair();
-    let arrived = Arc::new(Mutex::new(Vec::new()));
-    let a2 = arrived.clone();
-    let accept: Accept = Box::new(move |k| {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        a2.lock().expect("lock").push((k, theirs));
-        Ok(ours)
-    });
     let server = Tunnel::server(
         sc,
         st,
@@ -74,6 +35,20 @@ fn tunnels() -> (Tunnel, Tunnel, Arrived) {
         Filters::default(),
     )
     .expect("client");
+    (client, server)
+}
+
+/// A client and a server tunnel; each stream the client opens reaches the server's
+/// side of a socket pair, whose other end is pushed to `arrived`.
+fn tunnels() -> (Tunnel, Tunnel, Arrived) {
+    let arrived = Arc::new(Mutex::new(Vec::new()));
+    let a2 = arrived.clone();
+    let accept: Accept = Box::new(move |k| {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        a2.lock().expect("lock").push((k, theirs));
+        Ok(ours)
+    });
+    let (client, server) = tunnel_pair(accept);
     (client, server, arrived)
 }
 
@@ -227,25 +202,8 @@ fn a_reader_that_stops_pushes_back_and_control_messages_still_flow() {
 
 #[test]
 fn a_stream_the_server_refuses_fails_both_ends_with_the_cause() {
-    let (cc, ct, sc, st) = tls_pair();
     let accept: Accept = Box::new(|k| Err(format!("no QEMU waits for stream {k}")));
-    let server = Tunnel::server(
-        sc,
-        st,
-        "client",
-        Arc::new(Meter::default()),
-        Filters::default(),
-        accept,
-    )
-    .expect("server");
-    let client = Tunnel::client(
-        cc,
-        ct,
-        "server",
-        Arc::new(Meter::default()),
-        Filters::default(),
-    )
-    .expect("client");
+    let (client, server) = tunnel_pair(accept);
     let (_qemu, ours) = UnixStream::pair().expect("pair");
     client.open(0, ours).expect("open");
     let e = server
