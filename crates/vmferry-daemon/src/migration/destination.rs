@@ -32,7 +32,7 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the streams may take to end once QEMU loaded everything (QEMU needs nothing
 /// more from them; this only lets them end cleanly rather than be cut).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(5);
 /// How long QEMU gets to report completion after a stream broke.
 const BROKEN_GRACE: Duration = Duration::from_secs(3);
 

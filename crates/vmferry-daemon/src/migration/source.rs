@@ -38,7 +38,7 @@ const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the pumps may take to drain after QEMU says it completed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often QEMU is asked how the migration goes (query-migrate is cheap).
-const POLL: Duration = Duration::from_millis(10);
+const POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
