@@ -161,6 +161,13 @@ fn attach_migrate_filled(
         .args(extra);
     let o = run(c);
     let same = same_contents(src_ram.path(), dst_ram.path())?;
+    // QMP serves one client at a time: vmferry held it while the migration ran, and must
+    // have let go of it on both sides, whatever the outcome, for the QEMUs' owner.
+    for (side, qmp) in [("source", &src.qmp), ("destination", &dst.qmp)] {
+        let mut q = vmferry_qmp::Qmp::connect(qmp, Duration::from_secs(2))
+            .map_err(|e| anyhow::anyhow!("{side} QMP still taken after the migration: {e}"))?;
+        q.query_status()?;
+    }
     if !o.status.success() {
         // A failed migration leaves the source QEMU usable.
         let mut q = vmferry_qmp::Qmp::connect(&src.qmp, Duration::from_secs(5))?;

@@ -110,7 +110,7 @@ impl DestinationMigration {
                 let v = daemon.vms.start(spec, true)?;
                 (QemuHandle::Managed(v), Some(name.clone()))
             }
-            VmRef::Attached { qmp } => (QemuHandle::Attached(PathBuf::from(qmp)), None),
+            VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None),
         };
         let incoming_socket = daemon
             .config
@@ -370,6 +370,7 @@ impl DestinationMigration {
         // it, once QEMU has had a moment to say so itself.
         let deadline = Instant::now() + LOAD_TIMEOUT;
         let mut broken_since: Option<(Instant, String)> = None;
+        let held = self.qemu.hold();
         let info = loop {
             let stream_error = lock(&self.streams)
                 .error
@@ -406,6 +407,7 @@ impl DestinationMigration {
             }
             std::thread::sleep(POLL);
         };
+        drop(held);
         // QEMU completed; the streams end when the source closes its side. Whatever
         // happens to them now cannot take anything from QEMU: note it, and go on.
         let tunnel = lock(&self.tunnel).take();

@@ -25,19 +25,73 @@ pub use source::SourceMigration;
 pub enum QemuHandle {
     Managed(Arc<ManagedVm>),
     /// Attach mode: QMP is opened for each use and closed right after, because QEMU
-    /// serves one QMP client at a time and the QEMU's owner may need it too.
-    Attached(PathBuf),
+    /// serves one QMP client at a time and the QEMU's owner may need it too — except
+    /// while the migration runs ([`QemuHandle::hold`]).
+    Attached(Arc<AttachedQmp>),
+}
+
+/// An attached QEMU's QMP socket, and the connection kept while a phase polls it.
+#[derive(Debug)]
+pub struct AttachedQmp {
+    path: PathBuf,
+    held: Mutex<Option<Qmp>>,
+    holding: std::sync::atomic::AtomicBool,
+}
+
+/// Keeps an attached QEMU's QMP connection open until dropped.
+#[must_use]
+pub struct QmpHold<'a>(Option<&'a AttachedQmp>);
+
+impl Drop for QmpHold<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.holding.store(false, std::sync::atomic::Ordering::SeqCst);
+            *lock(&a.held) = None;
+        }
+    }
 }
 
 impl QemuHandle {
+    pub fn attached(path: PathBuf) -> QemuHandle {
+        QemuHandle::Attached(Arc::new(AttachedQmp {
+            path,
+            held: Mutex::new(None),
+            holding: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// While the returned guard lives, QMP calls reuse one connection instead of
+    /// connecting (greeting, capabilities) for each: a phase polling `query-migrate`
+    /// every few milliseconds otherwise spends them on handshakes, and each reconnect
+    /// can wait for QEMU to take the next client. Managed VMs keep theirs anyway.
+    pub fn hold(&self) -> QmpHold<'_> {
+        match self {
+            QemuHandle::Managed(_) => QmpHold(None),
+            QemuHandle::Attached(a) => {
+                a.holding.store(true, std::sync::atomic::Ordering::SeqCst);
+                QmpHold(Some(a))
+            }
+        }
+    }
+
     pub fn with_qmp<R>(&self, f: impl FnOnce(&mut Qmp) -> Result<R, QmpError>) -> Result<R> {
         match self {
             QemuHandle::Managed(vm) => vm.with_qmp(f),
-            QemuHandle::Attached(path) => {
-                let mut q = Qmp::connect(path, Duration::from_secs(5)).map_err(|e| {
-                    DaemonError::Qemu(format!("cannot reach QMP at {}: {e}", path.display()))
-                })?;
-                Ok(f(&mut q)?)
+            QemuHandle::Attached(a) => {
+                let mut held = lock(&a.held);
+                let mut q = match held.take() {
+                    Some(q) => q,
+                    None => Qmp::connect(&a.path, Duration::from_secs(5)).map_err(|e| {
+                        DaemonError::Qemu(format!("cannot reach QMP at {}: {e}", a.path.display()))
+                    })?,
+                };
+                let r = f(&mut q);
+                // Kept only while held, and only if still usable (a command error is).
+                let usable = matches!(&r, Ok(_) | Err(QmpError::Command { .. }));
+                if usable && a.holding.load(std::sync::atomic::Ordering::SeqCst) {
+                    *held = Some(q);
+                }
+                Ok(r?)
             }
         }
     }
@@ -45,7 +99,7 @@ impl QemuHandle {
     pub fn describe(&self) -> String {
         match self {
             QemuHandle::Managed(vm) => format!("VM '{}'", vm.spec.name),
-            QemuHandle::Attached(p) => format!("QEMU at {}", p.display()),
+            QemuHandle::Attached(a) => format!("QEMU at {}", a.path.display()),
         }
     }
 }

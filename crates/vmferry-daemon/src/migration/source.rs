@@ -120,7 +120,7 @@ impl SourceMigration {
                 let spec = v.spec.clone();
                 (QemuHandle::Managed(v), Some(name.clone()), Some(spec))
             }
-            VmRef::Attached { qmp } => (QemuHandle::Attached(PathBuf::from(qmp)), None, None),
+            VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None, None),
         };
         let status = qemu.with_qmp(|q| q.query_status())?;
         let active = qemu.with_qmp(|q| q.query_migrate())?;
@@ -614,6 +614,7 @@ impl SourceMigration {
     /// Polls QEMU until the migration ends; cancels QEMU's side if asked or if a stream
     /// broke.
     fn watch(&self, tunnel: Option<&Tunnel>) -> Result<()> {
+        let _held = self.qemu.hold();
         let mut cancel_sent = false;
         loop {
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
