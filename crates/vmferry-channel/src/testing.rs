@@ -2,9 +2,13 @@
 //! the docs; not for use by the daemon). What it must never do: weaken a configuration
 //! the daemon uses — it builds connections only with the real pinned configurations.
 
+use crate::compress::Filters;
 use crate::identity::EphemeralIdentity;
+use crate::meter::Meter;
 use crate::tls;
+use crate::tunnel::{Accept, Tunnel};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A pinned TLS 1.3 connection on loopback, both handshakes complete, exactly as a data
@@ -45,4 +49,47 @@ pub fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStre
         rustls::Connection::Server(s.conn),
         s.sock,
     )
+}
+
+/// How [`tunnel_pair`] sets its tunnels up.
+#[derive(Debug)]
+pub struct TunnelOpts<'a> {
+    pub filters: Filters,
+    pub client_meter: Arc<Meter>,
+    pub server_meter: Arc<Meter>,
+    /// How each side names its peer in errors.
+    pub client_calls_server: &'a str,
+    pub server_calls_client: &'a str,
+}
+
+impl Default for TunnelOpts<'_> {
+    fn default() -> Self {
+        TunnelOpts {
+            filters: Filters::default(),
+            client_meter: Arc::default(),
+            server_meter: Arc::default(),
+            client_calls_server: "server",
+            server_calls_client: "client",
+        }
+    }
+}
+
+/// A client and a server tunnel over a fresh pinned TLS pair, as the daemons make them;
+/// `accept` decides the server's streams. Also returns the server's TCP socket, to cut
+/// the connection under both.
+pub fn tunnel_pair(accept: Accept, o: TunnelOpts<'_>) -> (Tunnel, Tunnel, TcpStream) {
+    let (cc, ct, sc, st) = tls_pair();
+    let server_tcp = st.try_clone().expect("clone");
+    let server = Tunnel::server(
+        sc,
+        st,
+        o.server_calls_client,
+        o.server_meter,
+        o.filters,
+        accept,
+    )
+    .expect("server");
+    let client =
+        Tunnel::client(cc, ct, o.client_calls_server, o.client_meter, o.filters).expect("client");
+    (client, server, server_tcp)
 }

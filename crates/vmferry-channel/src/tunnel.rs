@@ -1528,17 +1528,22 @@ mod tests {
     }
 
     fn pair_with(filters: Filters, client_meter: Arc<Meter>, server_meter: Arc<Meter>) -> Pair {
-        let (cc, ct, sc, st) = tls_pair();
-        let server_tcp = st.try_clone().expect("clone");
         let (tx, arrivals) = std::sync::mpsc::channel();
         let accept: Accept = Box::new(move |k| {
             let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
             tx.send((k, theirs)).map_err(|e| e.to_string())?;
             Ok(ours)
         });
-        let server =
-            Tunnel::server(sc, st, "source", server_meter, filters, accept).expect("server");
-        let client = Tunnel::client(cc, ct, "destination", client_meter, filters).expect("client");
+        let (client, server, server_tcp) = crate::testing::tunnel_pair(
+            accept,
+            crate::testing::TunnelOpts {
+                filters,
+                client_meter,
+                server_meter,
+                client_calls_server: "destination",
+                server_calls_client: "source",
+            },
+        );
         Pair {
             client,
             server,
@@ -1801,25 +1806,15 @@ mod tests {
 
     #[test]
     fn a_stream_the_destination_refuses_fails_at_the_source_with_the_cause() {
-        let (cc, ct, sc, st) = tls_pair();
         let accept: Accept = Box::new(|k| Err(format!("no QEMU listens for stream {k}")));
-        let server = Tunnel::server(
-            sc,
-            st,
-            "source",
-            Arc::new(Meter::default()),
-            Filters::default(),
+        let (client, server, _) = crate::testing::tunnel_pair(
             accept,
-        )
-        .expect("server");
-        let client = Tunnel::client(
-            cc,
-            ct,
-            "10.0.0.2:4700",
-            Arc::new(Meter::default()),
-            Filters::default(),
-        )
-        .expect("client");
+            crate::testing::TunnelOpts {
+                client_calls_server: "10.0.0.2:4700",
+                server_calls_client: "source",
+                ..Default::default()
+            },
+        );
         let (mut qemu, ours) = UnixStream::pair().expect("pair");
         let t0 = Instant::now();
         client.open(2, ours).expect("open");

@@ -6,35 +6,17 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmferry_channel::compress::Filters;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::tunnel::{Accept, Tunnel};
 
-use vmferry_channel::testing::tls_pair;
+use vmferry_channel::testing::{self, tls_pair};
 
 /// Streams that reached the server side, with their index.
 type Arrived = Arc<Mutex<Vec<(u16, UnixStream)>>>;
 
 /// A client and a server tunnel over a fresh TLS pair; `accept` decides the streams.
 fn tunnel_pair(accept: Accept) -> (Tunnel, Tunnel) {
-    let (cc, ct, sc, st) = tls_pair();
-    let server = Tunnel::server(
-        sc,
-        st,
-        "client",
-        Arc::new(Meter::default()),
-        Filters::default(),
-        accept,
-    )
-    .expect("server");
-    let client = Tunnel::client(
-        cc,
-        ct,
-        "server",
-        Arc::new(Meter::default()),
-        Filters::default(),
-    )
-    .expect("client");
+    let (client, server, _) = testing::tunnel_pair(accept, testing::TunnelOpts::default());
     (client, server)
 }
 
