@@ -28,6 +28,58 @@ pub struct Filters {
     pub compress: Compression,
 }
 
+impl Filters {
+    /// The receiving half of these filters, if they compress.
+    pub fn decompressor(&self) -> Result<Option<Decompressor>, String> {
+        match self.compress {
+            Compression::None => Ok(None),
+            Compression::Zstd { .. } => Decompressor::new().map(Some),
+        }
+    }
+}
+
+/// The sending side of a stream's filters, for pumps and tunnel alike: what to hand TLS
+/// (or the mux) for what QEMU sent, and what ends the stream.
+#[derive(Debug)]
+pub struct Outgoing {
+    compressor: Option<Compressor>,
+    buf: Vec<u8>,
+}
+
+impl Outgoing {
+    pub fn new(filters: &Filters) -> Result<Outgoing, String> {
+        let compressor = match filters.compress {
+            Compression::None => None,
+            Compression::Zstd { level } => Some(Compressor::new(level)?),
+        };
+        Ok(Outgoing {
+            compressor,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The bytes to send for `input`: `input` itself, or its compressed, flushed form.
+    pub fn pass<'a>(&'a mut self, input: &'a [u8]) -> Result<&'a [u8], String> {
+        match self.compressor.as_mut() {
+            None => Ok(input),
+            Some(c) => {
+                self.buf.clear();
+                c.compress(input, &mut self.buf)?;
+                Ok(&self.buf)
+            }
+        }
+    }
+
+    /// The bytes that end the stream (the end of the frame), or none.
+    pub fn finish(&mut self) -> Result<&[u8], String> {
+        self.buf.clear();
+        if let Some(c) = self.compressor.as_mut() {
+            c.finish(&mut self.buf)?;
+        }
+        Ok(&self.buf)
+    }
+}
+
 /// The sending half: local plaintext in, compressed bytes out.
 pub struct Compressor {
     enc: Encoder<'static>,

@@ -11,7 +11,7 @@
 //! It must never end a stream silently: a TCP close without TLS close_notify is an attack
 //! or a crash, and is reported as [`PumpError::Truncated`].
 
-use crate::compress::{Compression, Compressor, Decompressor, Filters};
+use crate::compress::{Filters, Outgoing};
 use crate::meter::Meter;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{ErrorKind, Read, Write};
@@ -144,16 +144,10 @@ fn run(
     let mut local_eof = false;
     let mut peer_done = false;
     let mut local_write_shut = false;
-    // The compression filter: what the local side sends is compressed into `cbuf`; what
+    // The compression filter: what the local side sends goes through `outgoing`; what
     // arrives waits in `staged` (compressed) until `pending` has room for its output.
-    let (mut compressor, mut decompressor) = match options.compress {
-        Compression::None => (None, None),
-        Compression::Zstd { level } => (
-            Some(Compressor::new(level).map_err(&peer_err)?),
-            Some(Decompressor::new().map_err(&peer_err)?),
-        ),
-    };
-    let mut cbuf: Vec<u8> = Vec::new();
+    let mut outgoing = Outgoing::new(&options).map_err(&peer_err)?;
+    let mut decompressor = options.decompressor().map_err(&peer_err)?;
     let mut staged: Vec<u8> = Vec::new();
     let mut staged_off = 0usize;
     // The decompressor filled the room it had: it may hold more output.
@@ -247,26 +241,16 @@ fn run(
             match local.read(&mut lbuf) {
                 Ok(0) => {
                     local_eof = true;
-                    if let Some(c) = compressor.as_mut() {
-                        cbuf.clear();
-                        c.finish(&mut cbuf).map_err(&peer_err)?;
-                        conn.writer()
-                            .write_all(&cbuf)
-                            .map_err(|e| peer_err(e.to_string()))?;
-                        meter.add_wire_forward(cbuf.len() as u64);
-                    }
+                    let tail = outgoing.finish().map_err(&peer_err)?;
+                    conn.writer()
+                        .write_all(tail)
+                        .map_err(|e| peer_err(e.to_string()))?;
+                    meter.add_wire_forward(tail.len() as u64);
                     conn.send_close_notify();
                     progress = true;
                 }
                 Ok(n) => {
-                    let out = match compressor.as_mut() {
-                        Some(c) => {
-                            cbuf.clear();
-                            c.compress(&lbuf[..n], &mut cbuf).map_err(&peer_err)?;
-                            &cbuf[..]
-                        }
-                        None => &lbuf[..n],
-                    };
+                    let out = outgoing.pass(&lbuf[..n]).map_err(&peer_err)?;
                     conn.writer()
                         .write_all(out)
                         .map_err(|e| peer_err(e.to_string()))?;
@@ -319,7 +303,7 @@ fn run(
         // Nothing moved: sleep until something can.
         let want_local_in = !local_eof && !conn.wants_write();
         let want_local_out = pending_off < pending.len();
-        let want_tcp_in = !peer_done && pending.is_empty() && staged.is_empty() && !decode_more;
+        let want_tcp_in = !peer_done && inbound_empty;
         let want_tcp_out = conn.wants_write();
         let mut lflags = PollFlags::empty();
         if want_local_in {
@@ -385,6 +369,7 @@ fn drain_plaintext(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::Compression;
     use std::time::{Duration, Instant};
 
     /// A TLS pair over loopback, each side wrapped in a pump with a unix socketpair;

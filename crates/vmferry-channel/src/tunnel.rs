@@ -43,7 +43,7 @@
 //! other still sends. A TCP end without close_notify breaks the tunnel ("cut short").
 //! `stop` cuts the TCP connection and every local socket at once.
 
-use crate::compress::{Compression, Compressor, Decompressor, Filters};
+use crate::compress::{Filters, Outgoing};
 use crate::meter::Meter;
 use crate::tls_async::{self, TlsIo};
 use futures::future::{self, Either};
@@ -1261,11 +1261,7 @@ async fn carry_both(
                 .map_err(CarryError::There)?;
         }
         let mut buf = vec![0u8; COPY_BUF];
-        let mut compressor = match shared.filters.compress {
-            Compression::None => None,
-            Compression::Zstd { level } => Some(Compressor::new(level).map_err(CarryError::Here)?),
-        };
-        let mut cbuf = Vec::new();
+        let mut outgoing = Outgoing::new(&shared.filters).map_err(CarryError::Here)?;
         // Bytes given to the stream (compressed, if so): what the peer must confirm.
         let mut sent = 0u64;
         // Once the peer closed the mux, what the local socket sends has nowhere to go.
@@ -1284,25 +1280,15 @@ async fn carry_both(
                 }
             };
             if n == 0 {
-                if let Some(c) = compressor.as_mut() {
-                    cbuf.clear();
-                    c.finish(&mut cbuf).map_err(CarryError::Here)?;
-                    if let Err(e) = write_all(&stream, &cbuf).await {
-                        return Err(there(format!("sending: {e}")).await);
-                    }
-                    sent += cbuf.len() as u64;
-                    shared.meter.add_wire_forward(cbuf.len() as u64);
+                let tail = outgoing.finish().map_err(CarryError::Here)?;
+                if let Err(e) = write_all(&stream, tail).await {
+                    return Err(there(format!("sending: {e}")).await);
                 }
+                sent += tail.len() as u64;
+                shared.meter.add_wire_forward(tail.len() as u64);
                 break;
             }
-            let out = match compressor.as_mut() {
-                Some(c) => {
-                    cbuf.clear();
-                    c.compress(&buf[..n], &mut cbuf).map_err(CarryError::Here)?;
-                    &cbuf[..]
-                }
-                None => &buf[..n],
-            };
+            let out = outgoing.pass(&buf[..n]).map_err(CarryError::Here)?;
             if let Err(e) = write_all(&stream, out).await {
                 return Err(there(format!("sending: {e}")).await);
             }
@@ -1321,10 +1307,7 @@ async fn carry_both(
     };
 
     let down = async {
-        let mut decompressor = match shared.filters.compress {
-            Compression::None => None,
-            Compression::Zstd { .. } => Some(Decompressor::new().map_err(CarryError::Here)?),
-        };
+        let mut decompressor = shared.filters.decompressor().map_err(CarryError::Here)?;
         let mut plain = Vec::new();
         let mut got = 0u64;
         loop {
