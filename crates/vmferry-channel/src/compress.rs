@@ -314,15 +314,7 @@ mod tests {
 
     #[test]
     fn random_bytes_pass_through_a_small_buffer() {
-        let mut x = 0x1234_5678_9abc_def0u64;
-        let data: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = crate::testing::noise(0x1234_5678_9abc_def0, 1 << 20);
         let (out, wire) = roundtrip(&data, -3, 100_000, 4096);
         assert_eq!(out, data);
         assert!(wire < data.len() + data.len() / 50, "{wire}");

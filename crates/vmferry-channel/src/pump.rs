@@ -526,15 +526,7 @@ mod tests {
     }
 
     fn data(n: usize) -> Vec<u8> {
-        let mut x = 0x1234_5678_9abc_def1u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::testing::noise(0x1234_5678_9abc_def1, n)
     }
 
     #[test]

@@ -93,3 +93,26 @@ pub fn tunnel_pair(accept: Accept, o: TunnelOpts<'_>) -> (Tunnel, Tunnel, TcpStr
         Tunnel::client(cc, ct, o.client_calls_server, o.client_meter, o.filters).expect("client");
     (client, server, server_tcp)
 }
+
+/// `len` pseudo-random (xorshift64) bytes: incompressible, and the same for a seed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// This process's resident memory, in KiB (0 if /proc says nothing).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -1492,7 +1492,7 @@ mod tests {
 
     use super::*;
     use crate::pump::{self, StopHandle};
-    use crate::testing::tls_pair;
+    use crate::testing::{rss_kib, tls_pair};
     use std::io::{Read, Write};
 
     /// Where the server's streams arrive: the far end of each stream's local socket.
@@ -1712,15 +1712,6 @@ mod tests {
             .close(Duration::from_secs(5))
             .expect("client close");
         s.join().expect("join").expect("server close");
-    }
-
-    fn rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
     }
 
     #[test]

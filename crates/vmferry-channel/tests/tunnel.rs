@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vmferry_channel::meter::Meter;
 use vmferry_channel::tunnel::{Accept, Tunnel};
 
-use vmferry_channel::testing::{self, tls_pair};
+use vmferry_channel::testing::{self, noise as pattern, rss_kib, tls_pair};
 
 /// Streams that reached the server side, with their index.
 type Arrived = Arc<Mutex<Vec<(u16, UnixStream)>>>;
@@ -32,18 +32,6 @@ fn tunnels() -> (Tunnel, Tunnel, Arrived) {
     });
     let (client, server) = tunnel_pair(accept);
     (client, server, arrived)
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn wait_arrived(arrived: &Mutex<Vec<(u16, UnixStream)>>, n: usize) -> Vec<(u16, UnixStream)> {
@@ -131,15 +119,6 @@ fn four_streams_cross_byte_exact_both_ways_in_order_with_control_messages() {
     let s = std::thread::spawn(move || server.close(Duration::from_secs(10)));
     client.close(Duration::from_secs(10)).expect("client close");
     s.join().expect("join").expect("server close");
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

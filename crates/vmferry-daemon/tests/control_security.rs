@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmferry_channel::certs::{self, HostCredentials, IssueOptions};
+use vmferry_channel::testing::rss_kib;
 use vmferry_daemon::client::{ClientError, ControlClient};
 use vmferry_daemon::{ControlTarget, DaemonConfig, Server};
 use vmferry_proto::{RequestBody, ResponseBody};
@@ -232,15 +233,6 @@ fn a_frame_announcing_four_gigabytes_is_dropped_without_allocating() {
     // The daemon runs in this process: its memory did not follow the announcement.
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]
