@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine, as root and without a terminal (CI):
-# the system packages vmferry and its end-to-end tests use, then the test guest image.
-# Installs only what is missing and runs `apt-get update` at most once.
+# the Rust components the checks use (rustfmt, clippy), the system packages vmferry and
+# its end-to-end tests use, then the test guest image. Installs only what is missing and
+# runs `apt-get update` at most once.
+#
+#   scripts/setup.sh               # everything
+#   scripts/setup.sh --toolchain   # only rustfmt and clippy (quick: scripts/test.sh runs
+#                                  # the format and lint checks before the slow set-up)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -11,6 +16,32 @@ die() {
     echo "setup: error: $*" >&2
     exit 1
 }
+
+# rustfmt and clippy: `cargo fmt`/`cargo clippy` fail (even as rustup's proxies) when the
+# component is missing, so asking for their versions is the check; rustup only runs then.
+toolchain() {
+    if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+        say "rustfmt and clippy present"
+        return
+    fi
+    command -v rustup >/dev/null ||
+        die "cargo fmt or cargo clippy is missing and there is no rustup to add them"
+    say "rustup component add rustfmt clippy"
+    rustup component add rustfmt clippy || die "rustup component add rustfmt clippy failed"
+    cargo fmt --version >/dev/null && cargo clippy --version >/dev/null ||
+        die "rustfmt or clippy still missing after rustup component add"
+}
+
+case "${1:-}" in
+"") ;;
+--toolchain)
+    toolchain
+    exit 0
+    ;;
+*) die "unknown argument $1 (usage: setup.sh [--toolchain])" ;;
+esac
+
+toolchain
 
 command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
     die "this script needs a Debian-based system (apt-get and dpkg)"
