@@ -6,7 +6,8 @@
 //!
 //! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts), [`capture`] (tcpdump),
 //! [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs), [`process`] (kill-on-drop
-//! children), [`ports`].
+//! children), [`ports`], and [`require`]: what a test needs from the machine — a test that
+//! cannot run here fails, naming what is missing, and never passes by returning early.
 #![forbid(unsafe_code)]
 
 pub mod capture;
@@ -15,4 +16,7 @@ pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod qemu;
+pub mod require;
 pub mod serial;
+
+pub use require::{require, require_ok};

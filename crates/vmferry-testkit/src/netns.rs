@@ -175,26 +175,9 @@ impl Drop for TwoHosts {
     }
 }
 
-/// Whether this process can make network namespaces (root, `ip` present, kernel support).
-/// Prints why not to stderr when it cannot, so a skipped test says so loudly.
-///
-/// When the `CI` environment variable is set (to anything but `false`/`0`), a missing
-/// capability panics instead: CI machines run as root, and a suite that silently skips its
-/// end-to-end tests there would prove nothing.
-pub fn require_root_and_netns() -> bool {
-    let why = match probe_netns() {
-        Ok(()) => return true,
-        Err(e) => format!("{e:#}"),
-    };
-    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    if on_ci {
-        panic!("network namespaces are unavailable on CI: {why}");
-    }
-    eprintln!("SKIPPED: this test needs root and network namespaces: {why}");
-    false
-}
-
-fn probe_netns() -> Result<()> {
+/// Whether this process can make network namespaces (root, `ip` present, kernel support):
+/// makes one and removes it. Tests call [`crate::require::netns`], which fails them when not.
+pub(crate) fn probe_netns() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("not running as root");
     }

@@ -8,6 +8,7 @@ use vmferry_testkit::serial::{heartbeats, wait_for_heartbeat};
 
 #[test]
 fn guest_boots_under_tcg_and_prints_increasing_heartbeats() -> Result<()> {
+    vmferry_testkit::require::qemu();
     let img = guest_image()?;
     let tmp = tempfile::tempdir()?;
     let mut o = QemuOpts::new(tmp.path().join("qmp"), tmp.path().join("serial.log"));

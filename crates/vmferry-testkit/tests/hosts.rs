@@ -7,7 +7,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vmferry_testkit::capture::{file_contains, Capture};
-use vmferry_testkit::netns::{require_root_and_netns, Host, TwoHosts};
+use vmferry_testkit::netns::{Host, TwoHosts};
+use vmferry_testkit::require;
 
 /// Listens on `server`'s address and `port` inside its namespace, connects from `client`,
 /// sends `msg` and expects it echoed back. Every wait is bounded, so a blocked port fails
@@ -57,9 +58,7 @@ fn namespace_exists(name: &str) -> bool {
 
 #[test]
 fn hosts_reach_each_other_and_vanish_on_drop() -> Result<()> {
-    if !require_root_and_netns() {
-        return Ok(());
-    }
+    require::netns();
     let hosts = TwoHosts::new("reach")?;
     ensure!(hosts.a.ip != hosts.b.ip);
     echo_once(&hosts.a, &hosts.b, 5001, b"a to b")?;
@@ -82,9 +81,7 @@ fn hosts_reach_each_other_and_vanish_on_drop() -> Result<()> {
 
 #[test]
 fn parallel_instances_get_distinct_names_and_subnets() -> Result<()> {
-    if !require_root_and_netns() {
-        return Ok(());
-    }
+    require::netns();
     let (h1, h2) = (TwoHosts::new("par")?, TwoHosts::new("par")?);
     ensure!(h1.a.name != h2.a.name && h1.b.name != h2.b.name);
     ensure!(h1.a.ip != h2.a.ip);
@@ -93,9 +90,8 @@ fn parallel_instances_get_distinct_names_and_subnets() -> Result<()> {
 
 #[test]
 fn nft_rules_load_inside_the_namespace() -> Result<()> {
-    if !require_root_and_netns() {
-        return Ok(());
-    }
+    require::netns();
+    require::command("nft");
     let hosts = TwoHosts::new("nft")?;
     echo_once(&hosts.a, &hosts.b, 5010, b"open")?;
     hosts.b.nft(
@@ -115,9 +111,8 @@ fn nft_rules_load_inside_the_namespace() -> Result<()> {
 
 #[test]
 fn capture_records_a_payload_sent_across_the_veth() -> Result<()> {
-    if !require_root_and_netns() {
-        return Ok(());
-    }
+    require::netns();
+    require::command("tcpdump");
     const MARKER: &[u8] = b"<<vmferry-testkit-capture-marker-93be1d>>";
     let tmp = tempfile::tempdir()?;
     let hosts = TwoHosts::new("cap")?;

@@ -1,0 +1,131 @@
+//! What a test needs from the machine, checked up front: a test that cannot run here fails,
+//! naming what is missing. It never returns early as a pass.
+//!
+//! A skipped end-to-end test looks like a passed one in `cargo test`'s summary, so a suite
+//! that skips quietly (no root, no QEMU, no nft) proves nothing while reporting success —
+//! on CI most of all. Every check here therefore panics when its need is unmet, inside CI
+//! (`CI` set, as CI services do) and outside it; only the hint differs.
+//!
+//! ```no_run
+//! vmferry_testkit::require::netns(); // root and network namespaces, or the test fails
+//! vmferry_testkit::require::command("nft");
+//! ```
+
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Whether this runs under CI: `CI` is set to anything but empty, `false` or `0`.
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Fails the calling test unless `ok`, saying it needs `what`.
+#[track_caller]
+pub fn require(what: &str, ok: bool) {
+    if !ok {
+        unmet(what, "not available here");
+    }
+}
+
+/// Fails the calling test with `check`'s error unless it is `Ok`, saying it needs `what`.
+#[track_caller]
+pub fn require_ok(what: &str, check: Result<()>) {
+    if let Err(e) = check {
+        unmet(what, &format!("{e:#}"));
+    }
+}
+
+/// Fails the calling test unless it runs as root (user namespaces do not count: the
+/// tests make network namespaces, run tcpdump and switch uids).
+#[track_caller]
+pub fn root() {
+    let euid = nix::unistd::geteuid();
+    let check = if euid.is_root() {
+        Ok(())
+    } else {
+        Err(anyhow!("running as uid {euid}"))
+    };
+    require_ok("root (network namespaces, tcpdump, other uids)", check);
+}
+
+/// Fails the calling test unless this process can make network namespaces: root,
+/// iproute2's `ip`, and kernel support (a namespace is made and removed to find out).
+#[track_caller]
+pub fn netns() {
+    root();
+    command("ip");
+    // One probe per test process: the answer does not change between tests.
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    let probe = PROBE.get_or_init(|| crate::netns::probe_netns().map_err(|e| format!("{e:#}")));
+    if let Err(why) = probe {
+        unmet("network namespaces (ip netns add)", why);
+    }
+}
+
+/// Fails the calling test unless `program` is an executable file on `PATH`.
+#[track_caller]
+pub fn command(program: &str) {
+    require_ok(&format!("the program {program}"), find_in_path(program));
+}
+
+/// Fails the calling test unless `path` exists (a device such as /dev/net/tun, or a
+/// directory such as /dev/shm).
+#[track_caller]
+pub fn path(path: &str) {
+    require(path, Path::new(path).exists());
+}
+
+/// QEMU for x86-64 guests (`qemu-system-x86_64`).
+#[track_caller]
+pub fn qemu() {
+    command("qemu-system-x86_64");
+}
+
+fn find_in_path(program: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(());
+            }
+        }
+    }
+    bail!("not found on PATH ({})", path.to_string_lossy())
+}
+
+#[track_caller]
+fn unmet(what: &str, why: &str) -> ! {
+    let hint = if on_ci() {
+        "CI must provide it: scripts/setup.sh installs what the tests use, and CI runs as root"
+    } else {
+        "tests never skip: run scripts/setup.sh, and the tests as root (README)"
+    };
+    panic!("this test cannot run here: it needs {what}: {why}. {hint}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_met_need_passes() {
+        require("nothing", true);
+        require_ok("nothing", Ok(()));
+        command("sh");
+    }
+
+    #[test]
+    #[should_panic(expected = "this test cannot run here: it needs a unicorn: not available here")]
+    fn an_unmet_need_fails_the_test_naming_it() {
+        require("a unicorn", false);
+    }
+
+    #[test]
+    #[should_panic(expected = "needs the program vmferry-no-such-program-7e1: not found on PATH")]
+    fn a_missing_program_fails_the_test_naming_it() {
+        command("vmferry-no-such-program-7e1");
+    }
+}
