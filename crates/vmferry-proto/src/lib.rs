@@ -34,6 +34,7 @@ pub mod cookie;
 pub mod error;
 pub mod names;
 pub mod preamble;
+pub mod tunnel_frame;
 
 pub use control::*;
 pub use cookie::*;
