@@ -92,7 +92,7 @@ put("preamble", "direct_main", pre(1, 0, 1))
 put("preamble", "reverse_multifd", pre(2, 3, 5))
 put("preamble", "tunnel", pre(3, 0, 65))
 
-# tunnel_frame: the tunnel's control frames (crates/vmferry-channel/src/tunnel.rs, enum
+# tunnel_frame: the tunnel's control frames (crates/vmferry-proto/src/tunnel_frame.rs, enum
 # Frame): length-prefixed JSON, hello first.
 hello = frame({"hello": {"version": 1}})
 msg = frame({"message": {"op": "ready", "streams": 5}})

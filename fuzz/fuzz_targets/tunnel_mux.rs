@@ -7,8 +7,8 @@
 //! The tunnel runs this on a tokio runtime over a socket; here the mux reads the fuzz
 //! input from memory and is polled by hand until the input is used up, so a run costs
 //! no thread and no syscall. Whatever the mux writes back (window updates, pings'
-//! answers, resets) is dropped. The tunnel's control frame type is private, so control
-//! frames are decoded as `serde_json::Value` (which every frame is).
+//! answers, resets) is dropped. Control frames go through the tunnel's own codec
+//! (`vmferry_proto::tunnel_frame`) and the destination's sequence rules.
 
 #![no_main]
 
@@ -17,7 +17,8 @@ use libfuzzer_sys::fuzz_target;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tunnel::{yamux_config, CONTROL_STREAM_ID, MAX_CONTROL};
+use tunnel::{yamux_config, CONTROL_STREAM_ID};
+use vmferry_proto::tunnel_frame::{Frame, Incoming, MAX_CONTROL};
 
 mod tunnel;
 
@@ -121,16 +122,13 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// The control stream's frames, as the tunnel reads them until one is refused.
+/// The control stream's frames, as the destination reads them until one is refused.
 fn read_control(mut b: &[u8]) {
-    while let Some((len, rest)) = b.split_first_chunk::<4>() {
-        let len = u32::from_be_bytes(*len) as usize;
-        if len > MAX_CONTROL || rest.len() < len {
+    let mut incoming = Incoming::expecting_hello();
+    while let Ok(Some((frame, used))) = Frame::decode(b) {
+        if incoming.admit(frame).is_err() {
             return;
         }
-        if serde_json::from_slice::<serde_json::Value>(&rest[..len]).is_err() {
-            return;
-        }
-        b = &rest[len..];
+        b = &b[used..];
     }
 }
