@@ -13,10 +13,12 @@ use vmferry_testkit::capture::{file_contains, Capture};
 use vmferry_testkit::netns::TwoHosts;
 use vmferry_testkit::ports::free_port;
 use vmferry_testkit::qemu::{start_qemu, QemuOpts, QemuProcess};
+use vmferry_testkit::require;
 
 const RAM_MIB: u64 = 128;
 
 fn shm_file(tag: &str) -> Result<tempfile::NamedTempFile> {
+    require::path("/dev/shm");
     Ok(tempfile::Builder::new()
         .prefix(&format!("vmferry-test-{tag}-"))
         .tempfile_in("/dev/shm")?)
@@ -30,6 +32,7 @@ fn qemu_pair(
     dst_ns: Option<&vmferry_testkit::netns::Host>,
     dst_incoming: Option<&str>,
 ) -> Result<(QemuProcess, QemuProcess)> {
+    require::qemu();
     let mut o = QemuOpts::new(dir.join("src.qmp"), dir.join("src.serial"));
     o.memory_mib = RAM_MIB;
     o.mem_file = Some(src_ram.to_path_buf());
@@ -245,6 +248,8 @@ fn attach_mode_with_multifd_copies_guest_ram_byte_for_byte() -> Result<()> {
 #[test]
 fn guest_memory_never_crosses_the_wire_in_clear() -> Result<()> {
     const MARKER: &[u8] = b"<<vmferry-cleartext-marker-4f1c9a27 guest secret>>";
+    require::netns();
+    require::command("tcpdump");
     let tmp = tempfile::tempdir()?;
     let hosts = TwoHosts::new("clear")?;
 

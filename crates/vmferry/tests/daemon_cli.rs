@@ -9,6 +9,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use vmferry_testkit::ports::free_port;
+use vmferry_testkit::require;
 
 fn wait_for(path: &std::path::Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -122,6 +123,9 @@ fn as_user(uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn the_local_socket_gives_groups_their_roles() -> Result<()> {
+    // Switching to other uids and gids takes root.
+    require::root();
+    require::command("setpriv");
     let tmp = tempfile::tempdir()?;
     // Others may reach the socket, so that the daemon's own check is what decides.
     use std::os::unix::fs::PermissionsExt;

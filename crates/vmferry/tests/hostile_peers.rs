@@ -37,6 +37,7 @@ struct Pair {
 
 /// Two daemons on loopback (`extra` for both), a paused source QEMU and an incoming one.
 fn pair(extra: &[&str]) -> Result<Pair> {
+    vmferry_testkit::require::qemu();
     let tmp = tempfile::tempdir()?;
     let pki = Pki::new(tmp.path())?;
     let host = pki.issue("localhost", Some("127.0.0.1"))?;
@@ -148,6 +149,7 @@ fn wait_done(src: &mut ControlClient, id: &MigrationId) -> Result<()> {
             RequestBody::Status {
                 migration: id.clone(),
                 wait_ms: 500,
+                renew: false,
             },
             T,
         )?

@@ -10,6 +10,7 @@ use common::*;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use vmferry_testkit::require;
 use vmferry_testkit::serial::{heartbeats, wait_for_heartbeat};
 
 #[test]
@@ -241,6 +242,7 @@ fn ctrl_c_during_a_migration_rolls_back_and_the_source_guest_keeps_running() -> 
 
 #[test]
 fn the_local_control_socket_serves_root_and_refuses_other_uids() -> Result<()> {
+    require::command("setpriv");
     let s = setup("unix")?;
     // Let the other uid reach the socket, so that the daemon's check is what refuses it.
     use std::os::unix::fs::PermissionsExt;

@@ -11,6 +11,7 @@ use anyhow::Result;
 use common::live::*;
 use common::*;
 use std::time::{Duration, Instant};
+use vmferry_testkit::require;
 use vmferry_testkit::serial::{heartbeats, wait_for_heartbeat};
 
 /// Drops every inbound connection but the control port's (established traffic flows).
@@ -83,6 +84,9 @@ fn live_migration_under(
     expected: &str,
     passed_over: &[&str],
 ) -> Result<()> {
+    if !on.is_empty() {
+        require::command("nft");
+    }
     let s = setup_two_ports(tag)?;
     let (_pid, src_log) = start_guest(&s, "fw")?;
     let before = wait_for_heartbeat(&src_log, 3, Duration::from_secs(90))?;
@@ -169,6 +173,7 @@ fn with_one_control_port_and_nothing_else_the_stream_rides_the_tunnel() -> Resul
 
 #[test]
 fn with_everything_blocked_auto_fails_in_bounded_time_naming_each_attempt() -> Result<()> {
+    require::command("nft");
     let s = setup_two_ports("tblocked")?;
     let (src_pid, src_log) = start_guest(&s, "fw")?;
     wait_for_heartbeat(&src_log, 2, Duration::from_secs(90))?;

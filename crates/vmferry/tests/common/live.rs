@@ -5,6 +5,7 @@ use super::*;
 use anyhow::Result;
 use vmferry_testkit::guest::guest_image;
 use vmferry_testkit::netns::TwoHosts;
+use vmferry_testkit::require;
 
 pub struct Setup {
     pub tmp: tempfile::TempDir,
@@ -23,6 +24,8 @@ pub fn setup(tag: &str) -> Result<Setup> {
 /// Two hosts, a daemon on each (TCG) with its control port on :4700 and, if given, a
 /// data-only port.
 pub fn setup_with(tag: &str, data_port: Option<u16>) -> Result<Setup> {
+    require::netns();
+    require::qemu();
     let tmp = tempfile::tempdir()?;
     let hosts = TwoHosts::new(tag)?;
     let pki = Pki::new(tmp.path())?;
