@@ -156,13 +156,22 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     let auth = load_auth(&a.certs, &a.user, &a.password_file)?;
 
     let cancel = Arc::new(AtomicBool::new(false));
-    {
+    // Ctrl-C (SIGINT) or SIGTERM cancels: the controller rolls back and the source VM
+    // keeps running. A second signal only says so; the rollback must finish. The
+    // signals are read on a thread of their own, so the messages need no async-signal
+    // safety.
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
         let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            if c.swap(true, Ordering::SeqCst) {
-                eprintln!("vmferry: still rolling back, please wait");
-            } else {
-                eprintln!("vmferry: cancelling; the source VM will keep running");
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                if c.swap(true, Ordering::SeqCst) {
+                    eprintln!("vmferry: still rolling back, please wait");
+                } else {
+                    eprintln!("vmferry: cancelling; the source VM will keep running");
+                }
             }
         });
     }
