@@ -127,6 +127,8 @@ pub struct ControlClient {
     pub daemon_agent: String,
     /// Who the daemon takes us to be, with our role.
     pub identity: Option<String>,
+    /// The control protocol version the session speaks (the daemon's answer).
+    version: u32,
 }
 
 impl Drop for ControlClient {
@@ -206,6 +208,7 @@ impl ControlClient {
             next_id: 1,
             daemon_agent: String::new(),
             identity: None,
+            version: vmferry_proto::PROTOCOL_VERSION,
         };
         c.conn.set_timeout(Some(CONNECT_TIMEOUT));
         let hello = Hello::client(format!(
@@ -238,6 +241,13 @@ impl ControlClient {
             peer: c.peer.clone(),
             msg: format!("bad hello: {e}"),
         })?;
+        c.version =
+            vmferry_proto::negotiate_version(theirs.version, &theirs.agent).map_err(|e| {
+                ClientError::Protocol {
+                    peer: c.peer.clone(),
+                    msg: e.to_string(),
+                }
+            })?;
         c.daemon_agent = theirs.agent;
         c.identity = theirs.identity;
         if c.identity.is_none() {
@@ -335,6 +345,11 @@ impl ControlClient {
 
     /// Sends one request and waits up to `timeout` for its answer. An error reply comes
     /// back as [`ClientError::Remote`].
+    /// The control protocol version this session speaks.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     pub fn call(
         &mut self,
         body: RequestBody,

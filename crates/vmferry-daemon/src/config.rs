@@ -65,6 +65,10 @@ pub struct DaemonConfig {
     /// Seconds an unused prepared migration (its one-time identities) stays valid.
     #[serde(default = "default_credential_ttl")]
     pub credential_ttl_secs: u64,
+    /// The newest control protocol version this daemon speaks (default: this build's).
+    /// Only for tests that stand in for the previous release; never lower it in service.
+    #[serde(default)]
+    pub danger_protocol_version: Option<u32>,
 }
 
 fn default_qemu() -> String {
@@ -100,7 +104,18 @@ impl DaemonConfig {
             readonly_uids: Vec::new(),
             readonly_gids: Vec::new(),
             credential_ttl_secs: default_credential_ttl(),
+            danger_protocol_version: None,
         }
+    }
+
+    /// The newest protocol version this daemon speaks.
+    pub fn protocol_version(&self) -> u32 {
+        self.danger_protocol_version
+            .unwrap_or(vmferry_proto::PROTOCOL_VERSION)
+            .clamp(
+                vmferry_proto::MIN_PROTOCOL_VERSION,
+                vmferry_proto::PROTOCOL_VERSION,
+            )
     }
 
     pub fn from_file(path: &Path) -> Result<Self, String> {

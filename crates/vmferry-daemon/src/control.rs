@@ -10,10 +10,11 @@ use crate::error::{DaemonError, Result};
 use crate::migration::{DestinationMigration, SourceMigration};
 use crate::server::Daemon;
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 use vmferry_channel::framed::{self, FrameError, MAX_FRAME};
 use vmferry_proto::{
-    ErrorKind, Hello, Request, RequestBody, Response, ResponseBody, WireError, PROTOCOL_VERSION,
+    negotiate_version, ErrorKind, Hello, Request, RequestBody, Response, ResponseBody, WireError,
 };
 
 /// How long a new session may take to say hello.
@@ -46,7 +47,7 @@ impl Caller {
 /// Serves one control connection until the peer closes it or breaks the protocol.
 /// `set_timeout` sets the read timeout of the underlying socket.
 pub fn serve_control<S: Read + Write>(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     stream: &mut S,
     caller: &Caller,
     set_timeout: impl Fn(&mut S, Option<Duration>),
@@ -70,24 +71,27 @@ pub fn serve_control<S: Read + Write>(
                 return;
             }
         };
-    if hello.version != PROTOCOL_VERSION {
-        tracing::warn!(caller = %caller.who(), version = hello.version, "control session refused: version");
-        reply_error(
-            stream,
-            0,
-            WireError::new(
-                ErrorKind::Version,
-                format!(
-                    "this daemon speaks control protocol version {PROTOCOL_VERSION}, the client ({}) speaks {}",
-                    hello.agent, hello.version
+    // The version both speak: the client's, if this daemon still accepts it, capped by
+    // the version this daemon is configured to speak (tests use that to stand in for
+    // the previous release).
+    let version = match negotiate_version(hello.version, &hello.agent) {
+        Ok(v) => v.min(daemon.config.protocol_version()),
+        Err(e) => {
+            tracing::warn!(caller = %caller.who(), version = hello.version, "control session refused: {e}");
+            reply_error(
+                stream,
+                0,
+                WireError::new(
+                    ErrorKind::Version,
+                    format!("this daemon refuses the client: {e}"),
                 ),
-            ),
-        );
-        return;
-    }
+            );
+            return;
+        }
+    };
     let policy = daemon.policy();
     let mine = Hello {
-        version: PROTOCOL_VERSION,
+        version,
         agent: format!(
             "vmferry-daemon {} on {}",
             env!("CARGO_PKG_VERSION"),
@@ -187,6 +191,7 @@ fn subject_of(body: &RequestBody) -> String {
         RequestBody::VmStop { name } => name.to_string(),
         RequestBody::Begin { migration, .. }
         | RequestBody::Status { migration, .. }
+        | RequestBody::Detach { migration }
         | RequestBody::Finish { migration }
         | RequestBody::Confirm { migration, .. }
         | RequestBody::Abort { migration, .. } => migration.to_string(),
@@ -361,7 +366,7 @@ pub(crate) fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
     );
 }
 
-fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
+fn handle(daemon: &Arc<Daemon>, body: RequestBody) -> Result<ResponseBody> {
     Ok(match body {
         RequestBody::Auth { .. } => {
             return Err(DaemonError::BadRequest(
@@ -417,20 +422,47 @@ fn handle(daemon: &Daemon, body: RequestBody) -> Result<ResponseBody> {
             m.perform(daemon, &cookie)?;
             ResponseBody::Done
         }
-        RequestBody::Status { migration, wait_ms } => {
-            let m = match daemon.migrations.source(&migration) {
-                Ok(m) => m,
-                Err(e) => {
-                    return match daemon.migrations.ended_status(&migration) {
-                        Some(status) => Ok(ResponseBody::Status { status }),
-                        None => Err(e),
+        RequestBody::Status {
+            migration,
+            wait_ms,
+            renew,
+        } => {
+            // Either half answers; a renewal reaches whichever halves live here.
+            let source = daemon.migrations.source(&migration).ok();
+            let destination = daemon.migrations.destination(&migration).ok();
+            if renew {
+                source.iter().for_each(|m| m.renew());
+                destination.iter().for_each(|m| m.renew());
+            }
+            match (source, destination) {
+                (Some(m), _) => {
+                    let wait = std::time::Duration::from_millis(wait_ms.min(MAX_STATUS_WAIT_MS));
+                    ResponseBody::Status {
+                        status: m.wait_status(wait),
                     }
                 }
-            };
-            let wait = std::time::Duration::from_millis(wait_ms.min(MAX_STATUS_WAIT_MS));
-            ResponseBody::Status {
-                status: m.wait_status(wait),
+                (None, Some(m)) => ResponseBody::Status { status: m.status() },
+                (None, None) => match daemon.migrations.ended_status(&migration) {
+                    Some(status) => ResponseBody::Status { status },
+                    None => {
+                        return Err(DaemonError::NotFound(format!(
+                            "no migration {migration} on this host"
+                        )))
+                    }
+                },
             }
+        }
+        RequestBody::Detach { migration } => {
+            let source = daemon.migrations.source(&migration).ok();
+            let destination = daemon.migrations.destination(&migration).ok();
+            if source.is_none() && destination.is_none() {
+                return Err(DaemonError::NotFound(format!(
+                    "no migration {migration} in flight on this host"
+                )));
+            }
+            source.iter().for_each(|m| m.detach());
+            destination.iter().for_each(|m| m.detach());
+            ResponseBody::Done
         }
         RequestBody::MigrationList => ResponseBody::Migrations {
             migrations: daemon.migrations.list(),

@@ -435,7 +435,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 }
             };
             let (id, r) = match &route {
-                Route::Destination(m) => (m.id.clone(), m.accept_data(pre, conn)),
+                Route::Destination(m) => (m.id.clone(), m.accept_data(&daemon, pre, conn)),
                 Route::Source(m) => (m.id.clone(), m.accept_reverse(pre, conn)),
             };
             match r {
@@ -515,17 +515,28 @@ fn client_name(s: &rustls::StreamOwned<rustls::ServerConnection, TcpStream>) -> 
     Some(tls::subject_of(cert))
 }
 
-/// Drops prepared migrations nobody connected to before their credentials expired.
+/// Drops prepared migrations nobody connected to before their credentials expired, and
+/// acts on leases that ran out (each half by its own state).
 fn sweep(daemon: Arc<Daemon>) {
     loop {
-        std::thread::sleep(Duration::from_secs(5));
-        let expired: Vec<_> = lock(&daemon.migrations.destinations)
+        std::thread::sleep(SWEEP_EVERY);
+        let destinations: Vec<_> = lock(&daemon.migrations.destinations)
             .values()
-            .filter(|m| m.expired())
             .cloned()
             .collect();
-        for m in expired {
-            m.abort(&daemon, "its one-time credentials expired unused");
+        for m in destinations {
+            if m.expired() {
+                m.abort(&daemon, "its one-time credentials expired unused");
+            } else {
+                m.check_lease(&daemon);
+            }
+        }
+        let sources: Vec<_> = lock(&daemon.migrations.sources).values().cloned().collect();
+        for m in sources {
+            m.check_lease(&daemon);
         }
     }
 }
+
+/// How often leases and credentials are checked: a small part of the shortest lease.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);

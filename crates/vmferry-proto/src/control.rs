@@ -7,6 +7,7 @@
 use crate::cookie::{Cookie, MigrationOptions, Transport};
 use crate::error::WireError;
 use crate::names::{MigrationId, VmName};
+use crate::phase::{MigrationState, Role};
 use serde::{Deserialize, Serialize};
 
 /// The first message on every control connection, in both directions.
@@ -85,11 +86,20 @@ pub enum RequestBody {
         cookie: Cookie,
     },
     /// With `wait_ms`, the source answers as soon as the migration finishes, or after
-    /// that long at the latest (a long poll: no completion is noticed late).
+    /// that long at the latest (a long poll: no completion is noticed late). Either half
+    /// answers. With `renew`, the request also renews the migration's lease (which a
+    /// read-only client may not do: watching a migration must not keep it alive).
     Status {
         migration: MigrationId,
         #[serde(default)]
         wait_ms: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        renew: bool,
+    },
+    /// Hands the migration to the daemons: no lease any more; the source carries it to
+    /// its end and the destination resumes the guest once it holds the whole state.
+    Detach {
+        migration: MigrationId,
     },
     /// The migrations this daemon takes part in now, and the last ones it was the
     /// source of (with how they ended).
@@ -125,6 +135,7 @@ impl RequestBody {
             RequestBody::Finish { .. } => "finish",
             RequestBody::Confirm { .. } => "confirm",
             RequestBody::Abort { .. } => "abort",
+            RequestBody::Detach { .. } => "detach",
         }
     }
 }
@@ -137,7 +148,7 @@ impl RequestBody {
             RequestBody::Ping
                 | RequestBody::Auth { .. }
                 | RequestBody::VmList
-                | RequestBody::Status { .. }
+                | RequestBody::Status { renew: false, .. }
                 | RequestBody::MigrationList
         )
     }
@@ -188,8 +199,7 @@ pub enum ResponseBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationSummary {
     pub migration: MigrationId,
-    /// `source` or `destination`.
-    pub role: String,
+    pub role: Role,
     /// The VM's name, or the QMP socket in attach mode.
     pub vm: String,
     /// The source's view (the destination knows little until `finish`).
@@ -322,10 +332,14 @@ pub struct VmInfo {
     pub accel_reason: String,
 }
 
-/// Where a migration stands, as the source reports it while it runs.
+/// Where a migration stands, as one half reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStatus {
-    /// `setup`, `active`, `completed`, `failed`, `cancelled`, ... as QEMU says it.
+    /// The half's own state (`performing`, `completed`, `rolled_back`, `loaded`, ...);
+    /// absent from daemons of protocol version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<MigrationState>,
+    /// `setup`, `active`, `completed`, `failed`, `cancelled`, ... in QEMU's own words.
     pub qemu_status: String,
     /// True once the daemon will not change this status any more.
     pub finished: bool,
@@ -346,7 +360,9 @@ pub struct MigrationStatus {
     pub streams: u32,
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
-    pub transport: String,
+    /// The transport carrying the streams, once one was chosen.
+    #[serde(default, deserialize_with = "transport_or_empty")]
+    pub transport: Option<Transport>,
     /// Why transports tried before the one used were passed over.
     #[serde(default)]
     pub transport_notes: Vec<String>,
@@ -354,6 +370,22 @@ pub struct MigrationStatus {
     #[serde(default)]
     pub data_path: String,
     pub error: Option<String>,
+    /// What happened without a controller (a lease ran out, a detached migration), in
+    /// words: "the controller's lease expired after the switch-over; finished alone".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Protocol version 1 sent `""` for "no transport yet".
+fn transport_or_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Transport>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => Transport::parse(s)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown transport {s:?}"))),
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +446,39 @@ mod tests {
         let mut s = spec();
         s.disks = vec!["/d,readonly=off".into()];
         assert!(s.check().unwrap_err().contains("','"));
+    }
+
+    #[test]
+    fn a_version_1_status_with_an_empty_transport_still_parses() {
+        let st: MigrationStatus = serde_json::from_str(
+            r#"{"qemu_status":"active","finished":false,"ram_total":0,"ram_transferred":0,
+               "ram_remaining":0,"mbps":0.0,"channel_bytes":0,"streams":1,
+               "total_time_ms":null,"downtime_ms":null,"transport":"","error":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(st.transport, None);
+        assert_eq!(st.state, None);
+        let st: MigrationStatus =
+            serde_json::from_str(r#"{"qemu_status":"x","finished":true,"ram_total":0,"ram_transferred":0,"ram_remaining":0,"mbps":0.0,"channel_bytes":0,"streams":1,"total_time_ms":null,"downtime_ms":null,"transport":"tunnel","error":null}"#)
+                .expect("parses");
+        assert_eq!(st.transport, Some(Transport::Tunnel));
+    }
+
+    #[test]
+    fn renewing_a_lease_is_not_read_only() {
+        let id = MigrationId::from_random([3; 16]);
+        let watch = RequestBody::Status {
+            migration: id.clone(),
+            wait_ms: 0,
+            renew: false,
+        };
+        let renew = RequestBody::Status {
+            migration: id,
+            wait_ms: 0,
+            renew: true,
+        };
+        assert!(watch.is_read_only());
+        assert!(!renew.is_read_only());
     }
 
     #[test]

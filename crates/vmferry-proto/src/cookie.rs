@@ -58,6 +58,10 @@ impl Transport {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Transport> {
+        Transport::AUTO_ORDER.into_iter().find(|t| t.as_str() == s)
+    }
+
     pub fn from_code(c: u8) -> Option<Transport> {
         match c {
             1 => Some(Transport::Direct),
@@ -174,7 +178,19 @@ pub struct MigrationOptions {
     /// The compression filter on every stream (off unless asked for).
     #[serde(default, skip_serializing_if = "Compression::is_none")]
     pub compress: Compression,
+    /// How long the migration lives without hearing from its controller, in ms; 0 = no
+    /// lease (a version-1 controller). See [`crate::phase`] for what expiry does.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease_ms: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Bounds on a lease: shorter would expire between a controller's polls, longer would
+/// leave a dead controller's guest paused for too long.
+pub const LEASE_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
 
 /// Upper bound on multifd channels, so a cookie cannot make a daemon open absurd numbers
 /// of connections.
@@ -211,6 +227,10 @@ pub struct Cookie {
     pub transport: Option<Transport>,
     #[serde(default)]
     pub transport_notes: Vec<String>,
+    /// Whether the daemons open a peer link beside the streams (both speak protocol
+    /// version 2; the controller decides).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_link: bool,
 }
 
 impl Cookie {
@@ -230,6 +250,14 @@ impl Cookie {
             ));
         }
         self.options.compress.check()?;
+        if self.options.lease_ms != 0 && !LEASE_MS.contains(&self.options.lease_ms) {
+            return Err(format!(
+                "a lease of {} ms is out of range ({} to {} ms)",
+                self.options.lease_ms,
+                LEASE_MS.start(),
+                LEASE_MS.end()
+            ));
+        }
         if let Some(vm) = &self.vm {
             vm.check()?;
         }
@@ -255,6 +283,7 @@ mod tests {
             destination_control_address: None,
             transport: None,
             transport_notes: vec![],
+            peer_link: false,
         };
         assert_eq!(c.streams(), 1);
         c.options.multifd = 4;

@@ -12,6 +12,34 @@ use crate::cookie::Transport;
 pub const PREAMBLE_LEN: usize = 10;
 const MAGIC: &[u8; 4] = b"VMF2";
 
+/// What a data connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamKind {
+    /// One of QEMU's migration streams (or, for a tunnel, all of them).
+    #[default]
+    Qemu,
+    /// The peer link: the two daemons' own messages about the migration
+    /// ([`crate::peer::PeerMessage`]), one per migration, beside the QEMU streams.
+    Peer,
+}
+
+impl StreamKind {
+    fn code(self) -> u8 {
+        match self {
+            StreamKind::Qemu => 0,
+            StreamKind::Peer => 1,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<StreamKind> {
+        match c {
+            0 => Some(StreamKind::Qemu),
+            1 => Some(StreamKind::Peer),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preamble {
     /// How this connection travels. For a tunnel, the connection carries every stream
@@ -21,6 +49,8 @@ pub struct Preamble {
     pub stream: u16,
     /// How many streams the migration has in all.
     pub streams: u16,
+    /// Byte 5; version-1 daemons always sent 0 (a QEMU stream).
+    pub kind: StreamKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +61,8 @@ pub enum PreambleError {
     BadIndex { stream: u16, streams: u16 },
     #[error("data connection names unknown transport code {0}")]
     BadTransport(u8),
+    #[error("data connection names unknown stream kind {0}")]
+    BadKind(u8),
 }
 
 impl Preamble {
@@ -38,6 +70,7 @@ impl Preamble {
         let mut b = [0u8; PREAMBLE_LEN];
         b[..4].copy_from_slice(MAGIC);
         b[4] = self.transport.code();
+        b[5] = self.kind.code();
         b[6..8].copy_from_slice(&self.stream.to_be_bytes());
         b[8..10].copy_from_slice(&self.streams.to_be_bytes());
         b
@@ -49,7 +82,9 @@ impl Preamble {
             return Err(PreambleError::BadMagic(magic));
         }
         let transport = Transport::from_code(b[4]).ok_or(PreambleError::BadTransport(b[4]))?;
+        let kind = StreamKind::from_code(b[5]).ok_or(PreambleError::BadKind(b[5]))?;
         let p = Preamble {
+            kind,
             transport,
             stream: u16::from_be_bytes([b[6], b[7]]),
             streams: u16::from_be_bytes([b[8], b[9]]),
@@ -71,12 +106,15 @@ mod tests {
     #[test]
     fn a_preamble_round_trips() {
         for transport in Transport::AUTO_ORDER {
-            let p = Preamble {
-                transport,
-                stream: 3,
-                streams: 5,
-            };
-            assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+            for kind in [StreamKind::Qemu, StreamKind::Peer] {
+                let p = Preamble {
+                    transport,
+                    stream: 3,
+                    streams: 5,
+                    kind,
+                };
+                assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+            }
         }
     }
 
@@ -90,10 +128,15 @@ mod tests {
             Preamble::decode(b"VMF2\x09\0\0\0\0\x01"),
             Err(PreambleError::BadTransport(9))
         );
+        assert_eq!(
+            Preamble::decode(b"VMF2\x01\x07\0\0\0\x01"),
+            Err(PreambleError::BadKind(7))
+        );
         let p = Preamble {
             transport: Transport::Direct,
             stream: 5,
             streams: 5,
+            kind: StreamKind::Qemu,
         };
         assert!(matches!(
             Preamble::decode(&p.encode()),

@@ -411,6 +411,7 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
                 RequestBody::Status {
                     migration: id.clone(),
                     wait_ms: 0,
+                    renew: false,
                 },
                 VM_TIMEOUT,
             )? {
@@ -423,13 +424,15 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
             }
             println!("migration {id}");
             println!("  state       {}", st.qemu_status);
+            if let Some(s) = st.state {
+                println!("  phase       {s}");
+            }
+            if let Some(n) = &st.note {
+                println!("  note        {n}");
+            }
             println!(
                 "  transport   {} ({} stream{})",
-                if st.transport.is_empty() {
-                    "not chosen yet"
-                } else {
-                    &st.transport
-                },
+                st.transport.map(|t| t.as_str()).unwrap_or("not chosen yet"),
                 st.streams,
                 if st.streams == 1 { "" } else { "s" }
             );
@@ -472,7 +475,14 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
             for m in list {
                 println!(
                     "{:<32} {:<11} {:<20} {:<10} {:<8}",
-                    m.migration, m.role, m.vm, m.status.qemu_status, m.status.transport
+                    m.migration,
+                    m.role,
+                    m.vm,
+                    m.status
+                        .state
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| m.status.qemu_status.clone()),
+                    m.status.transport.map(|t| t.as_str()).unwrap_or("-")
                 );
             }
         }

@@ -79,6 +79,14 @@ pub struct MigrateArgs {
     /// Machine-readable progress and result, one JSON object per line on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Seconds the daemons wait for this controller before acting alone: before the
+    /// switch-over they roll back (the source keeps running), after it they finish.
+    #[arg(long, default_value_t = 15)]
+    pub lease: u64,
+    /// Hand the migration to the daemons once it is under way and return at once;
+    /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
@@ -140,6 +148,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             downtime_limit_ms: a.downtime_limit,
             transport: a.transport,
             compress,
+            lease_ms: 0, // set by the controller from --lease, if both daemons keep leases
         },
         data_address: a.data_address.clone(),
         timeout: a.timeout.map(Duration::from_secs),
@@ -152,6 +161,19 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             }
             None => None,
         },
+        lease: {
+            let ms = a.lease.saturating_mul(1000);
+            if !vmferry_proto::cookie::LEASE_MS.contains(&ms) {
+                return Err(anyhow!(
+                    "--lease {}: give seconds from {} to {}",
+                    a.lease,
+                    vmferry_proto::cookie::LEASE_MS.start() / 1000,
+                    vmferry_proto::cookie::LEASE_MS.end() / 1000
+                ));
+            }
+            Duration::from_millis(ms)
+        },
+        detach: a.detach,
     };
     let auth = load_auth(&a.certs, &a.user, &a.password_file)?;
 
@@ -237,9 +259,17 @@ fn print_report(r: &MigrationReport, json: bool) {
         println!("{v}");
         return;
     }
+    if r.detached {
+        println!(
+            "migration {} handed to the daemons; follow it with `vmferry status {}` on the source daemon",
+            r.migration, r.migration
+        );
+        return;
+    }
     println!("migration {} completed", r.migration);
     let plural = if r.streams == 1 { "" } else { "s" };
-    if r.transport == "tunnel" {
+    let transport = r.transport.map(|t| t.as_str()).unwrap_or("none");
+    if transport == "tunnel" {
         println!(
             "  transport   tunnel ({} stream{plural} in one TLS 1.3 connection to the control port)",
             r.streams
@@ -247,7 +277,7 @@ fn print_report(r: &MigrationReport, json: bool) {
     } else {
         println!(
             "  transport   {} ({} stream{plural}, TLS 1.3)",
-            r.transport, r.streams
+            transport, r.streams
         );
     }
     for n in &r.transport_notes {

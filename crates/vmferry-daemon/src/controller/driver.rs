@@ -1,17 +1,18 @@
-//! The controller: drives one migration through its phases over two control connections,
-//! and rolls back on any failure.
+//! The driver: one method per phase, run in the protocol's order by [`Driver::run`], over
+//! any [`Daemons`] (the real pair, or a fake in tests).
 //!
-//! It may run on a third machine; it holds no key material of its own beyond its
-//! certificate, and it carries the cookie (fingerprints, addresses) from phase to phase.
-//! Whatever goes wrong after `begin`, it must leave the source guest running: every error
-//! path goes through [`Driver::roll_back`].
+//! Each phase method either advances the cookie or returns the cause; [`Driver::run`]
+//! turns a cause into a rollback. A phase must never leave the source guest stopped
+//! without the destination holding the whole state.
 
-use crate::client::{ClientAuth, ClientError, ControlClient, ControlTarget};
+use super::daemons::Daemons;
+use super::{ControllerError, MigrationPlan, MigrationReport, Step};
+use crate::client::{ClientError, ControlTarget};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmferry_proto::{
-    Cookie, MigrationId, MigrationOptions, MigrationStatus, RequestBody, ResponseBody, Transport,
-    TransportChoice, VmRef,
+    Cookie, DestinationState, MigrationId, MigrationState, MigrationStatus, Phase, RequestBody,
+    ResponseBody, Role, SourceState, Transport, TransportChoice,
 };
 
 /// Timeouts of each phase's request.
@@ -26,344 +27,440 @@ const AUTO_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SINGLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FINISH_TIMEOUT: Duration = Duration::from_secs(180);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination gets to acknowledge an abort: the source is already safe
+/// by then, so an unresponsive destination is reported, not waited for.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait of one status long-poll (progress is shown at least this often).
 const POLL: Duration = Duration::from_millis(200);
+/// How often the watch also asks the destination how it fares.
+const DESTINATION_POLL: Duration = Duration::from_secs(1);
 
-/// What to migrate, from where to where.
-#[derive(Debug, Clone)]
-pub struct MigrationPlan {
-    pub source: ControlTarget,
-    pub destination: ControlTarget,
-    pub source_vm: VmRef,
-    pub destination_vm: VmRef,
-    pub options: MigrationOptions,
-    /// `host:port` the source dials for data; default: what the destination advertises,
-    /// else the destination's control address.
-    pub data_address: Option<String>,
-    /// Give up (and roll back) if the migration has not completed in this time.
-    pub timeout: Option<Duration>,
-    /// How long each data connection may take to connect (default: 2 s under `auto`,
-    /// 5 s for a named transport).
-    pub connect_timeout: Option<Duration>,
+/// A test hook: stop dead (as if killed) after a phase, so tests can kill the
+/// controller at each phase boundary. Read from `VMFERRY_DANGER_STOP_AFTER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StopAfter(pub Option<Phase>);
+
+impl StopAfter {
+    pub fn from_env() -> StopAfter {
+        let want = std::env::var("VMFERRY_DANGER_STOP_AFTER").unwrap_or_default();
+        StopAfter(Phase::ALL.into_iter().find(|p| p.as_str() == want))
+    }
 }
 
-/// What a completed migration reports.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MigrationReport {
-    pub migration: String,
-    pub transport: String,
-    /// Why transports tried before the one used were passed over.
-    pub transport_notes: Vec<String>,
-    pub data_path: String,
-    pub streams: u32,
-    pub total_time_ms: u64,
-    pub qemu_total_time_ms: Option<u64>,
-    pub downtime_ms: Option<u64>,
-    pub bytes: u64,
-    /// Bytes after compression (what TLS carried); equals `bytes` without it.
-    pub wire_bytes: u64,
-    pub compression: String,
-    pub throughput_mbps: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{phase} failed: {cause}{rollback}")]
-pub struct ControllerError {
-    pub phase: &'static str,
-    pub cause: String,
-    /// What the rollback did, as a sentence tail.
-    pub rollback: String,
-}
-
-struct Driver {
-    src: ControlClient,
-    dst: ControlClient,
+/// One migration, driven phase by phase.
+pub struct Driver<'a, D: Daemons, P: FnMut(&MigrationStatus)> {
+    daemons: D,
+    plan: MigrationPlan,
     id: MigrationId,
+    cancel: &'a AtomicBool,
+    progress: P,
+    started: Instant,
+    /// The cookie as the last phase left it.
+    cookie: Option<Cookie>,
+    /// Whether the destination holds something to abort.
+    prepared: bool,
+    /// The source's last status (the figures of the report).
+    last: MigrationStatus,
+    pub stop_after: StopAfter,
 }
 
-/// Runs a whole migration. `progress` sees every status the source reports. Setting
-/// `cancel` rolls the migration back at the next poll.
-pub fn migrate(
-    plan: &MigrationPlan,
-    auth: &ClientAuth,
-    mut progress: impl FnMut(&MigrationStatus),
-    cancel: &AtomicBool,
-) -> Result<MigrationReport, ControllerError> {
-    let started = Instant::now();
-    let connect = |t: &ControlTarget, role: &'static str| {
-        ControlClient::connect_with(t, auth, None).map_err(|e| ControllerError {
-            phase: role,
-            cause: e.to_string(),
-            rollback: String::new(),
-        })
-    };
-    let src = connect(&plan.source, "connecting to the source daemon")?;
-    let dst = connect(&plan.destination, "connecting to the destination daemon")?;
-    let id = new_migration_id();
-    let mut d = Driver {
-        src,
-        dst,
-        id: id.clone(),
-    };
-
-    // begin
-    let cookie = match d.src.call(
-        RequestBody::Begin {
-            migration: id.clone(),
-            vm: plan.source_vm.clone(),
-            options: plan.options.clone(),
-        },
-        BEGIN_TIMEOUT,
-    ) {
-        Ok(ResponseBody::Cookie { cookie }) => cookie,
-        Ok(other) => return Err(unexpected("begin", &other)),
-        Err(e) => {
-            return Err(ControllerError {
-                phase: "begin",
-                cause: e.to_string(),
-                rollback: String::new(),
-            })
-        }
-    };
-
-    // prepare
-    let mut cookie = match d.dst.call(
-        RequestBody::Prepare {
-            cookie,
-            vm: plan.destination_vm.clone(),
-        },
-        PREPARE_TIMEOUT,
-    ) {
-        Ok(ResponseBody::Cookie { cookie }) => cookie,
-        Ok(other) => return Err(d.fail("prepare", unexpected_text(&other), false)),
-        Err(e) => return Err(d.fail("prepare", e.to_string(), false)),
-    };
-    if let Some(a) = &plan.data_address {
-        cookie.data_address = Some(a.clone());
-    }
-    // Addresses a daemon could not name itself (it listens on a wildcard) are the ones
-    // this controller reached it at.
-    if let ControlTarget::Tcp(a) = &plan.destination {
-        cookie.data_address.get_or_insert_with(|| a.clone());
-        cookie
-            .destination_control_address
-            .get_or_insert_with(|| a.clone());
-    }
-    if let ControlTarget::Tcp(a) = &plan.source {
-        cookie.source_data_address.get_or_insert_with(|| a.clone());
-    }
-
-    // connect: the data channel, over the first transport that works
-    let choice = cookie.options.transport.unwrap_or_default();
-    let connect_timeout = plan.connect_timeout.unwrap_or(match choice {
-        TransportChoice::Auto => AUTO_CONNECT_TIMEOUT,
-        _ => SINGLE_CONNECT_TIMEOUT,
-    });
-    let mut notes = Vec::new();
-    for t in choice.candidates() {
-        match d.connect(&cookie, t, connect_timeout) {
-            Ok(()) => {
-                cookie.transport = Some(t);
-                break;
-            }
-            Err(e) => {
-                tracing::info!("transport {t} unavailable: {e}");
-                notes.push(format!("{t}: {e}"));
-            }
+impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
+    pub fn new(daemons: D, mut plan: MigrationPlan, cancel: &'a AtomicBool, progress: P) -> Self {
+        // Leases, detach and the peer link need both daemons at protocol version 2.
+        let both_v2 = [Role::Source, Role::Destination]
+            .iter()
+            .all(|r| daemons.version(*r) >= 2);
+        plan.options.lease_ms = if both_v2 {
+            plan.lease.as_millis().min(u128::from(u64::MAX)) as u64
+        } else {
+            0
+        };
+        Driver {
+            daemons,
+            plan,
+            id: new_migration_id(),
+            cancel,
+            progress,
+            started: Instant::now(),
+            cookie: None,
+            prepared: false,
+            last: MigrationStatus::default(),
+            stop_after: StopAfter::default(),
         }
     }
-    if cookie.transport.is_none() {
-        let why = if notes.len() == 1 {
+
+    pub fn id(&self) -> &MigrationId {
+        &self.id
+    }
+
+    /// The lease the daemons were asked to keep, if they speak leases.
+    pub fn lease(&self) -> Option<Duration> {
+        (self.plan.options.lease_ms > 0).then(|| Duration::from_millis(self.plan.options.lease_ms))
+    }
+
+    /// Every phase in order; any failure rolls back what was done.
+    pub fn run(&mut self) -> Result<MigrationReport, ControllerError> {
+        for phase in Phase::ALL {
+            if let Err(cause) = self.run_phase(phase) {
+                let rollback = self.roll_back(&cause);
+                return Err(ControllerError {
+                    step: Step::Phase(phase),
+                    cause,
+                    rollback,
+                });
+            }
+            if self.stop_after.0 == Some(phase) {
+                eprintln!("vmferry: stopping after {phase} (VMFERRY_DANGER_STOP_AFTER)");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            if phase == Phase::Perform && self.plan.detach {
+                self.run_detach().map_err(|cause| ControllerError {
+                    step: Step::Phase(phase),
+                    cause,
+                    rollback: "; the migration goes on without this controller".into(),
+                })?;
+                return Ok(self.report(true));
+            }
+        }
+        Ok(self.report(false))
+    }
+
+    pub fn run_phase(&mut self, phase: Phase) -> Result<(), String> {
+        match phase {
+            Phase::Begin => self.begin(),
+            Phase::Prepare => self.prepare(),
+            Phase::Connect => self.connect(),
+            Phase::Perform => self.perform(),
+            Phase::Watch => self.watch(),
+            Phase::Finish => self.finish(),
+            Phase::Confirm => self.confirm(),
+        }
+    }
+
+    /// begin: the source describes the VM and makes its identity.
+    fn begin(&mut self) -> Result<(), String> {
+        let body = RequestBody::Begin {
+            migration: self.id.clone(),
+            vm: self.plan.source_vm.clone(),
+            options: self.plan.options.clone(),
+        };
+        self.cookie = Some(self.expect_cookie(Role::Source, body, BEGIN_TIMEOUT)?);
+        Ok(())
+    }
+
+    /// prepare: the destination readies a QEMU and its identity.
+    fn prepare(&mut self) -> Result<(), String> {
+        let body = RequestBody::Prepare {
+            cookie: self.cookie()?.clone(),
+            vm: self.plan.destination_vm.clone(),
+        };
+        // From here on the destination may hold something, even if the answer is lost.
+        self.prepared = true;
+        let mut cookie = self.expect_cookie(Role::Destination, body, PREPARE_TIMEOUT)?;
+        if let Some(a) = &self.plan.data_address {
+            cookie.data_address = Some(a.clone());
+        }
+        // Addresses a daemon could not name itself (it listens on a wildcard) are the
+        // ones this controller reached it at.
+        if let ControlTarget::Tcp(a) = &self.plan.destination {
+            cookie.data_address.get_or_insert_with(|| a.clone());
+            cookie
+                .destination_control_address
+                .get_or_insert_with(|| a.clone());
+        }
+        if let ControlTarget::Tcp(a) = &self.plan.source {
+            cookie.source_data_address.get_or_insert_with(|| a.clone());
+        }
+        cookie.peer_link = self.plan.options.lease_ms > 0;
+        self.cookie = Some(cookie);
+        Ok(())
+    }
+
+    /// connect: the data channel, over the first transport that works.
+    fn connect(&mut self) -> Result<(), String> {
+        let cookie = self.cookie()?.clone();
+        let choice = cookie.options.transport.unwrap_or_default();
+        let timeout = self.plan.connect_timeout.unwrap_or(match choice {
+            TransportChoice::Auto => AUTO_CONNECT_TIMEOUT,
+            _ => SINGLE_CONNECT_TIMEOUT,
+        });
+        let mut notes = Vec::new();
+        for t in choice.candidates() {
+            match self.connect_over(&cookie, t, timeout) {
+                Ok(()) => {
+                    let c = self.cookie_mut()?;
+                    c.transport = Some(t);
+                    c.transport_notes = notes;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!("transport {t} unavailable: {e}");
+                    notes.push(format!("{t}: {e}"));
+                }
+            }
+        }
+        Err(if notes.len() == 1 {
             notes.remove(0)
         } else {
             format!(
                 "no transport could carry the migration ({})",
                 notes.join("; ")
             )
-        };
-        return Err(d.fail("connect", why, true));
-    }
-    cookie.transport_notes = notes;
-
-    // perform
-    match d.src.call(
-        RequestBody::Perform {
-            cookie: cookie.clone(),
-        },
-        PERFORM_TIMEOUT,
-    ) {
-        Ok(ResponseBody::Done) => {}
-        Ok(other) => return Err(d.fail("perform", unexpected_text(&other), true)),
-        Err(e) => return Err(d.fail("perform", e.to_string(), true)),
+        })
     }
 
-    // watch the source until QEMU and the pumps are done
-    let last = loop {
-        if cancel.load(Ordering::SeqCst) {
-            return Err(d.fail("migration", "cancelled by the operator".into(), true));
-        }
-        if let Some(t) = plan.timeout {
-            if started.elapsed() > t {
-                return Err(d.fail(
-                    "migration",
-                    format!("not complete after {} s (--timeout)", t.as_secs()),
-                    true,
-                ));
-            }
-        }
-        let st = match d.src.call(
-            RequestBody::Status {
-                migration: id.clone(),
-                wait_ms: POLL.as_millis() as u64,
-            },
-            STATUS_TIMEOUT,
-        ) {
-            Ok(ResponseBody::Status { status }) => status,
-            Ok(other) => return Err(d.fail("status", unexpected_text(&other), true)),
-            Err(e) => return Err(d.fail("status", e.to_string(), true)),
-        };
-        progress(&st);
-        if st.finished {
-            if st.qemu_status == "completed" {
-                break st;
-            }
-            let why = st
-                .error
-                .clone()
-                .unwrap_or_else(|| format!("the source reports '{}'", st.qemu_status));
-            return Err(d.fail("perform", why, true));
-        }
-    };
-
-    // finish
-    match d.dst.call(
-        RequestBody::Finish {
-            migration: id.clone(),
-        },
-        FINISH_TIMEOUT,
-    ) {
-        Ok(ResponseBody::Status { .. }) => {}
-        Ok(other) => return Err(d.fail("finish", unexpected_text(&other), true)),
-        Err(e) => return Err(d.fail("finish", e.to_string(), true)),
-    }
-
-    // confirm: the guest now lives on the destination
-    if let Err(e) = d.src.call(
-        RequestBody::Confirm {
-            migration: id.clone(),
-            success: true,
-        },
-        CONFIRM_TIMEOUT,
-    ) {
-        tracing::warn!("the guest runs on the destination, but the source did not confirm: {e}");
-    }
-    let total = started.elapsed();
-    let secs = last
-        .total_time_ms
-        .map(|ms| ms as f64 / 1000.0)
-        .unwrap_or(total.as_secs_f64())
-        .max(1e-6);
-    Ok(MigrationReport {
-        migration: id.to_string(),
-        transport: last.transport.clone(),
-        transport_notes: last.transport_notes.clone(),
-        data_path: last.data_path.clone(),
-        streams: last.streams,
-        total_time_ms: total.as_millis() as u64,
-        qemu_total_time_ms: last.total_time_ms,
-        downtime_ms: last.downtime_ms,
-        bytes: last.channel_bytes,
-        wire_bytes: last.wire_bytes,
-        compression: last.compression.clone(),
-        throughput_mbps: last.channel_bytes as f64 * 8.0 / 1e6 / secs,
-    })
-}
-
-impl Driver {
     /// Makes the data channel over one transport; the error is the cause in words.
-    fn connect(&mut self, cookie: &Cookie, t: Transport, timeout: Duration) -> Result<(), String> {
+    fn connect_over(
+        &mut self,
+        cookie: &Cookie,
+        t: Transport,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let req = || RequestBody::Connect {
             cookie: cookie.clone(),
             transport: t,
-            timeout_ms: timeout.as_millis() as u64,
+            timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         };
         // Every stream may take the connect timeout, plus a TLS handshake.
         let wait = timeout
             .saturating_mul(
                 cookie
                     .streams()
-                    .saturating_add(1)
-                    .min(1 + vmferry_proto::MAX_MULTIFD),
+                    .saturating_add(2)
+                    .min(2 + vmferry_proto::MAX_MULTIFD),
             )
             .saturating_add(Duration::from_secs(15));
-        let expect_done = |r: Result<ResponseBody, ClientError>| match r {
-            Ok(ResponseBody::Done) => Ok(()),
-            Ok(other) => Err(unexpected_text(&other)),
-            Err(ClientError::Remote { source, .. }) => Err(source.message),
-            Err(e) => Err(e.to_string()),
+        self.expect_done(Role::Source, req(), wait)?;
+        if t == Transport::Reverse {
+            self.expect_done(Role::Destination, req(), wait)?;
+        }
+        Ok(())
+    }
+
+    /// perform: the source points QEMU at its daemon and starts carrying.
+    fn perform(&mut self) -> Result<(), String> {
+        let body = RequestBody::Perform {
+            cookie: self.cookie()?.clone(),
         };
-        match t {
-            Transport::Direct | Transport::Tunnel => expect_done(self.src.call(req(), wait)),
-            Transport::Reverse => {
-                expect_done(self.src.call(req(), wait))?;
-                expect_done(self.dst.call(req(), wait))
-            }
-        }
+        self.expect_done(Role::Source, body, PERFORM_TIMEOUT)
     }
 
-    /// Rolls back and builds the error. `prepared` says whether the destination holds
-    /// anything to abort.
-    fn fail(&mut self, phase: &'static str, cause: String, prepared: bool) -> ControllerError {
-        let rollback = self.roll_back(prepared, &cause);
-        ControllerError {
-            phase,
-            cause,
-            rollback,
+    /// Hands the migration to the daemons (`--detach`).
+    fn run_detach(&mut self) -> Result<(), String> {
+        if self.plan.options.lease_ms == 0 {
+            return Err("these daemons speak protocol version 1, which cannot detach".into());
         }
-    }
-
-    fn roll_back(&mut self, prepared: bool, cause: &str) -> String {
-        let mut notes = Vec::new();
-        if prepared {
-            if let Err(e) = self.dst.call(
-                RequestBody::Abort {
+        for role in [Role::Destination, Role::Source] {
+            self.expect_done(
+                role,
+                RequestBody::Detach {
                     migration: self.id.clone(),
-                    reason: cause.to_string(),
                 },
-                CONFIRM_TIMEOUT,
-            ) {
-                notes.push(format!("the destination could not be told to abort ({e})"));
+                STATUS_TIMEOUT,
+            )?;
+        }
+        self.last = self.status(Role::Source, Duration::ZERO)?;
+        Ok(())
+    }
+
+    /// The watch: follows the source until QEMU is done; asks the destination too, so
+    /// a destination that gave up is noticed even without a peer link.
+    fn watch(&mut self) -> Result<(), String> {
+        let mut asked_destination = Instant::now();
+        loop {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err("cancelled by the operator".into());
+            }
+            if let Some(t) = self.plan.timeout {
+                if self.started.elapsed() > t {
+                    return Err(format!("not complete after {} s (--timeout)", t.as_secs()));
+                }
+            }
+            let st = self.status(Role::Source, POLL)?;
+            (self.progress)(&st);
+            self.last = st.clone();
+            if st.finished {
+                let completed = match st.state {
+                    Some(s) => s == MigrationState::Source(SourceState::Completed),
+                    None => st.qemu_status == "completed",
+                };
+                if completed {
+                    return Ok(());
+                }
+                return Err(st
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| format!("the source reports '{}'", st.qemu_status)));
+            }
+            if asked_destination.elapsed() >= DESTINATION_POLL {
+                asked_destination = Instant::now();
+                let d = self.status(Role::Destination, Duration::ZERO)?;
+                if d.state == Some(MigrationState::Destination(DestinationState::Aborted)) {
+                    return Err(d
+                        .error
+                        .unwrap_or_else(|| "the destination aborted the migration".into()));
+                }
             }
         }
-        match self.src.call(
-            RequestBody::Confirm {
+    }
+
+    /// finish: the destination resumes the guest once QEMU loaded it all.
+    fn finish(&mut self) -> Result<(), String> {
+        let body = RequestBody::Finish {
+            migration: self.id.clone(),
+        };
+        match self.call(Role::Destination, body, FINISH_TIMEOUT)? {
+            ResponseBody::Status { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// confirm: the guest lives on the destination now; the source stops its QEMU. A
+    /// failure here is only reported: the guest runs, and the source's lease ends it.
+    fn confirm(&mut self) -> Result<(), String> {
+        let body = RequestBody::Confirm {
+            migration: self.id.clone(),
+            success: true,
+        };
+        if let Err(e) = self.call(Role::Source, body, CONFIRM_TIMEOUT) {
+            tracing::warn!(
+                "the guest runs on the destination, but the source did not confirm: {e}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Puts the source back first (its guest must keep running), then tells the
+    /// destination with a short bound. Returns what happened as a sentence tail.
+    fn roll_back(&mut self, cause: &str) -> String {
+        if self.cookie.is_none() {
+            return String::new(); // begin failed: nothing was made
+        }
+        let mut notes = Vec::new();
+        let confirm = RequestBody::Confirm {
+            migration: self.id.clone(),
+            success: false,
+        };
+        match self.call(Role::Source, confirm, CONFIRM_TIMEOUT) {
+            Ok(_) => notes.push(self.source_fate()),
+            Err(e) => notes.push(format!(
+                "WARNING: the source could not be told to resume ({e}); check the source VM"
+            )),
+        }
+        if self.prepared {
+            let abort = RequestBody::Abort {
                 migration: self.id.clone(),
-                success: false,
-            },
-            CONFIRM_TIMEOUT,
-        ) {
-            Ok(_) => notes.insert(0, "the source VM keeps running".to_string()),
-            Err(e) => notes.insert(
-                0,
-                format!(
-                    "WARNING: the source could not be told to resume ({e}); check the source VM"
-                ),
-            ),
+                reason: cause.to_string(),
+            };
+            if let Err(e) = self.call(Role::Destination, abort, ABORT_TIMEOUT) {
+                notes.push(format!(
+                    "the destination could not be told to abort ({e}); its lease will end it"
+                ));
+            }
         }
         format!("; {}", notes.join("; "))
     }
-}
 
-fn unexpected_text(b: &ResponseBody) -> String {
-    format!("unexpected answer {b:?}")
-}
-
-fn unexpected(phase: &'static str, b: &ResponseBody) -> ControllerError {
-    ControllerError {
-        phase,
-        cause: unexpected_text(b),
-        rollback: String::new(),
+    /// What is true of the source guest after a rollback, in words.
+    fn source_fate(&mut self) -> String {
+        match self.status(Role::Source, Duration::ZERO) {
+            Ok(st) if st.qemu_status == "exited" => "the source QEMU has exited".to_string(),
+            _ => "the source VM keeps running".to_string(),
+        }
     }
+
+    fn report(&self, detached: bool) -> MigrationReport {
+        let last = &self.last;
+        let total = self.started.elapsed();
+        let secs = last
+            .total_time_ms
+            .map(|ms| ms as f64 / 1000.0)
+            .unwrap_or(total.as_secs_f64())
+            .max(1e-6);
+        MigrationReport {
+            migration: self.id.to_string(),
+            detached,
+            transport: last.transport,
+            transport_notes: last.transport_notes.clone(),
+            data_path: last.data_path.clone(),
+            streams: last.streams,
+            total_time_ms: total.as_millis() as u64,
+            qemu_total_time_ms: last.total_time_ms,
+            downtime_ms: last.downtime_ms,
+            bytes: last.channel_bytes,
+            wire_bytes: last.wire_bytes,
+            compression: last.compression.clone(),
+            throughput_mbps: last.channel_bytes as f64 * 8.0 / 1e6 / secs,
+        }
+    }
+
+    fn status(&mut self, role: Role, wait: Duration) -> Result<MigrationStatus, String> {
+        let body = RequestBody::Status {
+            migration: self.id.clone(),
+            wait_ms: wait.as_millis() as u64,
+            // The renewer renews; a status from the driver need not.
+            renew: false,
+        };
+        match self.call(role, body, STATUS_TIMEOUT)? {
+            ResponseBody::Status { status } => Ok(status),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn call(
+        &mut self,
+        role: Role,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<ResponseBody, String> {
+        self.daemons.call(role, body, timeout).map_err(|e| match e {
+            // The daemon's own sentence; which daemon is clear from the phase.
+            ClientError::Remote { source, .. } => source.message,
+            e => e.to_string(),
+        })
+    }
+
+    fn expect_cookie(
+        &mut self,
+        role: Role,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<Cookie, String> {
+        match self.call(role, body, timeout)? {
+            ResponseBody::Cookie { cookie } => Ok(cookie),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn expect_done(
+        &mut self,
+        role: Role,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        match self.call(role, body, timeout)? {
+            ResponseBody::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn cookie(&self) -> Result<&Cookie, String> {
+        self.cookie
+            .as_ref()
+            .ok_or_else(|| "no cookie yet: begin has not run".to_string())
+    }
+
+    fn cookie_mut(&mut self) -> Result<&mut Cookie, String> {
+        self.cookie
+            .as_mut()
+            .ok_or_else(|| "no cookie yet: begin has not run".to_string())
+    }
+}
+
+fn unexpected(b: &ResponseBody) -> String {
+    format!("unexpected answer {b:?}")
 }
 
 fn new_migration_id() -> MigrationId {
@@ -379,14 +476,4 @@ fn new_migration_id() -> MigrationId {
         b = t.to_le_bytes();
     }
     MigrationId::from_random(b)
-}
-
-impl From<ClientError> for ControllerError {
-    fn from(e: ClientError) -> Self {
-        ControllerError {
-            phase: "control",
-            cause: e.to_string(),
-            rollback: String::new(),
-        }
-    }
 }

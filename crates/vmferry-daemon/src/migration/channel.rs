@@ -313,6 +313,7 @@ mod tests {
             transport,
             stream,
             streams,
+            kind: vmferry_proto::preamble::StreamKind::Qemu,
         }
     }
 

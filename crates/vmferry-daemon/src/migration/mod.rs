@@ -6,15 +6,17 @@
 
 pub mod channel;
 pub mod destination;
+pub mod lease;
+pub mod peer;
 pub mod source;
 
 use crate::error::{DaemonError, Result};
 use crate::vms::{lock, ManagedVm};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vmferry_proto::{MigrationId, MigrationStatus, MigrationSummary};
+use vmferry_proto::{MigrationId, MigrationStatus, MigrationSummary, Role};
 use vmferry_qmp::{Qmp, QmpError};
 
 pub use destination::DestinationMigration;
@@ -109,29 +111,74 @@ impl QemuHandle {
 pub struct Migrations {
     pub sources: Mutex<HashMap<MigrationId, Arc<SourceMigration>>>,
     pub destinations: Mutex<HashMap<MigrationId, Arc<DestinationMigration>>>,
-    /// The last migrations this daemon was the source of, newest last.
+    /// Destination ids being prepared (QEMU starting): taken before anything starts,
+    /// so two prepares of one id cannot both start a QEMU.
+    preparing: Mutex<HashSet<MigrationId>>,
+    /// The last migrations that ended here, newest last.
     recent: Mutex<VecDeque<MigrationSummary>>,
+}
+
+/// The right to prepare one destination id; released on drop unless filled.
+#[must_use]
+pub struct DestinationClaim<'a> {
+    migrations: &'a Migrations,
+    id: MigrationId,
+}
+
+impl DestinationClaim<'_> {
+    /// Publishes the prepared destination under the claimed id.
+    pub fn fill(self, m: Arc<DestinationMigration>) {
+        lock(&self.migrations.destinations).insert(self.id.clone(), m);
+        // Drop releases the claim.
+    }
+}
+
+impl Drop for DestinationClaim<'_> {
+    fn drop(&mut self) {
+        lock(&self.migrations.preparing).remove(&self.id);
+    }
 }
 
 /// How many ended migrations `status` remembers.
 const RECENT: usize = 16;
 
 impl Migrations {
-    /// Remembers how a migration this daemon was the source of ended.
+    /// Claims `id` for a prepare, or says it is taken (prepared, or being prepared).
+    pub fn claim_destination(&self, id: &MigrationId) -> Result<DestinationClaim<'_>> {
+        let mut preparing = lock(&self.preparing);
+        if preparing.contains(id) || lock(&self.destinations).contains_key(id) {
+            return Err(DaemonError::Exists(format!(
+                "migration {id} is already prepared here"
+            )));
+        }
+        preparing.insert(id.clone());
+        Ok(DestinationClaim {
+            migrations: self,
+            id: id.clone(),
+        })
+    }
+
+    /// Remembers how a migration ended here.
     pub fn remember(&self, summary: MigrationSummary) {
         let mut r = lock(&self.recent);
-        r.retain(|m| m.migration != summary.migration);
+        r.retain(|m| m.migration != summary.migration || m.role != summary.role);
         r.push_back(summary);
         while r.len() > RECENT {
             r.pop_front();
         }
     }
 
-    /// The status of a migration this daemon is or was the source of.
+    /// How a migration that ended here ended (the source's view first, where this
+    /// daemon held both halves).
     pub fn ended_status(&self, id: &MigrationId) -> Option<MigrationStatus> {
-        lock(&self.recent)
-            .iter()
-            .find(|m| &m.migration == id)
+        let r = lock(&self.recent);
+        let of = |role| {
+            r.iter()
+                .rev()
+                .find(|m| &m.migration == id && m.role == role)
+        };
+        of(Role::Source)
+            .or_else(|| of(Role::Destination))
             .map(|m| m.status.clone())
     }
 

@@ -2,10 +2,15 @@
 //! `confirm`.
 //!
 //! Invariant: the source guest keeps running unless the destination confirmed it has the
-//! whole state. Every path out of a failed or cancelled migration ends in `confirm(false)`
-//! or the job's own failure handling, both of which resume the guest if QEMU paused it.
+//! whole state. Every path out of a failed or cancelled migration ends in `confirm(false)`,
+//! the job's own failure handling, or an expired lease, all of which resume the guest if
+//! QEMU paused it. After QEMU completed, the source QEMU is stopped only once the
+//! destination runs the guest (confirm, or the destination's word over the peer link),
+//! and resumed only once the destination has aborted.
 
 use super::channel::{self, DataConn, Slots, Trust};
+use super::lease::Lease;
+use super::peer::{PeerEvent, PeerLink};
 use super::{QemuHandle, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
 use crate::server::Daemon;
@@ -20,10 +25,11 @@ use vmferry_channel::identity::EphemeralIdentity;
 use vmferry_channel::meter::Meter;
 use vmferry_channel::pump::{self, PumpStats, StopHandle};
 use vmferry_channel::tunnel::{Tunnel, TunnelStop};
-use vmferry_proto::preamble::Preamble;
+use vmferry_proto::peer::PeerMessage;
+use vmferry_proto::preamble::{Preamble, StreamKind};
 use vmferry_proto::{
-    Cookie, MigrationId, MigrationOptions, MigrationStatus, MigrationSummary, Transport, VmName,
-    VmRef,
+    Cookie, DestinationState, LeaseAction, MigrationId, MigrationOptions, MigrationState,
+    MigrationStatus, MigrationSummary, Role, SourceEvent, SourceState, Transport, VmName, VmRef,
 };
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
@@ -39,13 +45,6 @@ const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often QEMU is asked how the migration goes (query-migrate is cheap).
 const POLL: Duration = Duration::from_millis(5);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Begun,
-    Performing,
-    Done,
-}
 
 /// The data channel made by `connect`, waiting for `perform`.
 #[derive(Debug, Default)]
@@ -81,7 +80,16 @@ pub struct SourceMigration {
     options: MigrationOptions,
     /// Whether the guest ran at `begin`: on failure it is resumed only then.
     was_running: bool,
-    stage: Mutex<Stage>,
+    state: Mutex<SourceState>,
+    lease: Lease,
+    /// The peer link once `connect` made it (dialed, or accepted for reverse) ...
+    peer_pending: Mutex<Option<DataConn>>,
+    /// ... and once `perform` started it.
+    peer: Mutex<Option<PeerLink>>,
+    /// Why the destination gave up, as it told us over the peer link.
+    peer_failure: Mutex<Option<String>>,
+    /// What happened without a controller, for status.
+    note: Mutex<Option<String>>,
     status: Mutex<MigrationStatus>,
     /// Signalled when `status` becomes finished.
     finished: std::sync::Condvar,
@@ -155,6 +163,7 @@ impl SourceMigration {
             destination_control_address: None,
             transport: None,
             transport_notes: vec![],
+            peer_link: false,
         };
         let socket_path = daemon
             .config
@@ -167,10 +176,14 @@ impl SourceMigration {
             identity,
             options,
             was_running: status.running,
-            stage: Mutex::new(Stage::Begun),
+            state: Mutex::new(SourceState::Begun),
+            lease: Lease::new(cookie.options.lease_ms),
+            peer_pending: Mutex::new(None),
+            peer: Mutex::new(None),
+            peer_failure: Mutex::new(None),
+            note: Mutex::new(None),
             status: Mutex::new(MigrationStatus {
-                qemu_status: "begun".into(),
-                transport: "direct".into(),
+                qemu_status: "none".into(),
                 ..Default::default()
             }),
             finished: std::sync::Condvar::new(),
@@ -197,22 +210,182 @@ impl SourceMigration {
 
     /// `perform`: dials every data stream, points QEMU at our unix socket, and leaves a
     /// job pumping and watching QEMU. Returns once the migration is under way.
-    pub fn perform(self: &Arc<Self>, daemon: &Daemon, cookie: &Cookie) -> Result<()> {
-        {
-            let mut stage = lock(&self.stage);
-            if *stage != Stage::Begun {
-                return Err(DaemonError::BadRequest(format!(
-                    "migration {} was already performed",
-                    self.id
-                )));
-            }
-            *stage = Stage::Performing;
-        }
+    pub fn perform(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
+        self.advance(SourceEvent::Perform)?;
         let result = self.start(daemon, cookie);
         if let Err(e) = &result {
             self.fail(&e.to_string());
         }
         result
+    }
+
+    pub fn state(&self) -> SourceState {
+        *lock(&self.state)
+    }
+
+    /// Moves to the next state, or says why not; tells the destination.
+    fn advance(&self, event: SourceEvent) -> Result<SourceState> {
+        let mut st = lock(&self.state);
+        let next = st
+            .next(event)
+            .map_err(|e| DaemonError::BadRequest(format!("migration {}: {e}", self.id)))?;
+        *st = next;
+        drop(st);
+        if let Some(p) = lock(&self.peer).as_ref() {
+            p.notify();
+        }
+        Ok(next)
+    }
+
+    fn peer_message(&self) -> PeerMessage {
+        PeerMessage {
+            state: MigrationState::Source(self.state()),
+            cause: lock(&self.status).error.clone(),
+        }
+    }
+
+    /// Starts the peer link made by `connect`, if the controller asked for one.
+    fn start_peer(self: &Arc<Self>, daemon: &Arc<Daemon>) -> Result<()> {
+        let Some(c) = lock(&self.peer_pending).take() else {
+            return Ok(());
+        };
+        let own = Arc::downgrade(self);
+        let me = Arc::downgrade(self);
+        let d = Arc::downgrade(daemon);
+        let link = PeerLink::start(
+            c,
+            &self.id.as_str()[..8],
+            move || match own.upgrade() {
+                Some(m) => m.peer_message(),
+                None => PeerMessage {
+                    state: MigrationState::Source(SourceState::RolledBack),
+                    cause: None,
+                },
+            },
+            move |ev| {
+                if let (Some(m), Some(d)) = (me.upgrade(), d.upgrade()) {
+                    m.on_peer(&d, ev);
+                }
+            },
+        )
+        .map_err(|e| DaemonError::Internal(format!("cannot start the peer link: {e}")))?;
+        *lock(&self.peer) = Some(link);
+        Ok(())
+    }
+
+    /// What the destination says. Its failure stops our QEMU's migration at once, with
+    /// its cause; its success lets an unattended source stop its QEMU.
+    fn on_peer(&self, daemon: &Daemon, ev: PeerEvent) {
+        let state = self.state();
+        match ev {
+            PeerEvent::Message(PeerMessage {
+                state: MigrationState::Destination(DestinationState::Aborted),
+                cause,
+            }) => {
+                let cause = cause.unwrap_or_else(|| "no reason given".into());
+                lock(&self.peer_failure).get_or_insert(cause.clone());
+                if state == SourceState::Completed {
+                    self.fail(&format!(
+                        "the destination aborted after the source sent everything: {cause}"
+                    ));
+                    if self.lease.unattended() {
+                        self.end(daemon);
+                    }
+                } else if state.before_switchover() {
+                    self.cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            PeerEvent::Message(PeerMessage {
+                state: MigrationState::Destination(DestinationState::Finished),
+                ..
+            }) if state == SourceState::Completed && self.lease.unattended() => {
+                self.confirm_alone(daemon);
+            }
+            PeerEvent::Message(_) => {}
+            PeerEvent::Lost(why) => {
+                if state == SourceState::Performing {
+                    lock(&self.peer_failure).get_or_insert(why);
+                    self.cancel.store(true, Ordering::SeqCst);
+                } else {
+                    tracing::info!(migration = %self.id, "{why}");
+                }
+            }
+        }
+    }
+
+    /// Stops the source QEMU once the destination runs the guest, with no controller.
+    fn confirm_alone(&self, daemon: &Daemon) {
+        let how = if self.lease.detached() {
+            "detached: the daemons finished the migration on their own".to_string()
+        } else {
+            format!(
+                "the controller's lease ({} s) expired after the switch-over; the daemons \
+                 finished the migration on their own",
+                self.lease.secs()
+            )
+        };
+        *lock(&self.note) = Some(how);
+        if let Err(e) = self.confirm(daemon, true) {
+            tracing::error!(migration = %self.id, "cannot finish alone: {e}");
+        }
+    }
+
+    /// Renews the lease (a controller's `status` with `renew`).
+    pub fn renew(&self) {
+        self.lease.renew();
+    }
+
+    pub fn detach(&self) {
+        self.lease.detach();
+    }
+
+    /// Acts on an expired lease by the state the source is in; removes an unattended
+    /// migration that is over.
+    pub fn check_lease(&self, daemon: &Daemon) {
+        if self.lease.take_expired() {
+            match self.state().on_lease_expiry() {
+                LeaseAction::RollBack => {
+                    *lock(&self.note) = Some(format!(
+                        "the controller's lease ({} s) expired before the switch-over; \
+                         rolled back: the source VM keeps running",
+                        self.lease.secs()
+                    ));
+                    self.cancel.store(true, Ordering::SeqCst);
+                    self.fail("the controller went away (its lease expired)");
+                }
+                LeaseAction::FinishAlone => {
+                    let last = lock(&self.peer).as_ref().and_then(|p| p.last());
+                    match last.map(|m| m.state) {
+                        Some(MigrationState::Destination(DestinationState::Finished)) => {
+                            self.confirm_alone(daemon)
+                        }
+                        _ => {
+                            *lock(&self.note) = Some(
+                                "the controller's lease expired after the switch-over; \
+                                 waiting for the destination to resume the guest"
+                                    .into(),
+                            );
+                            tracing::warn!(migration = %self.id, "lease expired after the switch-over; waiting for the destination");
+                        }
+                    }
+                }
+                LeaseAction::Nothing => {}
+            }
+        }
+        if self.state().is_final() && self.lease.unattended() {
+            self.end(daemon);
+        }
+    }
+
+    /// Leaves the in-flight table for the recent one.
+    fn end(&self, daemon: &Daemon) {
+        if let Some(p) = lock(&self.peer).take() {
+            p.stop();
+        }
+        let removed = lock(&daemon.migrations.sources).remove(&self.id);
+        if removed.is_some() {
+            daemon.migrations.remember(self.summary());
+        }
     }
 
     fn streams(&self) -> usize {
@@ -237,13 +410,15 @@ impl SourceMigration {
         timeout: Duration,
     ) -> Result<()> {
         cookie.check().map_err(DaemonError::BadRequest)?;
-        if *lock(&self.stage) != Stage::Begun {
+        if !matches!(self.state(), SourceState::Begun | SourceState::Connected) {
             return Err(DaemonError::BadRequest(format!(
                 "migration {} is already under way; its channel is fixed",
                 self.id
             )));
         }
-        self.make_channel(daemon, cookie, transport, timeout)
+        self.make_channel(daemon, cookie, transport, timeout)?;
+        self.advance(SourceEvent::Connect)?;
+        Ok(())
     }
 
     fn make_channel(
@@ -255,6 +430,7 @@ impl SourceMigration {
     ) -> Result<()> {
         *lock(&self.held) = Held::Nothing;
         *lock(&self.reverse_config) = None;
+        *lock(&self.peer_pending) = None;
         let n = self.streams();
         let n16 =
             u16::try_from(n).map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
@@ -273,10 +449,12 @@ impl SourceMigration {
                         transport,
                         stream: k,
                         streams: n16,
+                        kind: StreamKind::Qemu,
                     };
                     let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
                     slots.put(transport, &pre, n, c)?;
                 }
+                self.dial_peer(cookie, &addr, cfg, transport, n16, timeout)?;
                 Held::Conns(slots)
             }
             Transport::Tunnel => {
@@ -291,8 +469,10 @@ impl SourceMigration {
                     transport,
                     stream: 0,
                     streams: n16,
+                    kind: StreamKind::Qemu,
                 };
-                let c = channel::dial(&self.id, &addr, cfg, pre, timeout)?;
+                let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
+                self.dial_peer(cookie, &addr, cfg, transport, n16, timeout)?;
                 let t = Tunnel::client(c.conn, c.sock, &c.peer, self.meter.clone(), self.filters())
                     .map_err(|e| DaemonError::Channel(e.to_string()))?;
                 *lock(&self.tunnel_stop) = Some(t.stop_handle());
@@ -313,15 +493,38 @@ impl SourceMigration {
         Ok(())
     }
 
+    /// Dials the peer link beside the streams, when the controller asked for one.
+    fn dial_peer(
+        &self,
+        cookie: &Cookie,
+        addr: &str,
+        cfg: Arc<rustls::ClientConfig>,
+        transport: Transport,
+        streams: u16,
+        timeout: Duration,
+    ) -> Result<()> {
+        if !cookie.peer_link {
+            return Ok(());
+        }
+        let pre = Preamble {
+            transport,
+            stream: 0,
+            streams,
+            kind: StreamKind::Peer,
+        };
+        *lock(&self.peer_pending) = Some(channel::dial(&self.id, addr, cfg, pre, timeout)?);
+        Ok(())
+    }
+
     /// The TLS configuration for a reverse data connection naming this migration, or
     /// `None` when none is expected.
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        if *lock(&self.stage) == Stage::Done {
+        if !matches!(self.state(), SourceState::Begun | SourceState::Connected) {
             return None;
         }
         let cfg = lock(&self.reverse_config).clone()?;
         match &*lock(&self.held) {
-            Held::Conns(s) if !s.complete() => Some(cfg),
+            Held::Conns(s) if !s.complete() || lock(&self.peer_pending).is_none() => Some(cfg),
             _ => None,
         }
     }
@@ -337,6 +540,16 @@ impl SourceMigration {
         let n = self.streams();
         let mut held = lock(&self.held);
         match &mut *held {
+            Held::Conns(_) if pre.kind == StreamKind::Peer => {
+                let mut p = lock(&self.peer_pending);
+                if p.is_some() {
+                    return Err(DaemonError::Denied(format!(
+                        "{} tried to open the peer link of migration {} a second time; refused",
+                        c.peer, self.id
+                    )));
+                }
+                *p = Some(c);
+            }
             Held::Conns(slots) => slots.put(Transport::Reverse, &pre, n, c)?,
             _ => {
                 return Err(DaemonError::Denied(format!(
@@ -387,13 +600,14 @@ impl SourceMigration {
         }
     }
 
-    fn start(self: &Arc<Self>, daemon: &Daemon, cookie: &Cookie) -> Result<()> {
+    fn start(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
         cookie.check().map_err(DaemonError::BadRequest)?;
         let (transport, carrier) = self.take_carrier(daemon, cookie)?;
+        self.start_peer(daemon)?;
         {
             let mut st = lock(&self.status);
             st.streams = self.streams() as u32;
-            st.transport = transport.to_string();
+            st.transport = Some(transport);
             st.transport_notes = cookie.transport_notes.clone();
             st.data_path = daemon.data_path.clone();
             st.compression = self.options.compress.to_string();
@@ -430,15 +644,16 @@ impl SourceMigration {
         lock(&self.status).qemu_status = "setup".into();
 
         let me = self.clone();
+        let d = daemon.clone();
         std::thread::Builder::new()
             .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
-            .spawn(move || me.run(listener, carrier))
+            .spawn(move || me.run(&d, listener, carrier))
             .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
         Ok(())
     }
 
     /// The background job: accept QEMU's connections, carry each, watch QEMU until the end.
-    fn run(self: Arc<Self>, listener: UnixListener, carrier: Carrier) {
+    fn run(self: Arc<Self>, daemon: &Daemon, listener: UnixListener, carrier: Carrier) {
         let outcome = match self.accept_and_carry(&listener, carrier) {
             Ok(running) => match self.watch(match &running {
                 Running::Tunnel(t) => Some(t),
@@ -466,6 +681,11 @@ impl SourceMigration {
                 if let Err(e) = self.drain(running) {
                     tracing::warn!(migration = %self.id, "after QEMU completed: {e}");
                 }
+                if let Err(e) = self.advance(SourceEvent::QemuCompleted) {
+                    // Rolled back meanwhile (an expired lease, the destination aborting).
+                    tracing::warn!(migration = %self.id, "{e}");
+                    return;
+                }
                 let mut st = lock(&self.status);
                 st.qemu_status = "completed".into();
                 st.channel_bytes = self.meter.forward();
@@ -473,7 +693,12 @@ impl SourceMigration {
                 st.finished = true;
                 self.finished.notify_all();
             }
-            Err(e) => self.fail(&e.to_string()),
+            Err(e) => {
+                self.fail(&e.to_string());
+                if self.lease.unattended() {
+                    self.end(daemon);
+                }
+            }
         }
     }
 
@@ -668,6 +893,12 @@ impl SourceMigration {
 
     /// Marks the migration failed, cuts the streams, and makes sure the guest runs again.
     fn fail(&self, why: &str) {
+        // The destination's own words beat what its failure looked like from here.
+        let why = match lock(&self.peer_failure).clone() {
+            Some(p) => format!("the destination gave up: {p}"),
+            None => why.to_string(),
+        };
+        let why = why.as_str();
         tracing::warn!(migration = %self.id, "migration failed: {why}");
         for s in lock(&self.stops).iter() {
             s.stop();
@@ -678,14 +909,18 @@ impl SourceMigration {
         *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
         self.ensure_source_runs();
-        let mut st = lock(&self.status);
-        if st.error.is_none() {
-            st.error = Some(why.to_string());
+        {
+            let mut st = lock(&self.status);
+            if st.error.is_none() {
+                st.error = Some(why.to_string());
+            }
+            if st.qemu_status != "cancelled" && st.qemu_status != "completed" {
+                st.qemu_status = "failed".into();
+            }
+            st.finished = true;
         }
-        if st.qemu_status != "cancelled" {
-            st.qemu_status = "failed".into();
-        }
-        st.finished = true;
+        // Already final (a second failure report): the guest was seen to above.
+        let _ = self.advance(SourceEvent::RollBack);
         self.finished.notify_all();
     }
 
@@ -739,13 +974,15 @@ impl SourceMigration {
         let mut st = st.clone();
         st.channel_bytes = self.meter.forward();
         st.wire_bytes = self.meter.wire_forward();
+        st.state = Some(MigrationState::Source(self.state()));
+        st.note = lock(&self.note).clone();
         st
     }
 
     pub fn summary(&self) -> MigrationSummary {
         MigrationSummary {
             migration: self.id.clone(),
-            role: "source".into(),
+            role: Role::Source,
             vm: match (&self.vm_name, &self.qemu) {
                 (Some(n), _) => n.to_string(),
                 (None, q) => q.describe(),
@@ -755,9 +992,18 @@ impl SourceMigration {
     }
 
     /// `confirm`: success stops the source QEMU (the guest lives on the destination now);
-    /// failure cancels whatever is left and resumes the guest.
+    /// failure cancels whatever is left and resumes the guest. Success is refused unless
+    /// QEMU completed — before anything is cut, so a refused confirm changes nothing.
     pub fn confirm(&self, daemon: &Daemon, success: bool) -> Result<()> {
-        *lock(&self.stage) = Stage::Done;
+        if success {
+            let state = self.state();
+            if state != SourceState::Completed {
+                return Err(DaemonError::BadRequest(format!(
+                    "migration {} cannot be confirmed: it is {state}",
+                    self.id
+                )));
+            }
+        }
         // The destination has what it needs (or the migration is over): end the streams.
         if let Some(t) = lock(&self.tunnel_keep).take() {
             let id = self.id.clone();
@@ -773,23 +1019,16 @@ impl SourceMigration {
             s.stop();
         }
         if success {
-            let st = self.status();
-            if st.qemu_status != "completed" {
-                return Err(DaemonError::BadRequest(format!(
-                    "migration {} cannot be confirmed: it is {}",
-                    self.id, st.qemu_status
-                )));
-            }
             if let (QemuHandle::Managed(vm), Some(name)) = (&self.qemu, &self.vm_name) {
                 vm.shutdown(Duration::from_secs(5));
                 daemon.vms.forget(name);
             }
+            self.advance(SourceEvent::Confirm)?;
         } else {
             self.cancel.store(true, Ordering::SeqCst);
             self.fail("cancelled by the controller");
         }
-        lock(&daemon.migrations.sources).remove(&self.id);
-        daemon.migrations.remember(self.summary());
+        self.end(daemon);
         Ok(())
     }
 }

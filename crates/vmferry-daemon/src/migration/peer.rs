@@ -1,0 +1,173 @@
+//! The peer link of one migration: a thread that owns one more TLS connection of the data
+//! channel, sends this half's state whenever it changes (and every second), and hands
+//! every message from the other half to its owner.
+//!
+//! It is how a destination's failure reaches the source at once (with QEMU's own words),
+//! and how the halves finish a migration whose controller is gone. It must never carry
+//! guest bytes and never decide anything itself: it reports, its owner acts.
+
+use super::channel::DataConn;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmferry_channel::framed;
+use vmferry_proto::peer::{PeerMessage, MAX_PEER_MESSAGE, PEER_HEARTBEAT_MS, PEER_SILENCE_MS};
+
+/// What the link tells its owner.
+#[derive(Debug)]
+pub enum PeerEvent {
+    Message(PeerMessage),
+    /// The link ended or went silent; the text says how.
+    Lost(String),
+}
+
+/// The owner's side of a running link.
+#[derive(Debug)]
+pub struct PeerLink {
+    /// Set to make the thread send the current state now.
+    dirty: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    /// What the other half last said, and when.
+    last: Arc<Mutex<Option<PeerMessage>>>,
+}
+
+impl PeerLink {
+    /// Starts the link's thread. `own` says this half's state when asked; `on_event` is
+    /// called from the link's thread for each message and once when the link is lost.
+    pub fn start(
+        conn: DataConn,
+        name: &str,
+        own: impl Fn() -> PeerMessage + Send + 'static,
+        on_event: impl Fn(PeerEvent) + Send + 'static,
+    ) -> std::io::Result<PeerLink> {
+        let link = PeerLink {
+            dirty: Arc::new(AtomicBool::new(true)),
+            stop: Arc::new(AtomicBool::new(false)),
+            last: Arc::new(Mutex::new(None)),
+        };
+        let (dirty, stop, last) = (link.dirty.clone(), link.stop.clone(), link.last.clone());
+        std::thread::Builder::new()
+            .name(format!("peer-{name}"))
+            .spawn(move || {
+                let lost = run(conn, &dirty, &stop, &last, &own, &on_event);
+                if !stop.load(Ordering::SeqCst) {
+                    on_event(PeerEvent::Lost(lost));
+                }
+            })?;
+        Ok(link)
+    }
+
+    /// Sends this half's state now rather than at the next heartbeat.
+    pub fn notify(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// What the other half said last.
+    pub fn last(&self) -> Option<PeerMessage> {
+        crate::vms::lock(&self.last).clone()
+    }
+
+    /// Ends the link (after one last state message).
+    pub fn stop(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Anything to read and write a framed message through.
+trait ReadWrite: std::io::Read + Write {}
+impl<T: std::io::Read + Write> ReadWrite for T {}
+
+/// Runs `f` over the TLS stream, whichever TLS role this side has.
+fn with_stream<R>(
+    conn: &mut rustls::Connection,
+    sock: &mut std::net::TcpStream,
+    f: impl FnOnce(&mut dyn ReadWrite) -> R,
+) -> R {
+    match conn {
+        rustls::Connection::Client(c) => f(&mut rustls::Stream::new(c, sock)),
+        rustls::Connection::Server(c) => f(&mut rustls::Stream::new(c, sock)),
+    }
+}
+
+fn run(
+    conn: DataConn,
+    dirty: &AtomicBool,
+    stop: &AtomicBool,
+    last: &Mutex<Option<PeerMessage>>,
+    own: &dyn Fn() -> PeerMessage,
+    on_event: &dyn Fn(PeerEvent),
+) -> String {
+    let DataConn {
+        mut conn,
+        mut sock,
+        peer,
+    } = conn;
+    let heartbeat = Duration::from_millis(PEER_HEARTBEAT_MS);
+    let silence = Duration::from_millis(PEER_SILENCE_MS);
+    let _ = sock.set_write_timeout(Some(silence));
+    let _ = sock.set_read_timeout(Some(silence));
+    let mut sent = Instant::now() - heartbeat;
+    let mut heard = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        if dirty.swap(false, Ordering::SeqCst) || sent.elapsed() >= heartbeat {
+            let msg = own();
+            let written = with_stream(&mut conn, &mut sock, |mut s| {
+                framed::write_json(&mut s, &msg)
+                    .and_then(|_| s.flush().map_err(framed::FrameError::Io))
+            });
+            if let Err(e) = written {
+                return format!("the peer link to {peer} broke: {e}");
+            }
+            sent = Instant::now();
+        }
+        if stopping {
+            conn.send_close_notify();
+            let _ = conn.write_tls(&mut sock);
+            return String::new();
+        }
+        // Plaintext rustls already decrypted is read before waiting on the socket.
+        let buffered =
+            matches!(conn.process_new_packets(), Ok(st) if st.plaintext_bytes_to_read() > 0);
+        if !buffered {
+            let mut fds = [nix::poll::PollFd::new(
+                sock.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16)).unwrap_or(0);
+            if ready == 0 {
+                if heard.elapsed() > silence {
+                    return format!(
+                        "the peer link to {peer} went silent for {} s",
+                        silence.as_secs()
+                    );
+                }
+                continue;
+            }
+        }
+        let read = with_stream(&mut conn, &mut sock, |mut s| {
+            framed::read_json::<_, PeerMessage>(
+                &mut framed::Deadline::new(&mut s, silence),
+                MAX_PEER_MESSAGE,
+            )
+        });
+        match read {
+            Ok(Some(m)) => {
+                heard = Instant::now();
+                *crate::vms::lock(last) = Some(m.clone());
+                on_event(PeerEvent::Message(m));
+            }
+            Ok(None) => return format!("{peer} closed the peer link"),
+            Err(e) => return format!("the peer link to {peer} failed: {e}"),
+        }
+    }
+}
