@@ -275,7 +275,9 @@ impl HostCredentials {
             reason: pem_reason(&e, "private key"),
         })?;
         warn_if_readable_by_others(&key_path);
-        let provider = crate::tls::provider();
+        // Only its key loader is used here, which is the same in every aws-lc-rs provider
+        // (so certs need not depend on the TLS configurations, which depend on certs).
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
         rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
             |e| match e {
                 rustls::Error::InconsistentKeys(_) => CertError::Bad {

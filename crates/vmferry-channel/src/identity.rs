@@ -15,6 +15,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::fmt;
 use std::str::FromStr;
 
+/// The server name a pinned client sends, and the DNS name a pinned certificate carries.
+/// It is never resolved (`.invalid` is reserved) and never checked: the pin is the identity.
+pub const PINNED_SERVER_NAME: &str = "vmferry.invalid";
+
 /// SHA-256 of a certificate's DER encoding; written `sha256:` and 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
@@ -96,9 +100,8 @@ impl EphemeralIdentity {
     pub fn generate(label: &str) -> Result<Self, IdentityError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IdentityError::Generate(e.to_string()))?;
-        let mut params =
-            rcgen::CertificateParams::new(vec![crate::tls::PINNED_SERVER_NAME.to_string()])
-                .map_err(|e| IdentityError::Generate(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(vec![PINNED_SERVER_NAME.to_string()])
+            .map_err(|e| IdentityError::Generate(e.to_string()))?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, label);

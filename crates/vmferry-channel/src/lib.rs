@@ -20,4 +20,5 @@ pub mod tls;
 pub mod tls_async;
 pub mod transport;
 pub mod tunnel;
-pub mod x509_data;
+/// The x509 data configurations, by their old path (they live in [`tls::x509`]).
+pub use tls::x509 as x509_data;
