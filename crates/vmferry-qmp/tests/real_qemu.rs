@@ -151,7 +151,13 @@ fn a_second_client_times_out_while_the_first_holds_the_socket() {
     let t = Instant::now();
     let e = Qmp::connect(&qemu.qmp, Duration::from_millis(1500)).expect_err("QEMU is busy");
     assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(3));
+    // It waited its time out, and then gave up (the upper bound only catches a hang: a
+    // loaded machine may be seconds late).
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
     drop(first);
     // Once the first is dropped, QEMU serves the next client.
     let mut second = qemu.connect();

@@ -226,7 +226,8 @@ fn rogue_and_replayed_connections_are_refused_and_the_real_migration_succeeds() 
             .filter(|l| l.contains(r#""op":"data""#) && l.contains(outcome))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Polled: a loaded machine may write them seconds late; there is no hurry to assert.
+    let deadline = Instant::now() + Duration::from_secs(20);
     let log = loop {
         let log = std::fs::read_to_string(&path)?;
         if count(&log, r#""outcome":"refused""#) >= 3 || Instant::now() > deadline {
