@@ -282,26 +282,79 @@ fn a_client_without_a_certificate_is_refused() {
     );
 }
 
+/// A TLS 1.2 ClientHello, as a TLS 1.2-only client sends it: version 1.2, ECDHE-GCM
+/// suites, server name `hosta`, signature algorithms and groups; with `supported_versions`
+/// naming only TLS 1.2 if `versions_ext` (a client that knows the extension), without it
+/// otherwise (one that predates TLS 1.3).
+fn tls12_client_hello(versions_ext: bool) -> Vec<u8> {
+    fn ext(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+    let mut exts = Vec::new();
+    let name = b"hosta";
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni.push(0); // host_name
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    ext(&mut exts, 0, &sni);
+    // ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, rsa_pkcs1_sha256
+    ext(&mut exts, 13, &[0, 6, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01]);
+    // secp256r1, x25519
+    ext(&mut exts, 10, &[0, 4, 0x00, 0x17, 0x00, 0x1d]);
+    ext(&mut exts, 11, &[1, 0]); // ec_point_formats: uncompressed
+    if versions_ext {
+        ext(&mut exts, 43, &[2, 0x03, 0x03]);
+    }
+    let mut hello = vec![0x03, 0x03]; // client_version TLS 1.2
+    hello.extend_from_slice(&[0x5a; 32]); // random
+    hello.push(0); // no session id
+                   // ECDHE_ECDSA/RSA_WITH_AES_128_GCM_SHA256
+    hello.extend_from_slice(&[0, 4, 0xc0, 0x2b, 0xc0, 0x2f]);
+    hello.extend_from_slice(&[1, 0]); // null compression
+    hello.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&exts);
+    let mut hs = vec![1]; // client_hello
+    hs.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    record
+}
+
 #[test]
 fn a_tls12_only_client_is_refused_by_the_daemon() {
     let pki = Pki::new();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in &pki.controller.ca {
-        roots.add(c.clone()).expect("root");
+    for versions_ext in [false, true] {
+        let cfg = control_server_config(&pki.hosta).expect("s");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let h = std::thread::spawn(move || {
+            let (tcp, _) = l.accept().expect("accept");
+            accept(tcp, T, |_| Some(cfg)).map(|_| ())
+        });
+        let mut c = TcpStream::connect(addr).expect("c");
+        c.write_all(&tls12_client_hello(versions_ext))
+            .expect("hello");
+        c.set_read_timeout(Some(T)).expect("timeout");
+        // The answer is a fatal protocol_version alert, in the clear, and nothing else:
+        // no ServerHello, so no TLS 1.2 session could follow.
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        assert_eq!(
+            answer,
+            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70],
+            "hello with supported_versions: {versions_ext}"
+        );
+        let e = h.join().expect("server").expect_err("refused").to_string();
+        assert!(
+            e.starts_with("client 127.0.0.1:") && e.contains("TLS 1.3"),
+            "{e}"
+        );
     }
-    // The stock provider: ours lists TLS 1.3 suites only.
-    let stock = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let old = ClientConfig::builder_with_provider(stock)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .expect("tls12")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(pki.controller.chain.clone(), pki.controller.key.clone_key())
-        .expect("client cert");
-    let (addr, h) = serve(control_server_config(&pki.hosta).expect("s"));
-    let e = ping(&addr, "hosta", Arc::new(old)).expect_err("refused");
-    assert!(e.contains("no TLS parameters in common"), "{e}");
-    let s = server_err(h);
-    assert!(s.contains("TLS 1.3"), "{s}");
 }
 
 #[test]
