@@ -30,12 +30,33 @@ pub struct Filters {
 
 impl Filters {
     /// The receiving half of these filters, if they compress.
-    pub fn decompressor(&self) -> Result<Option<Decompressor>, String> {
+    pub fn decompressor(&self) -> Result<Option<Decompressor>, CompressError> {
         match self.compress {
             Compression::None => Ok(None),
             Compression::Zstd { .. } => Decompressor::new().map(Some),
         }
     }
+}
+
+/// Why a filter failed. Each message is a whole sentence, as before the type existed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    #[error("cannot start zstd level {level}: {source}")]
+    Start {
+        level: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("zstd compression failed: {0}")]
+    Compress(#[source] std::io::Error),
+    #[error("cannot start zstd: {0}")]
+    StartDecoder(#[source] std::io::Error),
+    #[error("cannot limit zstd's window: {0}")]
+    LimitWindow(#[source] std::io::Error),
+    #[error("the peer's compressed stream cannot be decoded: {0}")]
+    Corrupt(#[source] std::io::Error),
+    #[error("the peer's compressed stream makes no progress")]
+    NoProgress,
 }
 
 /// The sending side of a stream's filters, for pumps and tunnel alike: what to hand TLS
@@ -47,7 +68,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(filters: &Filters) -> Result<Outgoing, String> {
+    pub fn new(filters: &Filters) -> Result<Outgoing, CompressError> {
         let compressor = match filters.compress {
             Compression::None => None,
             Compression::Zstd { level } => Some(Compressor::new(level)?),
@@ -59,7 +80,7 @@ impl Outgoing {
     }
 
     /// The bytes to send for `input`: `input` itself, or its compressed, flushed form.
-    pub fn pass<'a>(&'a mut self, input: &'a [u8]) -> Result<&'a [u8], String> {
+    pub fn pass<'a>(&'a mut self, input: &'a [u8]) -> Result<&'a [u8], CompressError> {
         match self.compressor.as_mut() {
             None => Ok(input),
             Some(c) => {
@@ -71,7 +92,7 @@ impl Outgoing {
     }
 
     /// The bytes that end the stream (the end of the frame), or none.
-    pub fn finish(&mut self) -> Result<&[u8], String> {
+    pub fn finish(&mut self) -> Result<&[u8], CompressError> {
         self.buf.clear();
         if let Some(c) = self.compressor.as_mut() {
             c.finish(&mut self.buf)?;
@@ -92,15 +113,15 @@ impl std::fmt::Debug for Compressor {
 }
 
 impl Compressor {
-    pub fn new(level: i32) -> Result<Compressor, String> {
+    pub fn new(level: i32) -> Result<Compressor, CompressError> {
         Encoder::new(level)
             .map(|enc| Compressor { enc })
-            .map_err(|e| format!("cannot start zstd level {level}: {e}"))
+            .map_err(|source| CompressError::Start { level, source })
     }
 
     /// Compresses `input` and flushes, so everything in it can be decoded from what is
     /// appended to `out`.
-    pub fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    pub fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), CompressError> {
         let mut inb = InBuffer::around(input);
         while inb.pos < input.len() {
             self.step(out, |enc, o| enc.run(&mut inb, o).map(|_| ()))?;
@@ -118,7 +139,7 @@ impl Compressor {
     }
 
     /// Ends the frame: the receiver checks it saw the end, so a cut stream is noticed.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), CompressError> {
         loop {
             let mut left = 0;
             self.step(out, |enc, o| {
@@ -136,7 +157,7 @@ impl Compressor {
         &mut self,
         out: &mut Vec<u8>,
         f: impl FnOnce(&mut Encoder<'static>, &mut OutBuffer<'_, [u8]>) -> std::io::Result<()>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, CompressError> {
         const ROOM: usize = 64 * 1024;
         let start = out.len();
         out.resize(start + ROOM, 0);
@@ -144,7 +165,7 @@ impl Compressor {
         let r = f(&mut self.enc, &mut ob);
         let n = ob.pos();
         out.truncate(start + n);
-        r.map_err(|e| format!("zstd compression failed: {e}"))?;
+        r.map_err(CompressError::Compress)?;
         Ok(n)
     }
 }
@@ -163,10 +184,10 @@ impl std::fmt::Debug for Decompressor {
 }
 
 impl Decompressor {
-    pub fn new() -> Result<Decompressor, String> {
-        let mut dec = Decoder::new().map_err(|e| format!("cannot start zstd: {e}"))?;
+    pub fn new() -> Result<Decompressor, CompressError> {
+        let mut dec = Decoder::new().map_err(CompressError::StartDecoder)?;
         dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(MAX_WINDOW_LOG))
-            .map_err(|e| format!("cannot limit zstd's window: {e}"))?;
+            .map_err(CompressError::LimitWindow)?;
         Ok(Decompressor {
             dec,
             at_frame_end: false,
@@ -181,7 +202,7 @@ impl Decompressor {
         input: &[u8],
         out: &mut Vec<u8>,
         room: usize,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, CompressError> {
         let start = out.len();
         out.resize(start + room, 0);
         let mut inb = InBuffer::around(input);
@@ -192,14 +213,12 @@ impl Decompressor {
             match self.dec.run(&mut inb, &mut ob) {
                 Ok(hint) => self.note(hint, (inb.pos, ob.pos()) != before),
                 Err(e) => {
-                    result = Err(format!(
-                        "the peer's compressed stream cannot be decoded: {e}"
-                    ));
+                    result = Err(CompressError::Corrupt(e));
                     break;
                 }
             }
             if (inb.pos, ob.pos()) == before {
-                result = Err("the peer's compressed stream makes no progress".to_string());
+                result = Err(CompressError::NoProgress);
                 break;
             }
         }
@@ -208,11 +227,7 @@ impl Decompressor {
             let before = ob.pos();
             match self.dec.run(&mut InBuffer::around(&[]), &mut ob) {
                 Ok(hint) => self.note(hint, ob.pos() != before),
-                Err(e) => {
-                    result = Err(format!(
-                        "the peer's compressed stream cannot be decoded: {e}"
-                    ))
-                }
+                Err(e) => result = Err(CompressError::Corrupt(e)),
             }
             if ob.pos() == before {
                 break;
@@ -325,7 +340,8 @@ mod tests {
         let mut d = Decompressor::new().expect("decoder");
         let e = d
             .decompress(b"this is not zstd at all", &mut Vec::new(), 4096)
-            .expect_err("garbage");
+            .expect_err("garbage")
+            .to_string();
         assert!(e.contains("cannot be decoded"), "{e}");
 
         let mut c = Compressor::new(1).expect("encoder");
@@ -360,7 +376,8 @@ mod tests {
         let mut d = Decompressor::new().expect("decoder");
         let e = d
             .decompress(&wire[..n], &mut Vec::new(), 4096)
-            .expect_err("window too large");
+            .expect_err("window too large")
+            .to_string();
         assert!(e.contains("cannot be decoded"), "{e}");
     }
 

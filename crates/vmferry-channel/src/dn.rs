@@ -10,6 +10,28 @@ use rustls::pki_types::CertificateDer;
 /// One `ATTR=value` pair of a subject or pattern.
 pub type Rdn = (String, String);
 
+/// Why a pattern or a certificate's subject could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DnError {
+    #[error("'{pattern}': '{piece}' is not ATTR=value")]
+    NotAttrValue { pattern: String, piece: String },
+    #[error("'{pattern}': '{attr}' is not an attribute name like CN or O")]
+    BadAttr { pattern: String, attr: String },
+    #[error("'{pattern}' names no attribute (expected e.g. CN=controller,O=ops)")]
+    Empty { pattern: String },
+    #[error("unparsable certificate: {0}")]
+    Unparsable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("subject attribute {attr} is not a string")]
+    NotString { attr: String },
+}
+
+/// For callers that still collect errors as sentences (`?` into `Result<_, String>`).
+impl From<DnError> for String {
+    fn from(e: DnError) -> String {
+        e.to_string()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnPattern {
     text: String,
@@ -17,28 +39,30 @@ pub struct DnPattern {
 }
 
 impl DnPattern {
-    pub fn parse(s: &str) -> Result<DnPattern, String> {
+    pub fn parse(s: &str) -> Result<DnPattern, DnError> {
         let mut parts = Vec::new();
         for piece in s.split(',') {
             let piece = piece.trim();
             if piece.is_empty() {
                 continue;
             }
-            let (k, v) = piece
-                .split_once('=')
-                .ok_or_else(|| format!("'{s}': '{piece}' is not ATTR=value"))?;
+            let (k, v) = piece.split_once('=').ok_or_else(|| DnError::NotAttrValue {
+                pattern: s.to_string(),
+                piece: piece.to_string(),
+            })?;
             let k = k.trim();
             if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
-                return Err(format!(
-                    "'{s}': '{k}' is not an attribute name like CN or O"
-                ));
+                return Err(DnError::BadAttr {
+                    pattern: s.to_string(),
+                    attr: k.to_string(),
+                });
             }
             parts.push((k.to_ascii_uppercase(), v.trim().to_string()));
         }
         if parts.is_empty() {
-            return Err(format!(
-                "'{s}' names no attribute (expected e.g. CN=controller,O=ops)"
-            ));
+            return Err(DnError::Empty {
+                pattern: s.to_string(),
+            });
         }
         Ok(DnPattern {
             text: s.to_string(),
@@ -74,9 +98,8 @@ impl std::fmt::Display for DnPattern {
 }
 
 /// The subject of a certificate as `ATTR=value` pairs (e.g. `("CN", "controller")`).
-pub fn subject_rdns(cert: &CertificateDer<'_>) -> Result<Vec<Rdn>, String> {
-    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("unparsable certificate: {e}"))?;
+pub fn subject_rdns(cert: &CertificateDer<'_>) -> Result<Vec<Rdn>, DnError> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(DnError::Unparsable)?;
     let reg = x509_parser::objects::oid_registry();
     let mut out = Vec::new();
     for atv in c.subject().iter_attributes() {
@@ -85,7 +108,7 @@ pub fn subject_rdns(cert: &CertificateDer<'_>) -> Result<Vec<Rdn>, String> {
             .unwrap_or_else(|_| atv.attr_type().to_id_string());
         let val = atv
             .as_str()
-            .map_err(|_| format!("subject attribute {key} is not a string"))?;
+            .map_err(|_| DnError::NotString { attr: key.clone() })?;
         out.push((key, val.to_string()));
     }
     Ok(out)
@@ -139,12 +162,17 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused_with_the_reason() {
-        assert!(DnPattern::parse("").unwrap_err().contains("no attribute"));
+        assert!(DnPattern::parse("")
+            .unwrap_err()
+            .to_string()
+            .contains("no attribute"));
         assert!(DnPattern::parse("controller")
             .unwrap_err()
+            .to_string()
             .contains("ATTR=value"));
         assert!(DnPattern::parse("C N=x")
             .unwrap_err()
+            .to_string()
             .contains("attribute name"));
     }
 }

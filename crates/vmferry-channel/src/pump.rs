@@ -31,8 +31,22 @@ pub enum PumpError {
     Truncated { peer: String },
     #[error("{peer}: {msg}")]
     Peer { peer: String, msg: String },
+    /// The compression filter failed (ours, or the peer's stream does not decode).
+    #[error("{peer}: {source}")]
+    Filter {
+        peer: String,
+        #[source]
+        source: crate::compress::CompressError,
+    },
+    /// Reading what rustls decrypted failed (a TLS error from the peer).
+    #[error("{peer}: {source}")]
+    Tls {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("local QEMU socket: {0}")]
-    Local(std::io::Error),
+    Local(#[source] std::io::Error),
 }
 
 /// Plaintext bytes moved by one pump.
@@ -127,6 +141,14 @@ fn run(
         peer: peer.to_string(),
         msg,
     };
+    let filter_err = |source| PumpError::Filter {
+        peer: peer.to_string(),
+        source,
+    };
+    let tls_err = |source| PumpError::Tls {
+        peer: peer.to_string(),
+        source,
+    };
     local.set_nonblocking(true).map_err(PumpError::Local)?;
     crate::transport::tune_local(local);
     tcp.set_nonblocking(true)
@@ -146,8 +168,8 @@ fn run(
     let mut local_write_shut = false;
     // The compression filter: what the local side sends goes through `outgoing`; what
     // arrives waits in `staged` (compressed) until `pending` has room for its output.
-    let mut outgoing = Outgoing::new(&options).map_err(&peer_err)?;
-    let mut decompressor = options.decompressor().map_err(&peer_err)?;
+    let mut outgoing = Outgoing::new(&options).map_err(filter_err)?;
+    let mut decompressor = options.decompressor().map_err(filter_err)?;
     let mut staged: Vec<u8> = Vec::new();
     let mut staged_off = 0usize;
     // The decompressor filled the room it had: it may hold more output.
@@ -159,7 +181,7 @@ fn run(
     } else {
         &mut pending
     };
-    drain_plaintext(conn, inbox, &mut peer_done).map_err(&peer_err)?;
+    drain_plaintext(conn, inbox, &mut peer_done).map_err(tls_err)?;
 
     loop {
         if stop.is_stopped() {
@@ -204,7 +226,7 @@ fn run(
             if pending.is_empty() && (staged_off < staged.len() || decode_more) {
                 let used = d
                     .decompress(&staged[staged_off..], &mut pending, CHUNK)
-                    .map_err(&peer_err)?;
+                    .map_err(filter_err)?;
                 staged_off += used;
                 if staged_off == staged.len() {
                     staged.clear();
@@ -241,7 +263,7 @@ fn run(
             match local.read(&mut lbuf) {
                 Ok(0) => {
                     local_eof = true;
-                    let tail = outgoing.finish().map_err(&peer_err)?;
+                    let tail = outgoing.finish().map_err(filter_err)?;
                     conn.writer()
                         .write_all(tail)
                         .map_err(|e| peer_err(e.to_string()))?;
@@ -250,7 +272,7 @@ fn run(
                     progress = true;
                 }
                 Ok(n) => {
-                    let out = outgoing.pass(&lbuf[..n]).map_err(&peer_err)?;
+                    let out = outgoing.pass(&lbuf[..n]).map_err(filter_err)?;
                     conn.writer()
                         .write_all(out)
                         .map_err(|e| peer_err(e.to_string()))?;
@@ -286,7 +308,7 @@ fn run(
                             .map_err(|e| peer_err(e.to_string()))?;
                         conn.process_new_packets()
                             .map_err(|e| peer_err(crate::tls::describe(&e, peer)))?;
-                        drain_plaintext(conn, inbox, &mut peer_done).map_err(&peer_err)?;
+                        drain_plaintext(conn, inbox, &mut peer_done).map_err(tls_err)?;
                     }
                     meter.add_wire_backward((inbox.len() - before) as u64);
                     progress = true;
@@ -345,7 +367,7 @@ fn drain_plaintext(
     conn: &mut rustls::Connection,
     pending: &mut Vec<u8>,
     peer_done: &mut bool,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     // rustls's own buffer straight into `pending`: one copy out of rustls, not two.
     use std::io::BufRead;
     loop {
@@ -361,7 +383,7 @@ fn drain_plaintext(
                 reader.consume(n);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }

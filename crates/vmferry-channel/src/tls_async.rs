@@ -118,17 +118,22 @@ impl TlsIo {
 
     /// Ends the connection cleanly: sends close_notify (unless sent already), flushes,
     /// half-closes TCP, then reads (and drops) what still comes until the peer's
-    /// close_notify. Err if the connection failed (now or before).
-    pub async fn finish(&self) -> Result<(), String> {
+    /// close_notify. Err if the connection failed (now or before): the first failure,
+    /// worded as [`PumpError`]'s Display.
+    pub async fn finish(&self) -> std::io::Result<()> {
+        let failed = |e: std::io::Error| match self.failure() {
+            Some(f) => std::io::Error::other(f),
+            None => e,
+        };
         if let Some(f) = self.failure() {
-            return Err(f);
+            return Err(std::io::Error::other(f));
         }
         let mut this = self.clone();
         let closed =
             std::future::poll_fn(|cx| futures::io::AsyncWrite::poll_close(Pin::new(&mut this), cx))
                 .await;
         if let Err(e) = closed {
-            return Err(self.failure().unwrap_or_else(|| e.to_string()));
+            return Err(failed(e));
         }
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -139,7 +144,7 @@ impl TlsIo {
             match r {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(self.failure().unwrap_or_else(|| e.to_string())),
+                Err(e) => return Err(failed(e)),
             }
         }
     }

@@ -159,21 +159,29 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
 /// Whether this kernel offers TLS offload (`TCP_ULP` "tls"), tried once on a throwaway
 /// loopback connection. vmferry's data path is userspace TLS (rustls) either way; this
 /// says which the kernel would allow, so the daemon can report the fallback it takes.
-pub fn kernel_tls_available() -> Result<(), String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("probe: {e}"))?;
-    let addr = l.local_addr().map_err(|e| format!("probe: {e}"))?;
-    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("probe: {e}"))?;
-    let _accepted = l.accept().map_err(|e| format!("probe: {e}"))?;
+pub fn kernel_tls_available() -> Result<(), KernelTlsError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(KernelTlsError::Probe)?;
+    let addr = l.local_addr().map_err(KernelTlsError::Probe)?;
+    let c =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(KernelTlsError::Probe)?;
+    let _accepted = l.accept().map_err(KernelTlsError::Probe)?;
     nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::TcpUlp::default(), b"tls").map_err(
         |e| match e {
-            nix::errno::Errno::ENOENT => {
-                "the kernel has no TLS module (TCP_ULP \"tls\": not found; modprobe tls?)"
-                    .to_string()
-            }
-            other => format!("TCP_ULP \"tls\" refused: {other}"),
+            nix::errno::Errno::ENOENT => KernelTlsError::NoModule,
+            other => KernelTlsError::Refused(other),
         },
     )
+}
+
+/// Why the kernel's TLS offload is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelTlsError {
+    #[error("probe: {0}")]
+    Probe(#[source] std::io::Error),
+    #[error("the kernel has no TLS module (TCP_ULP \"tls\": not found; modprobe tls?)")]
+    NoModule,
+    #[error("TCP_ULP \"tls\" refused: {0}")]
+    Refused(#[source] nix::errno::Errno),
 }
 
 #[cfg(test)]

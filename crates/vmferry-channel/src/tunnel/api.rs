@@ -10,7 +10,7 @@ use super::carry::COPY_BUF;
 use super::config::{FRAME, MAX_STREAM_WINDOW};
 use super::mailbox::{Mailbox, PushError};
 use super::mux::mux;
-use super::shared::{AcceptRequest, Command, Ends, Phase, Role, Shared, State};
+use super::shared::{AcceptRequest, Command, Ends, Phase, Role, Shared, State, TlsEnd};
 use super::{MAILBOX, MAX_CONTROL, REQUEST_TIMEOUT};
 use crate::compress::Filters;
 use crate::meter::Meter;
@@ -43,6 +43,27 @@ pub enum TunnelError {
     NotClient { peer: String },
     #[error("tunnel to {peer}: {MAILBOX} requests are already waiting for the multiplexer")]
     Busy { peer: String },
+    /// The first stream failure, a whole sentence naming the peer.
+    #[error("{0}")]
+    StreamFailed(String),
+    #[error("tunnel to {peer}: {cause} ({done} of {n} streams had ended)")]
+    BrokenAfter {
+        peer: String,
+        cause: String,
+        done: usize,
+        n: usize,
+    },
+    #[error("tunnel to {peer}: the tunnel ended after {done} of {n} streams")]
+    EndedAfter { peer: String, done: usize, n: usize },
+    #[error("tunnel to {peer}: only {done} of {n} streams ended within {timeout:?}")]
+    StreamsTimeout {
+        peer: String,
+        done: usize,
+        n: usize,
+        timeout: Duration,
+    },
+    #[error("tunnel to {peer}: did not close cleanly within {timeout:?}; cut")]
+    CloseTimeout { peer: String, timeout: Duration },
 }
 
 /// The server's choice of where each stream the client opens goes.
@@ -286,35 +307,40 @@ impl Tunnel {
 
     /// Blocks until `n` data streams ended cleanly (Ok), one failed (Err(cause)), the
     /// tunnel ended, or `timeout` passed (Err naming it).
-    pub fn wait_streams(&self, n: usize, timeout: Duration) -> Result<(), String> {
-        let peer = &self.shared.peer;
+    pub fn wait_for_streams(&self, n: usize, timeout: Duration) -> Result<(), TunnelError> {
+        let peer = || self.shared.peer.clone();
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
         loop {
             if let Some(f) = &st.failed {
-                return Err(f.clone());
+                return Err(TunnelError::StreamFailed(f.clone()));
             }
             if st.done >= n {
                 return Ok(());
             }
             if let Some(b) = &st.broken {
-                return Err(format!(
-                    "tunnel to {peer}: {b} ({} of {n} streams had ended)",
-                    st.done
-                ));
+                return Err(TunnelError::BrokenAfter {
+                    peer: peer(),
+                    cause: b.clone(),
+                    done: st.done,
+                    n,
+                });
             }
             if st.mux_ended {
-                return Err(format!(
-                    "tunnel to {peer}: the tunnel ended after {} of {n} streams",
-                    st.done
-                ));
+                return Err(TunnelError::EndedAfter {
+                    peer: peer(),
+                    done: st.done,
+                    n,
+                });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "tunnel to {peer}: only {} of {n} streams ended within {timeout:?}",
-                    st.done
-                ));
+                return Err(TunnelError::StreamsTimeout {
+                    peer: peer(),
+                    done: st.done,
+                    n,
+                    timeout,
+                });
             }
             st = match self.shared.changed.wait_timeout(st, left) {
                 Ok((g, _)) => g,
@@ -323,26 +349,30 @@ impl Tunnel {
         }
     }
 
+    /// [`Tunnel::wait_for_streams`], its error as text: kept while the daemon's source
+    /// side still collects its drain errors as `String`.
+    pub fn wait_streams(&self, n: usize, timeout: Duration) -> Result<(), String> {
+        self.wait_for_streams(n, timeout).map_err(|e| e.to_string())
+    }
+
     /// Graceful end: sends the control messages still queued, closes the mux and then
     /// the TLS connection with close_notify (once the other end has closed its side
     /// too). Call it after all streams ended: streams still open fail. Err if the
     /// tunnel could not end cleanly within `timeout` (it is then cut).
-    pub fn close(mut self, timeout: Duration) -> Result<(), String> {
+    pub fn close(mut self, timeout: Duration) -> Result<(), TunnelError> {
         self.closed = true;
         let peer = self.shared.peer.clone();
         let deadline = Instant::now() + timeout;
         // Fails only if the mux has ended already, which is what we wait for below.
         let _ = self.shared.commands.try_send(Command::Close);
         let mut st = self.shared.lock();
-        while !(st.mux_ended && st.pump.is_some()) {
+        while !(st.mux_ended && st.tls_end.is_some()) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 drop(st);
                 self.shared
                     .cut(format!("it did not close within {timeout:?}"));
-                return Err(format!(
-                    "tunnel to {peer}: did not close cleanly within {timeout:?}; cut"
-                ));
+                return Err(TunnelError::CloseTimeout { peer, timeout });
             }
             st = match self.shared.changed.wait_timeout(st, left) {
                 Ok((g, _)) => g,
@@ -350,10 +380,16 @@ impl Tunnel {
             };
         }
         if let Some(b) = &st.broken {
-            return Err(format!("tunnel to {peer}: {b}"));
+            return Err(TunnelError::Ended {
+                peer,
+                cause: b.clone(),
+            });
         }
-        match &st.pump {
-            Some(Err(e)) => Err(format!("tunnel to {peer}: {e}")),
+        match &st.tls_end {
+            Some(TlsEnd::Failed(cause)) => Err(TunnelError::Ended {
+                peer,
+                cause: cause.clone(),
+            }),
             _ => Ok(()),
         }
     }

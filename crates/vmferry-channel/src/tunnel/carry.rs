@@ -107,7 +107,8 @@ async fn carry_both(
                 .map_err(CarryError::There)?;
         }
         let mut buf = vec![0u8; COPY_BUF];
-        let mut outgoing = Outgoing::new(&shared.filters).map_err(CarryError::Here)?;
+        let mut outgoing =
+            Outgoing::new(&shared.filters).map_err(|e| CarryError::Here(e.to_string()))?;
         // Bytes given to the stream (compressed, if so): what the peer must confirm.
         let mut sent = 0u64;
         // Once the peer closed the mux, what the local socket sends has nowhere to go.
@@ -126,7 +127,9 @@ async fn carry_both(
                 }
             };
             if n == 0 {
-                let tail = outgoing.finish().map_err(CarryError::Here)?;
+                let tail = outgoing
+                    .finish()
+                    .map_err(|e| CarryError::Here(e.to_string()))?;
                 if let Err(e) = write_all(&stream, tail).await {
                     return Err(there(format!("sending: {e}")).await);
                 }
@@ -134,7 +137,9 @@ async fn carry_both(
                 shared.meter.add_wire_forward(tail.len() as u64);
                 break;
             }
-            let out = outgoing.pass(&buf[..n]).map_err(CarryError::Here)?;
+            let out = outgoing
+                .pass(&buf[..n])
+                .map_err(|e| CarryError::Here(e.to_string()))?;
             if let Err(e) = write_all(&stream, out).await {
                 return Err(there(format!("sending: {e}")).await);
             }
@@ -153,7 +158,10 @@ async fn carry_both(
     };
 
     let down = async {
-        let mut decompressor = shared.filters.decompressor().map_err(CarryError::Here)?;
+        let mut decompressor = shared
+            .filters
+            .decompressor()
+            .map_err(|e| CarryError::Here(e.to_string()))?;
         let mut plain = Vec::new();
         let mut got = 0u64;
         loop {
@@ -175,7 +183,7 @@ async fn carry_both(
                         plain.clear();
                         at += d
                             .decompress(&packet[at..], &mut plain, COPY_BUF)
-                            .map_err(CarryError::There)?;
+                            .map_err(|e| CarryError::There(e.to_string()))?;
                         lw.write_all(&plain).await.map_err(|e| {
                             CarryError::Here(format!("writing to the local socket: {e}"))
                         })?;

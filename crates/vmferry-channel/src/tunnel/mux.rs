@@ -13,7 +13,7 @@ use super::api::TunnelError;
 use super::carry::carry;
 use super::config::{yamux_config, CONTROL_STREAM_ID, MAX_STREAMS};
 use super::control::control;
-use super::shared::{short, AcceptRequest, Command, Phase, Role, Shared};
+use super::shared::{short, AcceptRequest, Command, Phase, Role, Shared, TlsEnd};
 use super::{ACCEPT_TIMEOUT, MAX_DATA_STREAMS, REQUEST_TIMEOUT};
 use crate::tls_async::{self, TlsIo};
 use futures::future;
@@ -64,7 +64,9 @@ pub(super) async fn mux(
         Ok(w) => w,
         Err(e) => {
             shared.cut(format!("the mux cannot use its socket: {e}"));
-            shared.lock().pump = Some(Err(format!("the mux cannot use its socket: {e}")));
+            shared.lock().tls_end = Some(TlsEnd::Failed(format!(
+                "the mux cannot use its socket: {e}"
+            )));
             shared.changed.notify_all();
             return;
         }
@@ -242,15 +244,18 @@ pub(super) async fn mux(
     // until the peer's, as it may still deliver its last frames.
     drop(conn);
     let finish = async {
-        let r = if shared.stopped.load(Ordering::SeqCst) {
-            Err("it was stopped on this host".to_string())
+        let end = if shared.stopped.load(Ordering::SeqCst) {
+            TlsEnd::Failed("it was stopped on this host".to_string())
         } else {
-            tls.finish().await.map_err(|e| shared.tls_cause(&e))
+            match tls.finish().await {
+                Ok(()) => TlsEnd::Clean,
+                Err(e) => TlsEnd::Failed(shared.tls_cause(&e)),
+            }
         };
-        if let Err(cause) = &r {
+        if let TlsEnd::Failed(cause) = &end {
             shared.record_broken(cause.clone());
         }
-        shared.lock().pump = Some(r);
+        shared.lock().tls_end = Some(end);
         shared.changed.notify_all();
     };
     future::join(finish, shared.tasks_finished()).await;

@@ -74,10 +74,19 @@ pub(super) struct State {
     pub(super) failed: Option<String>,
     /// Why the connection broke (or was stopped), if it did.
     pub(super) broken: Option<String>,
-    /// The TLS connection's end: Ok after a clean close (close_notify both ways).
-    pub(super) pump: Option<Result<(), String>>,
+    /// The TLS connection's end, once it came.
+    pub(super) tls_end: Option<TlsEnd>,
     /// The mux thread has finished.
     pub(super) mux_ended: bool,
+}
+
+/// How the TLS connection under the tunnel ended.
+#[derive(Debug)]
+pub(super) enum TlsEnd {
+    /// Cleanly: close_notify both ways.
+    Clean,
+    /// Otherwise, and why.
+    Failed(String),
 }
 
 #[derive(Debug, Default)]
