@@ -360,7 +360,8 @@ impl ControlClient {
         self.conn.set_timeout(Some(timeout));
         framed::write_json(&mut self.conn, &Request { id, body })
             .map_err(|e| self.frame_error(e))?;
-        let resp: Response = match framed::read_json(&mut self.conn, MAX_FRAME) {
+        // An answer to an earlier request that timed out may still arrive first: skip it.
+        let resp: Response = match self.read_answer(id) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return Err(ClientError::Protocol {
@@ -389,6 +390,22 @@ impl ControlClient {
             });
         }
         Ok(resp.body)
+    }
+
+    /// The next response that is not a late answer to an earlier request.
+    fn read_answer(&mut self, id: u64) -> Result<Option<Response>, FrameError> {
+        loop {
+            match framed::read_json::<_, Response>(&mut self.conn, MAX_FRAME)? {
+                Some(r) if r.id != 0 && r.id < id => {
+                    tracing::debug!(
+                        "{}: skipping the late answer to request {}",
+                        self.peer,
+                        r.id
+                    )
+                }
+                other => return Ok(other),
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub mod qemu_cmd;
 pub mod server;
 pub mod vms;
 
-pub use client::{ControlClient, ControlTarget};
+pub use client::{ClientAuth, ControlClient, ControlTarget};
 pub use config::DaemonConfig;
 pub use error::DaemonError;
 pub use server::Server;

@@ -182,6 +182,22 @@ pub struct MigrationOptions {
     /// lease (a version-1 controller). See [`crate::phase`] for what expiry does.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lease_ms: u64,
+    /// Fail when nothing moved (no byte, no change of QEMU's status) for this long, in
+    /// ms; 0 = [`DEFAULT_STALL_TIMEOUT_MS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stall_timeout_ms: u64,
+}
+
+/// How long a migration may stand still before it fails, unless the controller says.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
+
+impl MigrationOptions {
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(match self.stall_timeout_ms {
+            0 => DEFAULT_STALL_TIMEOUT_MS,
+            ms => ms,
+        })
+    }
 }
 
 fn is_zero(v: &u64) -> bool {

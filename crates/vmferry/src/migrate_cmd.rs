@@ -83,6 +83,10 @@ pub struct MigrateArgs {
     /// switch-over they roll back (the source keeps running), after it they finish.
     #[arg(long, default_value_t = 15)]
     pub lease: u64,
+    /// Fail when nothing moved (no byte, no change of QEMU's status) for this many
+    /// seconds, whatever --timeout says.
+    #[arg(long, default_value_t = 30)]
+    pub stall_timeout: u64,
     /// Hand the migration to the daemons once it is under way and return at once;
     /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
     #[arg(long)]
@@ -149,6 +153,10 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             transport: a.transport,
             compress,
             lease_ms: 0, // set by the controller from --lease, if both daemons keep leases
+            stall_timeout_ms: match a.stall_timeout {
+                0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),
+                s => s.saturating_mul(1000),
+            },
         },
         data_address: a.data_address.clone(),
         timeout: a.timeout.map(Duration::from_secs),

@@ -32,8 +32,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait of one status long-poll (progress is shown at least this often).
 const POLL: Duration = Duration::from_millis(200);
-/// How often the watch also asks the destination how it fares.
+/// How often the watch also asks the destination how it fares, and how long it waits.
 const DESTINATION_POLL: Duration = Duration::from_secs(1);
+const DESTINATION_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A test hook: stop dead (as if killed) after a phase, so tests can kill the
 /// controller at each phase boundary. Read from `VMFERRY_DANGER_STOP_AFTER`.
@@ -100,6 +101,17 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
 
     /// Every phase in order; any failure rolls back what was done.
     pub fn run(&mut self) -> Result<MigrationReport, ControllerError> {
+        if self.plan.detach && self.plan.options.lease_ms == 0 {
+            // Said before anything starts: a migration cannot be handed to daemons
+            // that could not finish it alone.
+            return Err(ControllerError {
+                step: Step::Phase(Phase::Begin),
+                cause: "--detach needs both daemons at control protocol version 2; one \
+                        speaks protocol version 1, which cannot carry a migration alone"
+                    .into(),
+                rollback: String::new(),
+            });
+        }
         for phase in Phase::ALL {
             if let Err(cause) = self.run_phase(phase) {
                 let rollback = self.roll_back(&cause);
@@ -110,7 +122,10 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 });
             }
             if self.stop_after.0 == Some(phase) {
-                eprintln!("vmferry: stopping after {phase} (VMFERRY_DANGER_STOP_AFTER)");
+                eprintln!(
+                    "vmferry: stopping after {phase} of migration {} (VMFERRY_DANGER_STOP_AFTER)",
+                    self.id
+                );
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
                 }
@@ -249,9 +264,6 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
 
     /// Hands the migration to the daemons (`--detach`).
     fn run_detach(&mut self) -> Result<(), String> {
-        if self.plan.options.lease_ms == 0 {
-            return Err("these daemons speak protocol version 1, which cannot detach".into());
-        }
         for role in [Role::Destination, Role::Source] {
             self.expect_done(
                 role,
@@ -296,11 +308,19 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             }
             if asked_destination.elapsed() >= DESTINATION_POLL {
                 asked_destination = Instant::now();
-                let d = self.status(Role::Destination, Duration::ZERO)?;
-                if d.state == Some(MigrationState::Destination(DestinationState::Aborted)) {
-                    return Err(d
-                        .error
-                        .unwrap_or_else(|| "the destination aborted the migration".into()));
+                // Best effort: the peer link is what reports a destination that died or
+                // froze; this only catches one that gave up where no link runs.
+                match self.status_within(Role::Destination, DESTINATION_STATUS_TIMEOUT) {
+                    Ok(d)
+                        if d.state
+                            == Some(MigrationState::Destination(DestinationState::Aborted)) =>
+                    {
+                        return Err(d
+                            .error
+                            .unwrap_or_else(|| "the destination aborted the migration".into()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::info!("the destination did not say how it fares: {e}"),
                 }
             }
         }
@@ -397,13 +417,26 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     fn status(&mut self, role: Role, wait: Duration) -> Result<MigrationStatus, String> {
+        self.status_call(role, wait, STATUS_TIMEOUT)
+    }
+
+    fn status_within(&mut self, role: Role, timeout: Duration) -> Result<MigrationStatus, String> {
+        self.status_call(role, Duration::ZERO, timeout)
+    }
+
+    fn status_call(
+        &mut self,
+        role: Role,
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<MigrationStatus, String> {
         let body = RequestBody::Status {
             migration: self.id.clone(),
             wait_ms: wait.as_millis() as u64,
             // The renewer renews; a status from the driver need not.
             renew: false,
         };
-        match self.call(role, body, STATUS_TIMEOUT)? {
+        match self.call(role, body, timeout)? {
             ResponseBody::Status { status } => Ok(status),
             other => Err(unexpected(&other)),
         }

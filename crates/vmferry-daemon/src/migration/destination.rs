@@ -223,7 +223,7 @@ impl DestinationMigration {
         drop(st);
         self.state_changed.notify_all();
         if let Some(p) = lock(&self.peer).as_ref() {
-            p.notify();
+            p.notify(self.peer_message());
         }
         Ok(next)
     }
@@ -251,13 +251,7 @@ impl DestinationMigration {
         let link = PeerLink::start(
             c,
             &self.id.as_str()[..8],
-            move || match own.upgrade() {
-                Some(m) => m.peer_message(),
-                None => PeerMessage {
-                    state: MigrationState::Destination(DestinationState::Aborted),
-                    cause: None,
-                },
-            },
+            move || own.upgrade().map(|m| m.peer_message()),
             move |ev| {
                 if let (Some(m), Some(d)) = (me.upgrade(), d.upgrade()) {
                     m.on_peer(&d, ev);

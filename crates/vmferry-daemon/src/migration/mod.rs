@@ -98,6 +98,24 @@ impl QemuHandle {
         }
     }
 
+    /// Whether both handles reach the same QEMU.
+    pub fn same_qemu(&self, other: &QemuHandle) -> bool {
+        match (self, other) {
+            (QemuHandle::Managed(a), QemuHandle::Managed(b)) => a.spec.name == b.spec.name,
+            (QemuHandle::Attached(a), QemuHandle::Attached(b)) => a.path == b.path,
+            _ => false,
+        }
+    }
+
+    /// How a managed QEMU exited (with the end of its stderr), once it has; `None` while
+    /// it runs, and for an attached QEMU (not our child to reap).
+    pub fn exit_reason(&self) -> Option<String> {
+        match self {
+            QemuHandle::Managed(vm) => vm.exit_reason(),
+            QemuHandle::Attached(_) => None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             QemuHandle::Managed(vm) => format!("VM '{}'", vm.spec.name),

@@ -26,32 +26,35 @@ pub enum PeerEvent {
 /// The owner's side of a running link.
 #[derive(Debug)]
 pub struct PeerLink {
-    /// Set to make the thread send the current state now.
-    dirty: Arc<AtomicBool>,
+    /// A state to send now rather than at the next heartbeat: carried by value, so
+    /// a half that ends right after a change still says the change.
+    pending: Arc<Mutex<Option<PeerMessage>>>,
     stop: Arc<AtomicBool>,
     /// What the other half last said, and when.
     last: Arc<Mutex<Option<PeerMessage>>>,
 }
 
 impl PeerLink {
-    /// Starts the link's thread. `own` says this half's state when asked; `on_event` is
-    /// called from the link's thread for each message and once when the link is lost.
+    /// Starts the link's thread. `own` says this half's state when asked (`None` once
+    /// the half is gone: the link then repeats what it said last, never a guess);
+    /// `on_event` is called from the link's thread for each message and once when the
+    /// link is lost.
     pub fn start(
         conn: DataConn,
         name: &str,
-        own: impl Fn() -> PeerMessage + Send + 'static,
+        own: impl Fn() -> Option<PeerMessage> + Send + 'static,
         on_event: impl Fn(PeerEvent) + Send + 'static,
     ) -> std::io::Result<PeerLink> {
         let link = PeerLink {
-            dirty: Arc::new(AtomicBool::new(true)),
+            pending: Arc::new(Mutex::new(None)),
             stop: Arc::new(AtomicBool::new(false)),
             last: Arc::new(Mutex::new(None)),
         };
-        let (dirty, stop, last) = (link.dirty.clone(), link.stop.clone(), link.last.clone());
+        let (pending, stop, last) = (link.pending.clone(), link.stop.clone(), link.last.clone());
         std::thread::Builder::new()
             .name(format!("peer-{name}"))
             .spawn(move || {
-                let lost = run(conn, &dirty, &stop, &last, &own, &on_event);
+                let lost = run(conn, &pending, &stop, &last, &own, &on_event);
                 if !stop.load(Ordering::SeqCst) {
                     on_event(PeerEvent::Lost(lost));
                 }
@@ -59,9 +62,9 @@ impl PeerLink {
         Ok(link)
     }
 
-    /// Sends this half's state now rather than at the next heartbeat.
-    pub fn notify(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
+    /// Sends this state now rather than at the next heartbeat.
+    pub fn notify(&self, msg: PeerMessage) {
+        *crate::vms::lock(&self.pending) = Some(msg);
     }
 
     /// What the other half said last.
@@ -69,9 +72,8 @@ impl PeerLink {
         crate::vms::lock(&self.last).clone()
     }
 
-    /// Ends the link (after one last state message).
+    /// Ends the link, once a state given to [`PeerLink::notify`] went out.
     pub fn stop(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
     }
 }
@@ -100,10 +102,10 @@ fn with_stream<R>(
 
 fn run(
     conn: DataConn,
-    dirty: &AtomicBool,
+    pending: &Mutex<Option<PeerMessage>>,
     stop: &AtomicBool,
     last: &Mutex<Option<PeerMessage>>,
-    own: &dyn Fn() -> PeerMessage,
+    own: &dyn Fn() -> Option<PeerMessage>,
     on_event: &dyn Fn(PeerEvent),
 ) -> String {
     let DataConn {
@@ -117,10 +119,15 @@ fn run(
     let _ = sock.set_read_timeout(Some(silence));
     let mut sent = Instant::now() - heartbeat;
     let mut heard = Instant::now();
+    let mut said: Option<PeerMessage> = None;
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        if dirty.swap(false, Ordering::SeqCst) || sent.elapsed() >= heartbeat {
-            let msg = own();
+        let now = crate::vms::lock(pending).take();
+        if now.is_some() || sent.elapsed() >= heartbeat {
+            let Some(msg) = now.or_else(own).or_else(|| said.clone()) else {
+                return String::new(); // the half ended before it said anything
+            };
+            said = Some(msg.clone());
             let written = with_stream(&mut conn, &mut sock, |mut s| {
                 framed::write_json(&mut s, &msg)
                     .and_then(|_| s.flush().map_err(framed::FrameError::Io))

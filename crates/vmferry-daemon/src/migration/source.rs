@@ -100,6 +100,10 @@ pub struct SourceMigration {
     /// The first pump failure, if any.
     pump_error: Mutex<Option<String>>,
     cancel: AtomicBool,
+    /// Set once QEMU accepted our `migrate`: only a migration this half started may be
+    /// cancelled, and the guest resumed, by this half (another controller's migration
+    /// of the same QEMU is none of its business).
+    started_qemu: AtomicBool,
     /// The unix socket QEMU migrates into.
     socket_path: PathBuf,
     held: Mutex<Held>,
@@ -139,13 +143,14 @@ impl SourceMigration {
                 active.status
             )));
         }
-        if let Some(name) = &vm_name {
+        {
             let busy = lock(&daemon.migrations.sources)
                 .values()
-                .any(|m| m.vm_name.as_ref() == Some(name));
+                .any(|m| m.qemu.same_qemu(&qemu) && !m.state().is_final());
             if busy {
                 return Err(DaemonError::Exists(format!(
-                    "VM '{name}' is already the source of a migration"
+                    "{} is already the source of a migration",
+                    qemu.describe()
                 )));
             }
         }
@@ -191,6 +196,7 @@ impl SourceMigration {
             stops: Mutex::new(Vec::new()),
             pump_error: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            started_qemu: AtomicBool::new(false),
             socket_path,
             held: Mutex::new(Held::Nothing),
             held_changed: Condvar::new(),
@@ -232,7 +238,7 @@ impl SourceMigration {
         *st = next;
         drop(st);
         if let Some(p) = lock(&self.peer).as_ref() {
-            p.notify();
+            p.notify(self.peer_message());
         }
         Ok(next)
     }
@@ -255,13 +261,7 @@ impl SourceMigration {
         let link = PeerLink::start(
             c,
             &self.id.as_str()[..8],
-            move || match own.upgrade() {
-                Some(m) => m.peer_message(),
-                None => PeerMessage {
-                    state: MigrationState::Source(SourceState::RolledBack),
-                    cause: None,
-                },
-            },
+            move || own.upgrade().map(|m| m.peer_message()),
             move |ev| {
                 if let (Some(m), Some(d)) = (me.upgrade(), d.upgrade()) {
                     m.on_peer(&d, ev);
@@ -641,6 +641,7 @@ impl SourceMigration {
             q.migrate_set_parameters(params)?;
             q.migrate(&uri)
         })?;
+        self.started_qemu.store(true, Ordering::SeqCst);
         lock(&self.status).qemu_status = "setup".into();
 
         let me = self.clone();
@@ -841,6 +842,11 @@ impl SourceMigration {
     fn watch(&self, tunnel: Option<&Tunnel>) -> Result<()> {
         let _held = self.qemu.hold();
         let mut cancel_sent = false;
+        let stall_after = self.options.stall_timeout();
+        // What moved last, and when: bytes through QEMU and through the channel, or a
+        // change of QEMU's status.
+        let mut progress = (0u64, 0u64, String::new());
+        let mut moved = Instant::now();
         loop {
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
                 let mut pe = lock(&self.pump_error);
@@ -868,6 +874,25 @@ impl SourceMigration {
                 st.downtime_ms = info.downtime_ms.or(st.downtime_ms);
                 st.channel_bytes = self.meter.forward();
                 st.wire_bytes = self.meter.wire_forward();
+                let now = (st.ram_transferred, st.channel_bytes, st.qemu_status.clone());
+                if now != progress {
+                    progress = now;
+                    moved = Instant::now();
+                } else if moved.elapsed() > stall_after && !cancel_sent {
+                    let peer = lock(&self.peer)
+                        .as_ref()
+                        .and_then(|p| p.last())
+                        .map(|m| format!("the destination last said it was {}", m.state))
+                        .unwrap_or_else(|| "no word from the destination".into());
+                    lock(&self.pump_error).get_or_insert(format!(
+                        "stalled: nothing moved for {} s (source QEMU '{}' after {} of RAM \
+                         and {} bytes carried; {peer})",
+                        stall_after.as_secs(),
+                        st.qemu_status,
+                        st.ram_transferred,
+                        st.channel_bytes
+                    ));
+                }
             }
             match info.status {
                 QemuMigrationStatus::Completed => return Ok(()),
@@ -898,6 +923,12 @@ impl SourceMigration {
             Some(p) => format!("the destination gave up: {p}"),
             None => why.to_string(),
         };
+        // A source QEMU that died is the cause, whatever it looked like from here.
+        let exited = self.qemu.exit_reason();
+        let why = match &exited {
+            Some(e) => format!("the source QEMU has exited: {e}"),
+            None => why,
+        };
         let why = why.as_str();
         tracing::warn!(migration = %self.id, "migration failed: {why}");
         for s in lock(&self.stops).iter() {
@@ -914,7 +945,9 @@ impl SourceMigration {
             if st.error.is_none() {
                 st.error = Some(why.to_string());
             }
-            if st.qemu_status != "cancelled" && st.qemu_status != "completed" {
+            if exited.is_some() {
+                st.qemu_status = "exited".into();
+            } else if st.qemu_status != "cancelled" && st.qemu_status != "completed" {
                 st.qemu_status = "failed".into();
             }
             st.finished = true;
@@ -926,6 +959,9 @@ impl SourceMigration {
 
     /// Cancels QEMU's migration if it is still going and resumes a guest that was running.
     fn ensure_source_runs(&self) {
+        if !self.started_qemu.load(Ordering::SeqCst) {
+            return; // QEMU never started our migration: the guest is as it was
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.qemu.with_qmp(|q| q.query_migrate()) {

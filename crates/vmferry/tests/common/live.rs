@@ -24,6 +24,15 @@ pub fn setup(tag: &str) -> Result<Setup> {
 /// Two hosts, a daemon on each (TCG) with its control port on :4700 and, if given, a
 /// data-only port.
 pub fn setup_with(tag: &str, data_port: Option<u16>) -> Result<Setup> {
+    setup_full(tag, data_port, None)
+}
+
+/// Two hosts as [`setup`] makes them, host b's daemon reading `b_config` (TOML) too.
+pub fn setup_with_config(tag: &str, b_config: &str) -> Result<Setup> {
+    setup_full(tag, None, Some(b_config))
+}
+
+fn setup_full(tag: &str, data_port: Option<u16>, b_config: Option<&str>) -> Result<Setup> {
     require::netns();
     require::qemu();
     let tmp = tempfile::tempdir()?;
@@ -44,15 +53,23 @@ pub fn setup_with(tag: &str, data_port: Option<u16>) -> Result<Setup> {
             .map(String::as_str)
             .collect::<Vec<_>>(),
     )?;
+    let mut b_args = daemon_args(&hosts.b, data_port);
+    if let Some(text) = b_config {
+        let path = tmp.path().join("b.toml");
+        let dir = tmp.path().join("b");
+        std::fs::write(
+            &path,
+            format!("state_dir = {:?}\n{text}", dir.display().to_string()),
+        )?;
+        b_args.push("--config".into());
+        b_args.push(path.display().to_string());
+    }
     let db = DaemonProc::start(
         Some(&hosts.b),
         &b_addr,
         &tmp.path().join("b"),
         &b_certs,
-        &daemon_args(&hosts.b, data_port)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     Ok(Setup {
         tmp,
