@@ -396,7 +396,11 @@ impl ControlClient {
     fn read_answer(&mut self, id: u64) -> Result<Option<Response>, FrameError> {
         loop {
             match framed::read_json::<_, Response>(&mut self.conn, MAX_FRAME)? {
-                Some(r) if r.id != 0 && r.id < id => {
+                // An error is never skipped: a daemon may answer a refusal under the id
+                // of the exchange's first request (SCRAM does).
+                Some(r)
+                    if r.id != 0 && r.id < id && !matches!(r.body, ResponseBody::Error { .. }) =>
+                {
                     tracing::debug!(
                         "{}: skipping the late answer to request {}",
                         self.peer,

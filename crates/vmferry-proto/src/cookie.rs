@@ -243,10 +243,44 @@ pub struct Cookie {
     pub transport: Option<Transport>,
     #[serde(default)]
     pub transport_notes: Vec<String>,
+    /// The source QEMU's RAM size and machine type, which the destination's must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_machine: Option<MachineShape>,
     /// Whether the daemons open a peer link beside the streams (both speak protocol
     /// version 2; the controller decides).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub peer_link: bool,
+}
+
+/// What a destination QEMU must match for the source's state to load into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineShape {
+    pub ram_bytes: u64,
+    /// The versioned machine type, e.g. `pc-q35-7.2`.
+    pub machine: String,
+}
+
+impl MachineShape {
+    /// Why a destination of shape `dst` cannot take this source's state, naming both
+    /// values; `None` when they fit.
+    pub fn mismatch(&self, dst: &MachineShape) -> Option<String> {
+        let mib = |b: u64| b / (1 << 20);
+        if self.ram_bytes != dst.ram_bytes {
+            return Some(format!(
+                "the destination QEMU has {} MiB of RAM, the source {} MiB (start it with -m {}M)",
+                mib(dst.ram_bytes),
+                mib(self.ram_bytes),
+                mib(self.ram_bytes)
+            ));
+        }
+        if self.machine != dst.machine {
+            return Some(format!(
+                "the destination QEMU's machine type is {}, the source's {} (start it with -machine {})",
+                dst.machine, self.machine, self.machine
+            ));
+        }
+        None
+    }
 }
 
 impl Cookie {
@@ -299,6 +333,7 @@ mod tests {
             destination_control_address: None,
             transport: None,
             transport_notes: vec![],
+            source_machine: None,
             peer_link: false,
         };
         assert_eq!(c.streams(), 1);
@@ -306,6 +341,30 @@ mod tests {
         assert_eq!(c.streams(), 5);
         c.options.multifd = 10_000;
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn a_machine_mismatch_names_both_values() {
+        let src = MachineShape {
+            ram_bytes: 256 << 20,
+            machine: "pc-q35-7.2".into(),
+        };
+        assert_eq!(src.mismatch(&src.clone()), None);
+        let small = MachineShape {
+            ram_bytes: 128 << 20,
+            ..src.clone()
+        };
+        let e = src.mismatch(&small).expect("mismatch");
+        assert!(e.contains("128 MiB") && e.contains("256 MiB"), "{e}");
+        let other = MachineShape {
+            machine: "pc-i440fx-7.2".into(),
+            ..src.clone()
+        };
+        let e = src.mismatch(&other).expect("mismatch");
+        assert!(
+            e.contains("pc-i440fx-7.2") && e.contains("pc-q35-7.2"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,8 +34,10 @@
 
 mod client;
 mod error;
+mod machine;
 mod types;
 
 pub use client::{Qmp, DEFAULT_TIMEOUT, MAX_MESSAGE_LEN, MAX_QUEUED_EVENTS};
 pub use error::QmpError;
+pub use machine::MachineFacts;
 pub use types::{Event, MigrationInfo, MigrationStatus, QemuVersion, RamStats, RunStatus};

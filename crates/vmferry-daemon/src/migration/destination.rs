@@ -185,6 +185,21 @@ impl DestinationMigration {
                 status.status
             )));
         }
+        // Refused before any byte moves: a state of another shape cannot load.
+        if let Some(src) = &cookie.source_machine {
+            if let Ok(f) = qemu.with_qmp(|q| q.machine_facts()) {
+                let dst = vmferry_proto::MachineShape {
+                    ram_bytes: f.ram_bytes,
+                    machine: f.machine,
+                };
+                if let Some(why) = src.mismatch(&dst) {
+                    return Err(DaemonError::BadRequest(format!(
+                        "{} cannot receive this VM: {why}",
+                        qemu.describe()
+                    )));
+                }
+            }
+        }
         let _ = std::fs::remove_file(socket);
         let multifd = cookie.options.multifd;
         let uri = format!("unix:{}", socket.display());

@@ -168,6 +168,13 @@ impl SourceMigration {
             destination_control_address: None,
             transport: None,
             transport_notes: vec![],
+            // An old QEMU that cannot say is not refused for it; the load will tell.
+            source_machine: qemu.with_qmp(|q| q.machine_facts()).ok().map(|f| {
+                vmferry_proto::MachineShape {
+                    ram_bytes: f.ram_bytes,
+                    machine: f.machine,
+                }
+            }),
             peer_link: false,
         };
         let socket_path = daemon

@@ -1,0 +1,64 @@
+//! What a source and a destination QEMU must agree on before a migration can load: the
+//! guest's RAM size and the machine type (which fixes the RAM blocks and the device
+//! layout). Read with `query-memory-size-summary` (QEMU 2.11+) and `qom-get` of
+//! `/machine`'s `type` (QEMU 1.2+), so every QEMU vmferry drives answers both.
+//!
+//! This module only reads; it never decides what a mismatch means.
+
+use crate::client::Qmp;
+use crate::error::QmpError;
+use serde::Deserialize;
+use serde_json::json;
+
+/// A QEMU's migration-relevant shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineFacts {
+    /// Boot RAM in bytes (`base-memory`; hot-plugged memory is not counted).
+    pub ram_bytes: u64,
+    /// The versioned machine type, e.g. `pc-q35-7.2` (an alias like `q35` resolved).
+    pub machine: String,
+}
+
+#[derive(Deserialize)]
+struct MemorySummary {
+    #[serde(rename = "base-memory")]
+    base_memory: u64,
+}
+
+impl Qmp {
+    /// The RAM size and machine type of this QEMU.
+    pub fn machine_facts(&mut self) -> Result<MachineFacts, QmpError> {
+        let mem = self.execute("query-memory-size-summary", None)?;
+        let mem: MemorySummary = serde_json::from_value(mem).map_err(|e| {
+            QmpError::Protocol(format!("the reply to query-memory-size-summary: {e}"))
+        })?;
+        let ty = self.execute(
+            "qom-get",
+            Some(json!({ "path": "/machine", "property": "type" })),
+        )?;
+        let ty = ty.as_str().ok_or_else(|| {
+            QmpError::Protocol(format!("qom-get /machine type answered {ty}, not a name"))
+        })?;
+        Ok(MachineFacts {
+            ram_bytes: mem.base_memory,
+            machine: machine_name(ty).to_string(),
+        })
+    }
+}
+
+/// `pc-q35-7.2-machine` (the QOM type) → `pc-q35-7.2` (the `-machine` name).
+fn machine_name(qom_type: &str) -> &str {
+    qom_type.strip_suffix("-machine").unwrap_or(qom_type)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_qom_machine_type_reads_as_the_name_given_to_machine() {
+        assert_eq!(machine_name("pc-q35-7.2-machine"), "pc-q35-7.2");
+        assert_eq!(machine_name("pc-i440fx-10.0-machine"), "pc-i440fx-10.0");
+        assert_eq!(machine_name("odd"), "odd");
+    }
+}
