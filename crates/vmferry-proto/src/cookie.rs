@@ -258,6 +258,9 @@ pub struct MachineShape {
     pub ram_bytes: u64,
     /// The versioned machine type, e.g. `pc-q35-7.2`.
     pub machine: String,
+    /// RAM block names, sorted; empty when unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ram_blocks: Vec<String>,
 }
 
 impl MachineShape {
@@ -277,6 +280,21 @@ impl MachineShape {
             return Some(format!(
                 "the destination QEMU's machine type is {}, the source's {} (start it with -machine {})",
                 dst.machine, self.machine, self.machine
+            ));
+        }
+        let known = !self.ram_blocks.is_empty() && !dst.ram_blocks.is_empty();
+        let missing: Vec<&str> = self
+            .ram_blocks
+            .iter()
+            .filter(|b| !dst.ram_blocks.contains(b))
+            .map(String::as_str)
+            .collect();
+        if known && !missing.is_empty() {
+            return Some(format!(
+                "the destination QEMU has no RAM block {} (it has {}): back its RAM as the \
+                 source's is (e.g. the same memory-backend id)",
+                missing.join(", "),
+                dst.ram_blocks.join(", ")
             ));
         }
         None
@@ -348,6 +366,7 @@ mod tests {
         let src = MachineShape {
             ram_bytes: 256 << 20,
             machine: "pc-q35-7.2".into(),
+            ram_blocks: vec!["pc.bios".into(), "ram0".into()],
         };
         assert_eq!(src.mismatch(&src.clone()), None);
         let small = MachineShape {

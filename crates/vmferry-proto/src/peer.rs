@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 /// How often each side says where it stands, even without change.
 pub const PEER_HEARTBEAT_MS: u64 = 1_000;
 /// Silence after which the link counts as dead.
-pub const PEER_SILENCE_MS: u64 = 6_000;
+pub const PEER_SILENCE_MS: u64 = 5_000;
 /// Largest peer message accepted.
 pub const MAX_PEER_MESSAGE: usize = 16 * 1024;
 

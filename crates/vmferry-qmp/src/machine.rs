@@ -1,7 +1,9 @@
 //! What a source and a destination QEMU must agree on before a migration can load: the
 //! guest's RAM size and the machine type (which fixes the RAM blocks and the device
-//! layout). Read with `query-memory-size-summary` (QEMU 2.11+) and `qom-get` of
-//! `/machine`'s `type` (QEMU 1.2+), so every QEMU vmferry drives answers both.
+//! layout), and the names of its RAM blocks (the main RAM's block is `pc.ram`, or the id
+//! of its memory backend: a state whose blocks the destination lacks cannot load). Read
+//! with `query-memory-size-summary` (QEMU 2.11+), `qom-get` of `/machine`'s `type`
+//! (QEMU 1.2+) and HMP `info ramblock` (QEMU 2.10+; no QMP command lists RAM blocks).
 //!
 //! This module only reads; it never decides what a mismatch means.
 
@@ -17,6 +19,8 @@ pub struct MachineFacts {
     pub ram_bytes: u64,
     /// The versioned machine type, e.g. `pc-q35-7.2` (an alias like `q35` resolved).
     pub machine: String,
+    /// RAM block names, sorted (empty if QEMU would not list them).
+    pub ram_blocks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -39,9 +43,18 @@ impl Qmp {
         let ty = ty.as_str().ok_or_else(|| {
             QmpError::Protocol(format!("qom-get /machine type answered {ty}, not a name"))
         })?;
+        let blocks = self
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": "info ramblock" })),
+            )
+            .ok()
+            .and_then(|v| v.as_str().map(ram_block_names))
+            .unwrap_or_default();
         Ok(MachineFacts {
             ram_bytes: mem.base_memory,
             machine: machine_name(ty).to_string(),
+            ram_blocks: blocks,
         })
     }
 }
@@ -51,9 +64,28 @@ fn machine_name(qom_type: &str) -> &str {
     qom_type.strip_suffix("-machine").unwrap_or(qom_type)
 }
 
+/// The block names of HMP `info ramblock`'s table (first column; a header line first).
+fn ram_block_names(table: &str) -> Vec<String> {
+    let mut v: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_block_names_come_from_the_first_column_sorted() {
+        let t = "              Block Name    PSize              Offset               Used              Total\r\n                  pc.ram    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000\r\n    /rom@etc/acpi/tables    4 KiB  0x0000000008080000 0x0000000000020000 0x0000000000200000\r\n";
+        assert_eq!(ram_block_names(t), vec!["/rom@etc/acpi/tables", "pc.ram"]);
+        assert!(ram_block_names("").is_empty());
+    }
 
     #[test]
     fn a_qom_machine_type_reads_as_the_name_given_to_machine() {

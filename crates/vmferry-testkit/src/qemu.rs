@@ -19,6 +19,8 @@ pub struct QemuOpts {
     pub binary: String,
     /// The accelerator (default `tcg`: this machine's KVM cannot run a booting guest).
     pub accel: String,
+    /// The machine type (default `q35`).
+    pub machine: String,
     /// Guest RAM in MiB (default 128).
     pub memory_mib: u64,
     /// Back guest RAM with this file (`memory-backend-file`, share=on), so the test can
@@ -49,6 +51,7 @@ impl QemuOpts {
         QemuOpts {
             binary: "qemu-system-x86_64".into(),
             accel: "tcg".into(),
+            machine: "q35".into(),
             memory_mib: 128,
             mem_file: None,
             prealloc: false,
@@ -66,7 +69,7 @@ impl QemuOpts {
     /// The command line arguments (without the program).
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
-        let mut machine = format!("q35,accel={}", self.accel);
+        let mut machine = format!("{},accel={}", self.machine, self.accel);
         if let Some(f) = &self.mem_file {
             machine.push_str(",memory-backend=ram0");
             a.push("-object".into());

@@ -30,6 +30,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the destination gets to acknowledge an abort: the source is already safe
 /// by then, so an unresponsive destination is reported, not waited for.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+const SILENT_ABORT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait of one status long-poll (progress is shown at least this often).
 const POLL: Duration = Duration::from_millis(200);
 /// How often the watch also asks the destination how it fares, and how long it waits.
@@ -62,6 +63,9 @@ pub struct Driver<'a, D: Daemons, P: FnMut(&MigrationStatus)> {
     prepared: bool,
     /// The source's last status (the figures of the report).
     last: MigrationStatus,
+    /// Whether the destination let a status go unanswered: a rollback then tells it
+    /// with the shortest bound, the source being safe already.
+    destination_silent: bool,
     pub stop_after: StopAfter,
 }
 
@@ -86,6 +90,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             cookie: None,
             prepared: false,
             last: MigrationStatus::default(),
+            destination_silent: false,
             stop_after: StopAfter::default(),
         }
     }
@@ -319,8 +324,11 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                             .error
                             .unwrap_or_else(|| "the destination aborted the migration".into()));
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::info!("the destination did not say how it fares: {e}"),
+                    Ok(_) => self.destination_silent = false,
+                    Err(e) => {
+                        self.destination_silent = true;
+                        tracing::info!("the destination did not say how it fares: {e}");
+                    }
                 }
             }
         }
@@ -374,7 +382,12 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 migration: self.id.clone(),
                 reason: cause.to_string(),
             };
-            if let Err(e) = self.call(Role::Destination, abort, ABORT_TIMEOUT) {
+            let bound = if self.destination_silent {
+                SILENT_ABORT_TIMEOUT
+            } else {
+                ABORT_TIMEOUT
+            };
+            if let Err(e) = self.call(Role::Destination, abort, bound) {
                 notes.push(format!(
                     "the destination could not be told to abort ({e}); its lease will end it"
                 ));

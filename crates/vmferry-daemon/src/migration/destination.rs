@@ -191,6 +191,7 @@ impl DestinationMigration {
                 let dst = vmferry_proto::MachineShape {
                     ram_bytes: f.ram_bytes,
                     machine: f.machine,
+                    ram_blocks: f.ram_blocks,
                 };
                 if let Some(why) = src.mismatch(&dst) {
                     return Err(DaemonError::BadRequest(format!(
@@ -620,16 +621,14 @@ impl DestinationMigration {
     /// The error for a QEMU that stopped answering: for a managed one, how it exited and
     /// the end of its stderr (where QEMU says why a load failed).
     fn qemu_gone(&self, e: DaemonError) -> DaemonError {
-        if let QemuHandle::Managed(v) = &self.qemu {
-            // Give the process a moment to be reaped so its exit status is known.
-            for _ in 0..20 {
-                if let Some(why) = v.exit_reason() {
-                    return DaemonError::Qemu(format!(
-                        "the destination QEMU exited during the migration: {why}"
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        // Give the process a moment to be reaped so its exit status is known.
+        for _ in 0..20 {
+            if let Some(why) = self.qemu.exit_reason() {
+                return DaemonError::Qemu(format!(
+                    "the destination QEMU exited during the migration: {why}"
+                ));
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
         DaemonError::Qemu(format!(
             "the destination QEMU stopped answering during the migration: {e}"

@@ -107,12 +107,27 @@ impl QemuHandle {
         }
     }
 
-    /// How a managed QEMU exited (with the end of its stderr), once it has; `None` while
-    /// it runs, and for an attached QEMU (not our child to reap).
+    /// How a QEMU exited (a managed one with the end of its stderr), once it has; `None`
+    /// while it runs.
     pub fn exit_reason(&self) -> Option<String> {
         match self {
             QemuHandle::Managed(vm) => vm.exit_reason(),
-            QemuHandle::Attached(_) => None,
+            // Not our child to reap: a QMP socket nobody listens on any more says it.
+            QemuHandle::Attached(a) => {
+                let gone = |e: &std::io::Error| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    )
+                };
+                match std::os::unix::net::UnixStream::connect(&a.path) {
+                    Err(e) if gone(&e) => Some(format!(
+                        "its QMP socket {} no longer answers ({e})",
+                        a.path.display()
+                    )),
+                    _ => None,
+                }
+            }
         }
     }
 

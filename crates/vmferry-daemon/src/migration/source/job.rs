@@ -1,0 +1,326 @@
+//! The source's background job: point QEMU at our unix socket, accept its connections,
+//! carry each over the channel, and follow QEMU until the migration ends; a stream that
+//! breaks, a cancel or a stall cancels QEMU's migration.
+//!
+//! It never resumes or stops the guest itself: failure goes through `fail`, success
+//! waits for `confirm`.
+
+use super::*;
+
+impl SourceMigration {
+    pub(super) fn start(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
+        cookie.check().map_err(DaemonError::BadRequest)?;
+        let (transport, carrier) = self.take_carrier(daemon, cookie)?;
+        self.start_peer(daemon)?;
+        {
+            let mut st = lock(&self.status);
+            st.streams = self.streams() as u32;
+            st.transport = Some(transport);
+            st.transport_notes = cookie.transport_notes.clone();
+            st.data_path = daemon.data_path.clone();
+            st.compression = self.options.compress.to_string();
+        }
+
+        let _ = std::fs::remove_file(&self.socket_path);
+        let listener = UnixListener::bind(&self.socket_path).map_err(|e| {
+            DaemonError::Internal(format!(
+                "cannot listen on {}: {e}",
+                self.socket_path.display()
+            ))
+        })?;
+
+        let multifd = self.options.multifd;
+        let bandwidth = if self.options.max_bandwidth == 0 {
+            UNLIMITED_BANDWIDTH
+        } else {
+            self.options.max_bandwidth
+        };
+        let downtime = self.options.downtime_limit_ms;
+        let uri = format!("unix:{}", self.socket_path.display());
+        self.qemu.with_qmp(|q| {
+            q.migrate_set_capabilities(&[("multifd", multifd > 0)])?;
+            let mut params = serde_json::json!({ "max-bandwidth": bandwidth });
+            if multifd > 0 {
+                params["multifd-channels"] = serde_json::json!(multifd);
+            }
+            if downtime > 0 {
+                params["downtime-limit"] = serde_json::json!(downtime);
+            }
+            q.migrate_set_parameters(params)?;
+            q.migrate(&uri)
+        })?;
+        self.started_qemu.store(true, Ordering::SeqCst);
+        lock(&self.status).qemu_status = "setup".into();
+
+        let me = self.clone();
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
+            .spawn(move || me.run(&d, listener, carrier))
+            .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
+        Ok(())
+    }
+
+    /// The background job: accept QEMU's connections, carry each, watch QEMU until the end.
+    pub(super) fn run(self: Arc<Self>, daemon: &Daemon, listener: UnixListener, carrier: Carrier) {
+        let outcome = match self.accept_and_carry(&listener, carrier) {
+            Ok(running) => match self.watch(match &running {
+                Running::Tunnel(t) => Some(t),
+                Running::Pumps(_) => None,
+            }) {
+                Ok(()) => Ok(running),
+                Err(e) => {
+                    if let Running::Tunnel(t) = &running {
+                        t.stop();
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        drop(listener);
+        let _ = std::fs::remove_file(&self.socket_path);
+        match outcome {
+            Ok(running) => {
+                // QEMU has sent everything into our sockets; wait for the channel to hand
+                // it all to the destination before calling it complete.
+                // QEMU says it sent everything. Whether it all arrived is the destination
+                // QEMU's to say (finish checks it); a stream that ends badly now is noted,
+                // and never turns a migration QEMU completed into a failure here.
+                if let Err(e) = self.drain(running) {
+                    tracing::warn!(migration = %self.id, "after QEMU completed: {e}");
+                }
+                if let Err(e) = self.advance(SourceEvent::QemuCompleted) {
+                    // Rolled back meanwhile (an expired lease, the destination aborting).
+                    tracing::warn!(migration = %self.id, "{e}");
+                    return;
+                }
+                let mut st = lock(&self.status);
+                st.qemu_status = "completed".into();
+                st.channel_bytes = self.meter.forward();
+                st.wire_bytes = self.meter.wire_forward();
+                st.finished = true;
+                self.finished.notify_all();
+            }
+            Err(e) => {
+                self.fail(&e.to_string());
+                if self.lease.unattended() {
+                    self.end(daemon);
+                }
+            }
+        }
+    }
+
+    /// Waits until everything QEMU sent went out to the destination. Only our direction
+    /// counts: the destination QEMU closes its ends when it is done, which may be after
+    /// `finish`; the streams stay up until `confirm`.
+    pub(super) fn drain(&self, running: Running) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        match running {
+            Running::Pumps(pumps) => loop {
+                let sent = {
+                    let stops = lock(&self.stops);
+                    stops
+                        .iter()
+                        .zip(&pumps)
+                        .all(|(s, p)| s.forward_done() || p.is_finished())
+                };
+                if sent {
+                    return match lock(&self.pump_error).clone() {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the data streams did not drain within {} s",
+                        DRAIN_TIMEOUT.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            },
+            Running::Tunnel(t) => {
+                let r = t.wait_streams(self.streams(), TUNNEL_DRAIN);
+                *lock(&self.tunnel_keep) = Some(t);
+                r
+            }
+        }
+    }
+
+    pub(super) fn accept_and_carry(
+        self: &Arc<Self>,
+        listener: &UnixListener,
+        carrier: Carrier,
+    ) -> Result<Running> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let deadline = Instant::now() + QEMU_CONNECT_TIMEOUT;
+        let n = self.streams();
+        let (mut conns, tunnel) = match carrier {
+            Carrier::Conns(c) => (c.into_iter(), None),
+            Carrier::Tunnel(t) => (Vec::new().into_iter(), Some(t)),
+        };
+        let mut pumps = Vec::new();
+        for k in 0..n {
+            let local = loop {
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Err(DaemonError::Cancelled(
+                        "cancelled before QEMU connected".into(),
+                    ));
+                }
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(DaemonError::Internal(format!("accept: {e}"))),
+                }
+                // QEMU may fail before it connects (e.g. bad parameters): ask it.
+                if let Ok(info) = self.qemu.with_qmp(|q| q.query_migrate()) {
+                    if info.status == QemuMigrationStatus::Failed {
+                        return Err(DaemonError::Qemu(format!(
+                            "migration failed: {}",
+                            info.error_desc.unwrap_or_else(|| "no reason given".into())
+                        )));
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(DaemonError::Timeout(format!(
+                        "QEMU opened {k} of its migration streams within {} s",
+                        QEMU_CONNECT_TIMEOUT.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let _ = local.set_nonblocking(false);
+            match &tunnel {
+                Some(t) => {
+                    let k16 = u16::try_from(k)
+                        .map_err(|_| DaemonError::Internal("too many streams".into()))?;
+                    t.open(k16, local)
+                        .map_err(|e| DaemonError::Channel(e.to_string()))?;
+                }
+                None => {
+                    let c = conns.next().ok_or_else(|| {
+                        DaemonError::Internal(format!("no data connection for stream {k}"))
+                    })?;
+                    pumps.push(self.spawn_pump(k, local, c)?);
+                }
+            }
+        }
+        Ok(match tunnel {
+            Some(t) => Running::Tunnel(t),
+            None => Running::Pumps(pumps),
+        })
+    }
+
+    pub(super) fn filters(&self) -> Filters {
+        Filters {
+            compress: self.options.compress,
+        }
+    }
+
+    pub(super) fn spawn_pump(
+        self: &Arc<Self>,
+        k: usize,
+        local: UnixStream,
+        stream: DataConn,
+    ) -> Result<std::thread::JoinHandle<()>> {
+        let DataConn { conn, sock, peer } = stream;
+        let stop = StopHandle::new(&local, &sock)
+            .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
+        lock(&self.stops).push(stop.clone());
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("pump-src-{k}"))
+            .spawn(move || {
+                let r: std::result::Result<PumpStats, _> =
+                    pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters());
+                if let Err(e) = r {
+                    let mut pe = lock(&me.pump_error);
+                    if pe.is_none() {
+                        *pe = Some(format!("data stream {k}: {e}"));
+                    }
+                }
+            })
+            .map_err(|e| DaemonError::Internal(format!("cannot start pump: {e}")))
+    }
+
+    /// Polls QEMU until the migration ends; cancels QEMU's side if asked or if a stream
+    /// broke.
+    pub(super) fn watch(&self, tunnel: Option<&Tunnel>) -> Result<()> {
+        let _held = self.qemu.hold();
+        let mut cancel_sent = false;
+        let stall_after = self.options.stall_timeout();
+        // What moved last, and when: bytes through QEMU and through the channel, or a
+        // change of QEMU's status.
+        let mut progress = (0u64, 0u64, String::new());
+        let mut moved = Instant::now();
+        loop {
+            if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
+                let mut pe = lock(&self.pump_error);
+                if pe.is_none() {
+                    *pe = Some(e);
+                }
+            }
+            let want_cancel =
+                self.cancel.load(Ordering::SeqCst) || lock(&self.pump_error).is_some();
+            if want_cancel && !cancel_sent {
+                let _ = self.qemu.with_qmp(|q| q.migrate_cancel());
+                cancel_sent = true;
+            }
+            let info = self.qemu.with_qmp(|q| q.query_migrate())?;
+            {
+                let mut st = lock(&self.status);
+                st.qemu_status = info.status.as_str().to_string();
+                if let Some(ram) = &info.ram {
+                    st.ram_total = ram.total;
+                    st.ram_transferred = ram.transferred;
+                    st.ram_remaining = ram.remaining;
+                    st.mbps = ram.mbps;
+                }
+                st.total_time_ms = info.total_time_ms.or(st.total_time_ms);
+                st.downtime_ms = info.downtime_ms.or(st.downtime_ms);
+                st.channel_bytes = self.meter.forward();
+                st.wire_bytes = self.meter.wire_forward();
+                let now = (st.ram_transferred, st.channel_bytes, st.qemu_status.clone());
+                if now != progress {
+                    progress = now;
+                    moved = Instant::now();
+                } else if moved.elapsed() > stall_after && !cancel_sent {
+                    let peer = lock(&self.peer)
+                        .as_ref()
+                        .and_then(|p| p.last())
+                        .map(|m| format!("the destination last said it was {}", m.state))
+                        .unwrap_or_else(|| "no word from the destination".into());
+                    lock(&self.pump_error).get_or_insert(format!(
+                        "stalled: nothing moved for {} s (source QEMU '{}' after {} of RAM \
+                         and {} bytes carried; {peer})",
+                        stall_after.as_secs(),
+                        st.qemu_status,
+                        st.ram_transferred,
+                        st.channel_bytes
+                    ));
+                }
+            }
+            match info.status {
+                QemuMigrationStatus::Completed => return Ok(()),
+                QemuMigrationStatus::Failed => {
+                    let pump = lock(&self.pump_error).clone();
+                    let qemu = info.error_desc.unwrap_or_else(|| "no reason given".into());
+                    return Err(DaemonError::Channel(match pump {
+                        Some(p) => format!("{p} (QEMU: {qemu})"),
+                        None => format!("QEMU reports the migration failed: {qemu}"),
+                    }));
+                }
+                QemuMigrationStatus::Cancelled => {
+                    return Err(match lock(&self.pump_error).clone() {
+                        Some(p) => DaemonError::Channel(p),
+                        None => DaemonError::Cancelled("cancelled on request".into()),
+                    })
+                }
+                _ => {}
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
