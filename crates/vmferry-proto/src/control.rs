@@ -162,6 +162,9 @@ pub struct Response {
     pub body: ResponseBody,
 }
 
+// One answer per control request, a few per migration: the size of the largest variant
+// (a cookie) costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum ResponseBody {
