@@ -8,7 +8,7 @@ use crate::audit::Event;
 use crate::auth::{Identity, Role, SCRAM};
 use crate::error::{DaemonError, Result};
 use crate::migration::{DestinationMigration, SourceMigration};
-use crate::server::Daemon;
+use crate::state::Daemon;
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;

@@ -16,6 +16,7 @@ pub mod error;
 pub mod migration;
 pub mod qemu_cmd;
 pub mod server;
+pub mod state;
 pub mod vms;
 
 pub use client::{ClientAuth, ControlClient, ControlTarget};

@@ -11,6 +11,7 @@ use crate::config::DaemonConfig;
 use crate::control::{serve_control, Caller};
 use crate::error::{DaemonError, Result};
 use crate::migration::Migrations;
+use crate::state::{load_tls, Daemon};
 use crate::vms::{lock, VmRegistry};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -18,7 +19,6 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use vmferry_channel::certs::HostCredentials;
 use vmferry_channel::{peercred, tls};
 use vmferry_proto::MigrationId;
 
@@ -26,78 +26,6 @@ use vmferry_proto::MigrationId;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many connections may be in their handshake at once.
 const MAX_PENDING: usize = 64;
-
-/// Shared state of a running daemon.
-#[derive(Debug)]
-pub struct Daemon {
-    pub config: DaemonConfig,
-    pub vms: VmRegistry,
-    pub migrations: Migrations,
-    /// The host identity, when a certs dir is configured; replaced on SIGHUP.
-    creds: RwLock<Option<HostCredentials>>,
-    control_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
-    policy: RwLock<Arc<AuthPolicy>>,
-    pub audit: AuditLog,
-    pub hostname: String,
-    /// How migration bytes are protected here, for status and results.
-    pub data_path: String,
-}
-
-impl Daemon {
-    /// The host's CA-signed credentials, needed for x509 data channels.
-    pub fn credentials(&self) -> Result<HostCredentials> {
-        read(&self.creds).clone().ok_or_else(|| {
-            DaemonError::BadRequest("this daemon has no certificates configured (--certs)".into())
-        })
-    }
-
-    pub fn policy(&self) -> Arc<AuthPolicy> {
-        read(&self.policy).clone()
-    }
-
-    fn control_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
-        read(&self.control_tls).clone()
-    }
-
-    /// Reloads the certificates and the users file (SIGHUP): new connections use the new
-    /// ones, connections already open keep theirs. On any error the old ones stay.
-    pub fn reload(&self) -> std::result::Result<(), String> {
-        let policy = AuthPolicy::from_config(&self.config)?;
-        let (creds, tls) = load_tls(&self.config, &policy).map_err(|e| e.to_string())?;
-        *write(&self.creds) = creds;
-        *write(&self.control_tls) = tls;
-        *write(&self.policy) = Arc::new(policy);
-        Ok(())
-    }
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-type TlsSetup = (Option<HostCredentials>, Option<Arc<rustls::ServerConfig>>);
-
-/// The host credentials and the control API's TLS configuration.
-fn load_tls(config: &DaemonConfig, policy: &AuthPolicy) -> Result<TlsSetup> {
-    let creds = match &config.certs {
-        Some(dir) => {
-            Some(HostCredentials::load(dir).map_err(|e| DaemonError::BadRequest(e.to_string()))?)
-        }
-        None => None,
-    };
-    let tls = match &creds {
-        Some(c) => Some(
-            tls::control_server_config_with(c, policy.requires_client_cert())
-                .map_err(|e| DaemonError::BadRequest(e.to_string()))?,
-        ),
-        None => None,
-    };
-    Ok((creds, tls))
-}
 
 /// A bound, not yet running daemon. Tests bind on `127.0.0.1:0` and read the port.
 #[derive(Debug)]

@@ -14,7 +14,7 @@ use vmferry_proto::{MigrationId, MigrationOptions, RequestBody, ResponseBody, Vm
 struct Daemon {
     addr: String,
     root: PathBuf,
-    daemon: Arc<vmferry_daemon::server::Daemon>,
+    daemon: Arc<vmferry_daemon::state::Daemon>,
     _tmp: tempfile::TempDir,
 }
 

@@ -1,13 +1,14 @@
 //! Command-line definitions and the small commands (serve, certs, vm).
 
-use crate::units::{parse_bytes, parse_memory_mib};
+use crate::login::load_auth;
+use crate::units::parse_memory_mib;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use vmferry_channel::certs::{self, HostCredentials, IssueOptions};
+use vmferry_channel::certs::{self, IssueOptions};
 use vmferry_daemon::auth::{Role, ScramUsers};
-use vmferry_daemon::client::{ClientAuth, ControlClient, Login};
+use vmferry_daemon::client::ControlClient;
 use vmferry_daemon::{ControlTarget, DaemonConfig, Server};
 use vmferry_proto::{Accel, RequestBody, ResponseBody, VmName, VmSpec};
 
@@ -359,42 +360,6 @@ fn certs_cmd(c: CertsCommand) -> Result<()> {
     Ok(())
 }
 
-/// How to log in to daemons, from `--certs`, `--user` and the password source.
-/// A certs dir with `cert.pem` holds a client certificate; one with only `ca.pem` is
-/// for verifying daemons when logging in by password.
-pub fn load_auth(
-    certs: &Option<PathBuf>,
-    user: &Option<String>,
-    password_file: &Option<PathBuf>,
-) -> Result<ClientAuth> {
-    let mut auth = ClientAuth::default();
-    if let Some(d) = certs {
-        if d.join("cert.pem").exists() || user.is_none() {
-            auth.creds = Some(HostCredentials::load(d)?);
-        } else {
-            auth.ca_dir = Some(d.clone());
-        }
-    }
-    if let Some(user) = user {
-        let password = match password_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read the password file {}", f.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-            None => std::env::var("VMFERRY_PASSWORD").map_err(|_| {
-                anyhow!(
-                    "--user {user} needs a password: set VMFERRY_PASSWORD or give --password-file"
-                )
-            })?,
-        };
-        auth.login = Some(Login {
-            user: user.clone(),
-            password,
-        });
-    }
-    Ok(auth)
-}
-
 fn connect(d: &DaemonArgs) -> Result<ControlClient> {
     let auth = load_auth(&d.certs, &d.user, &d.password_file)?;
     Ok(ControlClient::connect_with(&d.daemon, &auth, None)?)
@@ -572,9 +537,4 @@ fn vm_cmd(v: VmCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-// Keep the size parser reachable for flags that take sizes.
-pub fn bandwidth(s: &str) -> Result<u64, String> {
-    parse_bytes(s)
 }

@@ -1,6 +1,6 @@
 //! `vmferry migrate`: runs the controller, shows progress, prints the summary.
 
-use crate::cli::load_auth;
+use crate::login::load_auth;
 use crate::units::human_bytes;
 use anyhow::{anyhow, Result};
 use clap::Args;
@@ -44,7 +44,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
     /// Bandwidth cap, e.g. 500M (bytes/s); 0 = unlimited.
-    #[arg(long, default_value = "0", value_parser = crate::cli::bandwidth)]
+    #[arg(long, default_value = "0", value_parser = crate::units::bandwidth)]
     pub max_bandwidth: u64,
     /// Longest pause QEMU may take at switch-over, in ms (0 = QEMU's default).
     #[arg(long, default_value_t = 0)]

@@ -60,3 +60,8 @@ mod tests {
         assert_eq!(parse_memory_mib("1G"), Ok(1024));
     }
 }
+
+/// A `--max-bandwidth` value: a size per second (clap's value parser).
+pub fn bandwidth(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}

@@ -8,7 +8,7 @@
 //! and never touches QEMU.
 
 use crate::error::{DaemonError, Result};
-use crate::server::Daemon;
+use crate::state::Daemon;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;

@@ -17,7 +17,7 @@ use super::lease::Lease;
 use super::peer::{PeerEvent, PeerLink};
 use super::{QemuHandle, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
-use crate::server::Daemon;
+use crate::state::Daemon;
 use crate::vms::lock;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;

@@ -1,0 +1,275 @@
+//! The destination's data connections: the streams the source dials (direct, tunnel) or
+//! we dial (reverse), handed to QEMU together and in order, and the peer link beside them.
+//!
+//! A connection is taken only for a prepared, unexpired migration, each stream slot once,
+//! and none once the streams reached QEMU.
+
+use super::*;
+
+impl DestinationMigration {
+    /// What this half tells the source over the peer link.
+    pub(super) fn peer_message(&self) -> PeerMessage {
+        PeerMessage {
+            state: MigrationState::Destination(self.state()),
+            cause: lock(&self.cause).clone(),
+        }
+    }
+
+    /// Takes the peer link the source dialed (direct, tunnel) or we dialed (reverse).
+    pub(super) fn start_peer(self: &Arc<Self>, daemon: &Arc<Daemon>, c: DataConn) -> Result<()> {
+        let mut slot = lock(&self.peer);
+        if slot.is_some() {
+            return Err(DaemonError::Denied(format!(
+                "{}: migration {} already has its peer link; refused",
+                c.peer, self.id
+            )));
+        }
+        let own = Arc::downgrade(self);
+        let me = Arc::downgrade(self);
+        let d = Arc::downgrade(daemon);
+        let link = PeerLink::start(
+            c,
+            &self.id.as_str()[..8],
+            move || own.upgrade().map(|m| m.peer_message()),
+            move |ev| {
+                if let (Some(m), Some(d)) = (me.upgrade(), d.upgrade()) {
+                    m.on_peer(&d, ev);
+                }
+            },
+        )
+        .map_err(|e| DaemonError::Internal(format!("cannot start the peer link: {e}")))?;
+        *slot = Some(link);
+        Ok(())
+    }
+
+    /// What the source says: a source that rolled back means our QEMU will never get the
+    /// rest, so tear down now rather than wait for the streams to time out.
+    pub(super) fn on_peer(&self, daemon: &Daemon, ev: PeerEvent) {
+        match ev {
+            PeerEvent::Message(PeerMessage {
+                state: MigrationState::Source(SourceState::RolledBack),
+                cause,
+            }) if !self.state().is_final() && self.state() != DestinationState::Loaded => {
+                let why = format!(
+                    "the source rolled back{}",
+                    cause.map(|c| format!(": {c}")).unwrap_or_default()
+                );
+                self.abort(daemon, &why);
+            }
+            PeerEvent::Message(_) => {}
+            PeerEvent::Lost(why) => {
+                tracing::info!(migration = %self.id, "{why}");
+            }
+        }
+    }
+
+    /// Takes one authenticated data connection the source dialed: a direct stream (held
+    /// until all have arrived, then handed to QEMU together) or the tunnel.
+    pub fn accept_data(
+        self: &Arc<Self>,
+        daemon: &Arc<Daemon>,
+        pre: Preamble,
+        c: DataConn,
+    ) -> Result<()> {
+        if pre.kind == StreamKind::Peer {
+            return self.start_peer(daemon, c);
+        }
+        match pre.transport {
+            Transport::Direct => {
+                let complete = {
+                    let mut st = lock(&self.streams);
+                    if st.attached {
+                        return Err(DaemonError::Denied(format!(
+                            "{}: migration {} already has its streams; refused",
+                            c.peer, self.id
+                        )));
+                    }
+                    st.slots.put(Transport::Direct, &pre, self.n_streams, c)?;
+                    st.slots.take_complete()
+                };
+                match complete {
+                    Some((t, conns)) => self.attach(daemon, t, conns),
+                    None => Ok(()),
+                }
+            }
+            Transport::Tunnel => self.accept_tunnel(daemon, pre, c),
+            Transport::Reverse => Err(DaemonError::Denied(format!(
+                "{} offered a reverse stream to the destination of migration {}; the destination dials those itself",
+                c.peer, self.id
+            ))),
+        }
+    }
+
+    pub(super) fn accept_tunnel(
+        self: &Arc<Self>,
+        daemon: &Arc<Daemon>,
+        pre: Preamble,
+        c: DataConn,
+    ) -> Result<()> {
+        if usize::from(pre.streams) != self.n_streams {
+            return Err(DaemonError::Channel(format!(
+                "{} opened a tunnel for {} streams, but this migration has {}",
+                c.peer, pre.streams, self.n_streams
+            )));
+        }
+        {
+            let mut st = lock(&self.streams);
+            if st.attached {
+                return Err(DaemonError::Denied(format!(
+                    "{}: migration {} already has its streams; refused",
+                    c.peer, self.id
+                )));
+            }
+            st.slots.clear();
+            st.attached = true;
+            st.transport = Some(Transport::Tunnel);
+        }
+        self.advance(DestinationEvent::Attach)?;
+        let socket = self.incoming_socket.clone();
+        let n = self.n_streams;
+        // Streams arrive in the order the source opened them, main channel first, which
+        // is the order QEMU must see them in.
+        let accept = Box::new(move |k: u16| -> std::result::Result<UnixStream, String> {
+            if usize::from(k) >= n {
+                return Err(format!("stream {k} does not exist ({n} streams)"));
+            }
+            UnixStream::connect(&socket).map_err(|e| {
+                format!(
+                    "cannot reach the incoming QEMU at {}: {e}",
+                    socket.display()
+                )
+            })
+        });
+        let t = Tunnel::server(
+            c.conn,
+            c.sock,
+            &c.peer,
+            self.meter.clone(),
+            self.filters,
+            accept,
+        )
+        .map_err(|e| DaemonError::Channel(e.to_string()))?;
+        *lock(&self.tunnel_stop) = Some(t.stop_handle());
+        *lock(&self.tunnel) = Some(t);
+        tracing::info!(migration = %self.id, peer = %c.peer, "tunnel established");
+        self.spawn_watcher(daemon)
+    }
+
+    /// `connect` for reverse: dials every stream to the source, then hands them to QEMU.
+    pub fn connect_reverse(
+        self: &Arc<Self>,
+        daemon: &Arc<Daemon>,
+        cookie: &Cookie,
+        timeout: Duration,
+    ) -> Result<()> {
+        let addr = cookie.source_data_address.clone().ok_or_else(|| {
+            DaemonError::BadRequest("the cookie names no data address for the source".into())
+        })?;
+        {
+            let mut st = lock(&self.streams);
+            if st.attached {
+                return Err(DaemonError::BadRequest(format!(
+                    "migration {} already has its streams",
+                    self.id
+                )));
+            }
+            st.slots.clear();
+        }
+        let cfg = self
+            .trust
+            .client_config(daemon, &self.identity, &addr, "source")?;
+        let n16 = u16::try_from(self.n_streams)
+            .map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
+        let mut conns = Vec::with_capacity(self.n_streams);
+        for k in 0..n16 {
+            let pre = Preamble {
+                transport: Transport::Reverse,
+                stream: k,
+                streams: n16,
+                kind: StreamKind::Qemu,
+            };
+            conns.push(channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?);
+        }
+        if cookie.peer_link {
+            let pre = Preamble {
+                transport: Transport::Reverse,
+                stream: 0,
+                streams: n16,
+                kind: StreamKind::Peer,
+            };
+            let link = channel::dial(&self.id, &addr, cfg, pre, timeout)?;
+            self.start_peer(daemon, link)?;
+        }
+        self.attach(daemon, Transport::Reverse, conns)
+    }
+
+    /// Connects every stream to QEMU, main channel first, and starts a pump for each.
+    pub(super) fn attach(
+        self: &Arc<Self>,
+        daemon: &Arc<Daemon>,
+        transport: Transport,
+        conns: Vec<DataConn>,
+    ) -> Result<()> {
+        {
+            let mut st = lock(&self.streams);
+            if st.attached {
+                return Err(DaemonError::Denied(format!(
+                    "migration {} already has its streams",
+                    self.id
+                )));
+            }
+            st.attached = true;
+            st.transport = Some(transport);
+        }
+        self.advance(DestinationEvent::Attach)?;
+        for (k, c) in conns.into_iter().enumerate() {
+            let local = UnixStream::connect(&self.incoming_socket).map_err(|e| {
+                DaemonError::Qemu(format!(
+                    "cannot reach the incoming QEMU at {}: {e}",
+                    self.incoming_socket.display()
+                ))
+            });
+            let local = match local {
+                Ok(l) => l,
+                Err(e) => {
+                    self.record_end(Err(e.to_string()));
+                    return Err(e);
+                }
+            };
+            let stop = StopHandle::new(&local, &c.sock)
+                .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
+            lock(&self.stops).push(stop.clone());
+            lock(&self.streams).running += 1;
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pump-dst-{k}"))
+                .spawn(move || {
+                    let DataConn { conn, sock, peer } = c;
+                    let r = pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters)
+                        .map(|_| ())
+                        .map_err(|e| format!("data stream {k} with {peer}: {e}"));
+                    lock(&me.streams).running -= 1;
+                    me.record_end(r);
+                });
+            if let Err(e) = spawned {
+                lock(&self.streams).running -= 1;
+                return Err(DaemonError::Internal(format!("cannot start pump: {e}")));
+            }
+        }
+        tracing::info!(migration = %self.id, streams = self.n_streams, "data streams reached QEMU");
+        self.spawn_watcher(daemon)
+    }
+
+    pub(super) fn record_end(&self, r: std::result::Result<(), String>) {
+        let mut st = lock(&self.streams);
+        match r {
+            Ok(()) => st.finished += 1,
+            Err(e) => {
+                if st.error.is_none() {
+                    st.error = Some(e);
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+}

@@ -1,0 +1,328 @@
+//! The destination half of a migration: `prepare`, the data connections it accepts,
+//! the watcher that follows the incoming QEMU, `finish`, `abort`.
+//!
+//! Invariant: the destination guest never runs before QEMU has loaded the complete state
+//! and either the controller asked for `finish` or the migration is unattended (detached,
+//! or its lease ran out) — then it resumes on its own; on any failure its QEMU is killed,
+//! never resumed, and the source hears why at once over the peer link. A data connection is accepted only for a prepared, unexpired migration, only
+//! from the peer it pins, each stream slot only once, and none once the streams reached
+//! QEMU.
+
+mod accept;
+mod load;
+
+use super::channel::{self, DataConn, Slots, Trust};
+use super::lease::Lease;
+use super::peer::{PeerEvent, PeerLink};
+use super::QemuHandle;
+use crate::error::{DaemonError, Result};
+use crate::state::Daemon;
+use crate::vms::lock;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vmferry_channel::compress::Filters;
+use vmferry_channel::identity::EphemeralIdentity;
+use vmferry_channel::meter::Meter;
+use vmferry_channel::pump::{self, StopHandle};
+use vmferry_channel::tunnel::{Tunnel, TunnelStop};
+use vmferry_proto::peer::PeerMessage;
+use vmferry_proto::preamble::{Preamble, StreamKind};
+use vmferry_proto::{
+    Cookie, DestinationEvent, DestinationState, MigrationId, MigrationState, MigrationStatus,
+    MigrationSummary, Role, SourceState, Transport, VmName, VmRef,
+};
+use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
+
+/// How long `finish` waits for QEMU to load the state once the source is done.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the streams may take to end once QEMU loaded everything (QEMU needs nothing
+/// more from them; this only lets them end cleanly rather than be cut).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(5);
+/// How long QEMU gets to report completion after a stream broke.
+const BROKEN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Default)]
+struct Streams {
+    /// Connections of one transport as they arrive, until all are there.
+    slots: Slots,
+    /// The transport the streams came by, once they reached QEMU.
+    transport: Option<Transport>,
+    /// Whether the streams reached QEMU (after which the channel is fixed).
+    attached: bool,
+    /// Pumps still running.
+    running: usize,
+    /// Pumps that ended well.
+    finished: usize,
+    /// The first stream failure.
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct DestinationMigration {
+    pub id: MigrationId,
+    qemu: QemuHandle,
+    /// A managed VM started for this migration (killed on abort, kept on finish).
+    vm_name: Option<VmName>,
+    identity: EphemeralIdentity,
+    /// The TLS configuration data connections must complete: pins the source's identity.
+    server_config: Arc<rustls::ServerConfig>,
+    trust: Trust,
+    n_streams: usize,
+    /// The filters every stream applies (compression), as the cookie says.
+    filters: Filters,
+    source_running: bool,
+    /// The unix socket the destination QEMU listens on.
+    incoming_socket: PathBuf,
+    streams: Mutex<Streams>,
+    changed: Condvar,
+    meter: Arc<Meter>,
+    stops: Mutex<Vec<StopHandle>>,
+    tunnel: Mutex<Option<Tunnel>>,
+    tunnel_stop: Mutex<Option<TunnelStop>>,
+    /// After this instant, the one-time identity is no longer accepted.
+    expires: Instant,
+    state: Mutex<DestinationState>,
+    /// Why the migration was aborted, in the failing part's words.
+    cause: Mutex<Option<String>>,
+    /// Signalled on every state change.
+    state_changed: Condvar,
+    lease: Lease,
+    peer: Mutex<Option<PeerLink>>,
+    /// What happened without a controller, for status.
+    note: Mutex<Option<String>>,
+}
+
+impl DestinationMigration {
+    /// `prepare`: readies a QEMU to receive, makes this migration's identity, opens the
+    /// door for exactly `cookie.streams()` data connections.
+    pub fn prepare(daemon: &Daemon, mut cookie: Cookie, vm: VmRef) -> Result<Cookie> {
+        cookie.check().map_err(DaemonError::BadRequest)?;
+        let id = cookie.migration.clone();
+        // Claimed before anything is started, so two prepares of one id cannot both
+        // start a QEMU; the claim is dropped on every way out but success.
+        let claim = daemon.migrations.claim_destination(&id)?;
+        let identity = EphemeralIdentity::generate(&format!("vmferry-destination-{id}"))
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let trust = Trust {
+            auth: cookie.options.data_auth.clone(),
+            peer_fingerprint: cookie.source_fingerprint.clone(),
+        };
+        let server_config = trust.server_config(daemon, &identity, "source", None)?;
+
+        let (qemu, vm_name) = match &vm {
+            VmRef::Managed { name } => {
+                let mut spec = cookie.vm.clone().ok_or_else(|| {
+                    DaemonError::BadRequest("the cookie carries no VM definition".into())
+                })?;
+                if &spec.name != name {
+                    return Err(DaemonError::BadRequest(format!(
+                        "the cookie describes VM '{}', not '{name}'",
+                        spec.name
+                    )));
+                }
+                spec.name = name.clone();
+                let v = daemon.vms.start(spec, true)?;
+                (QemuHandle::Managed(v), Some(name.clone()))
+            }
+            VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None),
+        };
+        let incoming_socket = daemon
+            .config
+            .state_dir
+            .join(format!("migrate-in-{id}.sock"));
+        let setup = Self::ready_qemu(&qemu, &cookie, &incoming_socket);
+        if let Err(e) = setup {
+            if let (QemuHandle::Managed(v), Some(n)) = (&qemu, &vm_name) {
+                v.kill();
+                daemon.vms.forget(n);
+            }
+            return Err(e);
+        }
+        let streams = cookie.streams() as usize;
+        let m = DestinationMigration {
+            id: id.clone(),
+            qemu,
+            vm_name,
+            server_config,
+            trust,
+            n_streams: streams,
+            filters: Filters {
+                compress: cookie.options.compress,
+            },
+            source_running: cookie.source_running,
+            incoming_socket,
+            streams: Mutex::new(Streams::default()),
+            changed: Condvar::new(),
+            meter: Arc::new(Meter::default()),
+            stops: Mutex::new(Vec::new()),
+            tunnel: Mutex::new(None),
+            tunnel_stop: Mutex::new(None),
+            // A TTL too large for the clock never expires rather than panics.
+            expires: Instant::now()
+                .checked_add(Duration::from_secs(daemon.config.credential_ttl_secs))
+                .unwrap_or_else(far_future),
+            identity,
+            state: Mutex::new(DestinationState::Prepared),
+            cause: Mutex::new(None),
+            state_changed: Condvar::new(),
+            lease: Lease::new(cookie.options.lease_ms),
+            peer: Mutex::new(None),
+            note: Mutex::new(None),
+        };
+        cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
+        cookie.data_address = daemon.config.data_address();
+        cookie.destination_control_address = daemon.config.control_address();
+        claim.fill(Arc::new(m));
+        Ok(cookie)
+    }
+
+    fn ready_qemu(qemu: &QemuHandle, cookie: &Cookie, socket: &std::path::Path) -> Result<()> {
+        let status = qemu.with_qmp(|q| q.query_status())?;
+        if status.status != "inmigrate" {
+            return Err(DaemonError::Qemu(format!(
+                "{} is in state '{}', not waiting for a migration (start it with -incoming defer)",
+                qemu.describe(),
+                status.status
+            )));
+        }
+        // Refused before any byte moves: a state of another shape cannot load.
+        if let Some(src) = &cookie.source_machine {
+            if let Ok(f) = qemu.with_qmp(|q| q.machine_facts()) {
+                let dst = vmferry_proto::MachineShape {
+                    ram_bytes: f.ram_bytes,
+                    machine: f.machine,
+                    ram_blocks: f.ram_blocks,
+                };
+                if let Some(why) = src.mismatch(&dst) {
+                    return Err(DaemonError::BadRequest(format!(
+                        "{} cannot receive this VM: {why}",
+                        qemu.describe()
+                    )));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(socket);
+        let multifd = cookie.options.multifd;
+        let uri = format!("unix:{}", socket.display());
+        qemu.with_qmp(|q| {
+            q.migrate_set_capabilities(&[("multifd", multifd > 0)])?;
+            if multifd > 0 {
+                q.migrate_set_parameters(serde_json::json!({ "multifd-channels": multifd }))?;
+            }
+            q.migrate_incoming(&uri)
+        })?;
+        Ok(())
+    }
+
+    /// The TLS configuration for a data connection that names this migration, or `None`
+    /// when it must be refused (expired, or the channel already reached QEMU).
+    pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let open = *lock(&self.state) == DestinationState::Prepared
+            || (lock(&self.peer).is_none() && !self.state().is_final());
+        if Instant::now() > self.expires || !open {
+            return None;
+        }
+        Some(self.server_config.clone())
+    }
+
+    fn state(&self) -> DestinationState {
+        *lock(&self.state)
+    }
+
+    /// Moves to the next state, or says why not.
+    fn advance(&self, event: DestinationEvent) -> Result<DestinationState> {
+        let mut st = lock(&self.state);
+        let next = st
+            .next(event)
+            .map_err(|e| DaemonError::BadRequest(format!("migration {}: {e}", self.id)))?;
+        *st = next;
+        drop(st);
+        self.state_changed.notify_all();
+        if let Some(p) = lock(&self.peer).as_ref() {
+            p.notify(self.peer_message());
+        }
+        Ok(next)
+    }
+
+    /// Leaves the in-flight table for the recent one; the peer link says its last word
+    /// (the final state) and closes.
+    fn end(&self, daemon: &Daemon) {
+        let _ = std::fs::remove_file(&self.incoming_socket);
+        if let Some(p) = lock(&self.peer).take() {
+            p.stop();
+        }
+        lock(&daemon.migrations.destinations).remove(&self.id);
+        daemon.migrations.remember(self.summary());
+    }
+
+    pub fn status(&self) -> MigrationStatus {
+        self.summary().status
+    }
+
+    pub fn summary(&self) -> MigrationSummary {
+        let st = lock(&self.streams);
+        let state = self.state();
+        MigrationSummary {
+            migration: self.id.clone(),
+            role: Role::Destination,
+            vm: match (&self.vm_name, &self.qemu) {
+                (Some(n), _) => n.to_string(),
+                (None, q) => q.describe(),
+            },
+            status: MigrationStatus {
+                state: Some(MigrationState::Destination(state)),
+                qemu_status: state.as_str().into(),
+                finished: state.is_final(),
+                transport: st.transport.or(st.slots.transport()),
+                streams: self.n_streams as u32,
+                channel_bytes: self.meter.forward() + self.meter.backward(),
+                error: lock(&self.cause).clone().or_else(|| st.error.clone()),
+                note: lock(&self.note).clone(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// `abort`: cuts the streams and kills a QEMU this daemon started for the migration;
+    /// the source hears why over the peer link before the streams are cut. A migration
+    /// that already finished here is left alone (the guest runs here now).
+    pub fn abort(&self, daemon: &Daemon, reason: &str) {
+        {
+            let mut c = lock(&self.cause);
+            if self.state().is_final() {
+                return;
+            }
+            c.get_or_insert_with(|| reason.to_string());
+        }
+        if self.advance(DestinationEvent::Abort).is_err() {
+            return;
+        }
+        tracing::warn!(migration = %self.id, "aborting on the destination: {reason}");
+        // Let the peer link carry the cause out before the streams go.
+        std::thread::sleep(Duration::from_millis(20));
+        for s in lock(&self.stops).iter() {
+            s.stop();
+        }
+        if let Some(t) = lock(&self.tunnel_stop).as_ref() {
+            t.stop();
+        }
+        if let (QemuHandle::Managed(v), Some(n)) = (&self.qemu, &self.vm_name) {
+            v.kill();
+            daemon.vms.forget(n);
+        }
+        self.end(daemon);
+    }
+
+    pub fn expired(&self) -> bool {
+        Instant::now() > self.expires && self.state() == DestinationState::Prepared
+    }
+}
+
+/// An instant no lease or TTL reaches (about 30 years on).
+fn far_future() -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
+}
