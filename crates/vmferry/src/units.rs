@@ -40,6 +40,11 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A `--max-bandwidth` value: a size per second (clap's value parser).
+pub fn bandwidth(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,9 +64,4 @@ mod tests {
         assert_eq!(parse_memory_mib("512"), Ok(512));
         assert_eq!(parse_memory_mib("1G"), Ok(1024));
     }
-}
-
-/// A `--max-bandwidth` value: a size per second (clap's value parser).
-pub fn bandwidth(s: &str) -> Result<u64, String> {
-    parse_bytes(s)
 }
