@@ -41,6 +41,19 @@ impl DaemonError {
     }
 }
 
+/// A peer's cookie or VM spec that fails its checks is a bad request.
+impl From<vmferry_proto::CookieError> for DaemonError {
+    fn from(e: vmferry_proto::CookieError) -> Self {
+        DaemonError::BadRequest(e.to_string())
+    }
+}
+
+impl From<vmferry_proto::SpecError> for DaemonError {
+    fn from(e: vmferry_proto::SpecError) -> Self {
+        DaemonError::BadRequest(e.to_string())
+    }
+}
+
 impl From<vmferry_qmp::QmpError> for DaemonError {
     fn from(e: vmferry_qmp::QmpError) -> Self {
         DaemonError::Qemu(e.to_string())

@@ -170,7 +170,7 @@ impl VmRegistry {
     /// Starts a VM. `incoming` starts it paused waiting for a migration, and then the
     /// spec's accelerator is used as given (the source already resolved it).
     pub fn start(&self, mut spec: VmSpec, incoming: bool) -> Result<Arc<ManagedVm>> {
-        spec.check().map_err(DaemonError::BadRequest)?;
+        spec.check()?;
         let name = spec.name.clone();
         {
             let vms = lock(&self.vms);

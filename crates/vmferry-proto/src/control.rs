@@ -234,16 +234,19 @@ pub enum Accel {
     Tcg,
 }
 
+/// A name that is not an accelerator vmferry knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown accelerator {0:?}: use auto, kvm or tcg")]
+pub struct UnknownAccel(pub String);
+
 impl std::str::FromStr for Accel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAccel;
+    fn from_str(s: &str) -> Result<Self, UnknownAccel> {
         match s {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "tcg" => Ok(Accel::Tcg),
-            other => Err(format!(
-                "unknown accelerator {other:?}: use auto, kvm or tcg"
-            )),
+            other => Err(UnknownAccel(other.to_string())),
         }
     }
 }
@@ -284,26 +287,30 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_CPUS: u32 = 512;
 pub const MAX_DISKS: usize = 16;
 
+/// A VM spec asks for something vmferry refuses to start (a peer's spec, or a typo).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("memory {0} MiB is out of range (16..={MAX_MEMORY_MIB})")]
+    Memory(u64),
+    #[error("cpus {0} is out of range (1..={MAX_CPUS})")]
+    Cpus(u32),
+    #[error("{0} disks given; at most {MAX_DISKS}")]
+    Disks(usize),
+    #[error("path {0:?} must be absolute and must not contain ','")]
+    Path(String),
+}
+
 impl VmSpec {
     /// Checks the parts serde cannot: sizes, counts, and that paths are absolute.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SpecError> {
         if self.memory_mib < 16 || self.memory_mib > MAX_MEMORY_MIB {
-            return Err(format!(
-                "memory {} MiB is out of range (16..={MAX_MEMORY_MIB})",
-                self.memory_mib
-            ));
+            return Err(SpecError::Memory(self.memory_mib));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(format!(
-                "cpus {} is out of range (1..={MAX_CPUS})",
-                self.cpus
-            ));
+            return Err(SpecError::Cpus(self.cpus));
         }
         if self.disks.len() > MAX_DISKS {
-            return Err(format!(
-                "{} disks given; at most {MAX_DISKS}",
-                self.disks.len()
-            ));
+            return Err(SpecError::Disks(self.disks.len()));
         }
         let paths = self
             .kernel
@@ -312,9 +319,7 @@ impl VmSpec {
             .chain(self.disks.iter());
         for p in paths {
             if !p.starts_with('/') || p.contains(',') {
-                return Err(format!(
-                    "path {p:?} must be absolute and must not contain ','"
-                ));
+                return Err(SpecError::Path(p.clone()));
             }
         }
         Ok(())
@@ -448,7 +453,7 @@ mod tests {
         assert!(s.check().is_err());
         let mut s = spec();
         s.disks = vec!["/d,readonly=off".into()];
-        assert!(s.check().unwrap_err().contains("','"));
+        assert!(s.check().unwrap_err().to_string().contains("','"));
     }
 
     #[test]

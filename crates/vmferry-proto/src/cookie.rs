@@ -6,7 +6,7 @@
 //! daemons, the daemons need no trust relationship of their own. A cookie must never carry
 //! a private key.
 
-use crate::control::VmSpec;
+use crate::control::{SpecError, VmSpec};
 use crate::names::MigrationId;
 use serde::{Deserialize, Serialize};
 
@@ -101,17 +101,20 @@ impl TransportChoice {
     }
 }
 
+/// A name that is not a transport vmferry knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport '{0}' (expected auto, direct, reverse or tunnel)")]
+pub struct UnknownTransport(pub String);
+
 impl std::str::FromStr for TransportChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTransport;
+    fn from_str(s: &str) -> Result<Self, UnknownTransport> {
         match s {
             "auto" => Ok(TransportChoice::Auto),
             "direct" => Ok(TransportChoice::Direct),
             "reverse" => Ok(TransportChoice::Reverse),
             "tunnel" => Ok(TransportChoice::Tunnel),
-            other => Err(format!(
-                "unknown transport '{other}' (expected auto, direct, reverse or tunnel)"
-            )),
+            other => Err(UnknownTransport(other.to_string())),
         }
     }
 }
@@ -136,17 +139,24 @@ impl Compression {
     }
 
     /// Refuses a level zstd does not have (a peer's cookie, or a typo).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), CompressionLevelError> {
         match self {
             Compression::None => Ok(()),
             Compression::Zstd { level } if COMPRESSION_LEVELS.contains(level) => Ok(()),
-            Compression::Zstd { level } => Err(format!(
-                "zstd level {level} is not one vmferry uses (from {} to {})",
-                COMPRESSION_LEVELS.start(),
-                COMPRESSION_LEVELS.end()
-            )),
+            Compression::Zstd { level } => Err(CompressionLevelError { level: *level }),
         }
     }
+}
+
+/// A zstd level outside [`COMPRESSION_LEVELS`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "zstd level {level} is not one vmferry uses (from {} to {})",
+    COMPRESSION_LEVELS.start(),
+    COMPRESSION_LEVELS.end()
+)]
+pub struct CompressionLevelError {
+    pub level: i32,
 }
 
 impl std::fmt::Display for Compression {
@@ -310,27 +320,35 @@ impl Cookie {
     }
 
     /// Checks what serde cannot: bounds on counts.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), CookieError> {
         if self.options.multifd > MAX_MULTIFD {
-            return Err(format!(
-                "{} multifd channels requested; at most {MAX_MULTIFD}",
-                self.options.multifd
-            ));
+            return Err(CookieError::Multifd(self.options.multifd));
         }
         self.options.compress.check()?;
         if self.options.lease_ms != 0 && !LEASE_MS.contains(&self.options.lease_ms) {
-            return Err(format!(
-                "a lease of {} ms is out of range ({} to {} ms)",
-                self.options.lease_ms,
-                LEASE_MS.start(),
-                LEASE_MS.end()
-            ));
+            return Err(CookieError::Lease {
+                lease_ms: self.options.lease_ms,
+            });
         }
         if let Some(vm) = &self.vm {
             vm.check()?;
         }
         Ok(())
     }
+}
+
+/// A peer's cookie asks for more than vmferry allows. The nested errors already say
+/// what is wrong, so they are shown as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CookieError {
+    #[error("{0} multifd channels requested; at most {MAX_MULTIFD}")]
+    Multifd(u32),
+    #[error(transparent)]
+    Compression(#[from] CompressionLevelError),
+    #[error("a lease of {lease_ms} ms is out of range ({} to {} ms)", LEASE_MS.start(), LEASE_MS.end())]
+    Lease { lease_ms: u64 },
+    #[error(transparent)]
+    Vm(#[from] SpecError),
 }
 
 #[cfg(test)]
@@ -409,6 +427,7 @@ mod tests {
             vec![Transport::Tunnel]
         );
         let e = "carrier-pigeon".parse::<TransportChoice>().unwrap_err();
+        let e = e.to_string();
         assert!(e.contains("carrier-pigeon") && e.contains("tunnel"), "{e}");
         for t in Transport::AUTO_ORDER {
             assert_eq!(Transport::from_code(t.code()), Some(t));

@@ -13,7 +13,7 @@ const HUGE_MULTIFD_COOKIE: &str =
 fn a_cookie_with_u32_max_multifd_channels_counts_its_streams_without_overflowing() {
     let c: Cookie = serde_json::from_str(HUGE_MULTIFD_COOKIE).expect("decodes");
     assert_eq!(c.streams(), u32::MAX);
-    let e = c.check().expect_err("refused");
+    let e = c.check().expect_err("refused").to_string();
     assert!(e.contains(&MAX_MULTIFD.to_string()), "{e}");
 }
 

@@ -99,7 +99,7 @@ impl DestinationMigration {
     /// `prepare`: readies a QEMU to receive, makes this migration's identity, opens the
     /// door for exactly `cookie.streams()` data connections.
     pub fn prepare(daemon: &Daemon, mut cookie: Cookie, vm: VmRef) -> Result<Cookie> {
-        cookie.check().map_err(DaemonError::BadRequest)?;
+        cookie.check()?;
         let id = cookie.migration.clone();
         // Claimed before anything is started, so two prepares of one id cannot both
         // start a QEMU; the claim is dropped on every way out but success.

@@ -29,7 +29,7 @@ impl SourceMigration {
         transport: Transport,
         timeout: Duration,
     ) -> Result<()> {
-        cookie.check().map_err(DaemonError::BadRequest)?;
+        cookie.check()?;
         if !matches!(self.state(), SourceState::Begun | SourceState::Connected) {
             return Err(DaemonError::BadRequest(format!(
                 "migration {} is already under way; its channel is fixed",

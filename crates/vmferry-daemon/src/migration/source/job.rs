@@ -9,7 +9,7 @@ use super::*;
 
 impl SourceMigration {
     pub(super) fn start(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
-        cookie.check().map_err(DaemonError::BadRequest)?;
+        cookie.check()?;
         let (transport, carrier) = self.take_carrier(daemon, cookie)?;
         self.start_peer(daemon)?;
         {
