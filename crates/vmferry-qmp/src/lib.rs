@@ -33,11 +33,16 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod commands;
 mod error;
+#[cfg(test)]
+mod fake_qemu;
 mod machine;
 mod types;
+mod wire;
 
-pub use client::{Qmp, DEFAULT_TIMEOUT, MAX_MESSAGE_LEN, MAX_QUEUED_EVENTS};
+pub use client::{Qmp, DEFAULT_TIMEOUT, MAX_QUEUED_EVENTS};
 pub use error::QmpError;
 pub use machine::MachineFacts;
 pub use types::{Event, MigrationInfo, MigrationStatus, QemuVersion, RamStats, RunStatus};
+pub use wire::MAX_MESSAGE_LEN;
