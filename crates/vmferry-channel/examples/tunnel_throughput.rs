@@ -27,8 +27,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn pair() -> (Tunnel, Tunnel, Receiver<(u16, UnixStream)>) {
     let (tx, arrivals) = std::sync::mpsc::channel();
     let accept: Accept = Box::new(move |k| {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        tx.send((k, theirs)).map_err(|e| e.to_string())?;
+        let (ours, theirs) = UnixStream::pair()?;
+        tx.send((k, theirs))?;
         Ok(ours)
     });
     let (client, server, _) = testing::tunnel_pair(accept, testing::TunnelOpts::default());
@@ -94,10 +94,10 @@ fn through_tunnel(streams: usize, len: usize) -> f64 {
     }
     let t = timed_copy(src, dst, len);
     client
-        .wait_streams(streams, Duration::from_secs(10))
+        .wait_for_streams(streams, Duration::from_secs(10))
         .expect("client");
     server
-        .wait_streams(streams, Duration::from_secs(10))
+        .wait_for_streams(streams, Duration::from_secs(10))
         .expect("server");
     client.stop();
     t

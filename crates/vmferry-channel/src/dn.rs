@@ -25,13 +25,6 @@ pub enum DnError {
     NotString { attr: String },
 }
 
-/// For callers that still collect errors as sentences (`?` into `Result<_, String>`).
-impl From<DnError> for String {
-    fn from(e: DnError) -> String {
-        e.to_string()
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnPattern {
     text: String,

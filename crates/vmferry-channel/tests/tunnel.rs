@@ -25,7 +25,7 @@ fn tunnels() -> (Tunnel, Tunnel, Arrived) {
     let arrived = Arc::new(Mutex::new(Vec::new()));
     let a2 = arrived.clone();
     let accept: Accept = Box::new(move |k| {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        let (ours, theirs) = UnixStream::pair()?;
         a2.lock().expect("lock").push((k, theirs));
         Ok(ours)
     });
@@ -110,10 +110,10 @@ fn four_streams_cross_byte_exact_both_ways_in_order_with_control_messages() {
         t.join().expect("stream thread");
     }
     client
-        .wait_streams(N, Duration::from_secs(30))
+        .wait_for_streams(N, Duration::from_secs(30))
         .expect("client streams");
     server
-        .wait_streams(N, Duration::from_secs(30))
+        .wait_for_streams(N, Duration::from_secs(30))
         .expect("server streams");
     let s = std::thread::spawn(move || server.close(Duration::from_secs(10)));
     client.close(Duration::from_secs(10)).expect("client close");
@@ -174,19 +174,21 @@ fn a_reader_that_stops_pushes_back_and_control_messages_still_flow() {
 
 #[test]
 fn a_stream_the_server_refuses_fails_both_ends_with_the_cause() {
-    let accept: Accept = Box::new(|k| Err(format!("no QEMU waits for stream {k}")));
+    let accept: Accept = Box::new(|k| Err(format!("no QEMU waits for stream {k}").into()));
     let (client, server) = tunnel_pair(accept);
     let (_qemu, ours) = UnixStream::pair().expect("pair");
     client.open(0, ours).expect("open");
     let e = server
-        .wait_streams(1, Duration::from_secs(5))
-        .expect_err("refused");
+        .wait_for_streams(1, Duration::from_secs(5))
+        .expect_err("refused")
+        .to_string();
     assert!(e.contains("no QEMU waits for stream 0"), "{e}");
     server.stop();
     let t0 = Instant::now();
     let e = client
-        .wait_streams(1, Duration::from_secs(10))
-        .expect_err("the client sees the end too");
+        .wait_for_streams(1, Duration::from_secs(10))
+        .expect_err("the client sees the end too")
+        .to_string();
     assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
 }
 
@@ -208,11 +210,13 @@ fn cutting_the_connection_mid_transfer_ends_both_sides_promptly() {
     let t0 = Instant::now();
     client.stop();
     let e1 = client
-        .wait_streams(1, Duration::from_secs(10))
-        .expect_err("client");
+        .wait_for_streams(1, Duration::from_secs(10))
+        .expect_err("client")
+        .to_string();
     let e2 = server
-        .wait_streams(1, Duration::from_secs(10))
-        .expect_err("server");
+        .wait_for_streams(1, Duration::from_secs(10))
+        .expect_err("server")
+        .to_string();
     assert!(
         t0.elapsed() < Duration::from_secs(5),
         "took {:?}: {e1} / {e2}",

@@ -23,6 +23,89 @@ pub const X509: &str = "x509";
 pub const SCRAM: &str = "scram-sha-256";
 pub const UNIX: &str = "unix";
 
+/// Why a policy or a users file could not be built, or why a client is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth: unknown scheme '{0}' (expected {X509} or {SCRAM})")]
+    UnknownScheme(String),
+    #[error("auth: list at least one scheme ({X509}, {SCRAM})")]
+    NoScheme,
+    #[error("{key}: {source}")]
+    Pattern {
+        key: &'static str,
+        #[source]
+        source: dn::DnError,
+    },
+    #[error("auth lists {SCRAM}, but no scram_users file is configured (make one with `vmferry users add`)")]
+    NoUsersFile,
+    #[error(transparent)]
+    Subject(#[from] dn::DnError),
+    #[error(
+        "this daemon does not accept certificates for control (auth = {0:?}); \
+         log in with a password (--user)"
+    )]
+    CertificatesNotAccepted(Vec<String>),
+    #[error(
+        "certificate subject '{0}' is not in this daemon's allowed_clients or readonly_clients"
+    )]
+    SubjectNotAllowed(String),
+    #[error("this daemon requires a client certificate from its CA")]
+    NoClientCertificate,
+    #[error(
+        "uid {uid} (gid {gid}) is not allowed on this daemon's control socket \
+         (allowed_uids, allowed_gids, readonly_uids, readonly_gids)"
+    )]
+    UidNotAllowed { uid: u32, gid: u32 },
+    #[error("cannot read users file {}: {source}", path.display())]
+    ReadUsers {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("users file {}: {source}", path.display())]
+    ParseUsers {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("users file {}: user '{name}': {source}", path.display())]
+    BadUser {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: VerifierError,
+    },
+    #[error("user name '{0}': use letters, digits and - _ . @ only")]
+    BadUserName(String),
+    #[error("the password must have at least 12 characters")]
+    ShortPassword,
+    #[error("the system random generator failed")]
+    Random,
+    #[error("bad iteration count")]
+    IterationCount,
+    #[error(transparent)]
+    SerializeUsers(#[from] toml::ser::Error),
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a stored SCRAM verifier is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifierError {
+    #[error("salt is not base64: {0}")]
+    Salt(#[source] base64::DecodeError),
+    #[error("salted_password is not base64: {0}")]
+    SaltedPassword(#[source] base64::DecodeError),
+    #[error("salted_password must be 32 bytes (SHA-256)")]
+    SaltedPasswordLength,
+    #[error("iterations {0} outside 4096..=65535")]
+    Iterations(u32),
+}
+
 /// What an authenticated client may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -74,7 +157,7 @@ pub struct AuthPolicy {
 }
 
 impl AuthPolicy {
-    pub fn from_config(c: &DaemonConfig) -> Result<AuthPolicy, String> {
+    pub fn from_config(c: &DaemonConfig) -> Result<AuthPolicy, AuthError> {
         let mut schemes = Vec::new();
         for s in &c.auth {
             match s.as_str() {
@@ -83,19 +166,15 @@ impl AuthPolicy {
                         schemes.push(s.clone())
                     }
                 }
-                other => {
-                    return Err(format!(
-                        "auth: unknown scheme '{other}' (expected {X509} or {SCRAM})"
-                    ))
-                }
+                other => return Err(AuthError::UnknownScheme(other.to_string())),
             }
         }
         if schemes.is_empty() {
-            return Err(format!("auth: list at least one scheme ({X509}, {SCRAM})"));
+            return Err(AuthError::NoScheme);
         }
-        let parse = |v: &[String], key: &str| {
+        let parse = |v: &[String], key: &'static str| {
             v.iter()
-                .map(|p| DnPattern::parse(p).map_err(|e| format!("{key}: {e}")))
+                .map(|p| DnPattern::parse(p).map_err(|source| AuthError::Pattern { key, source }))
                 .collect::<Result<Vec<_>, _>>()
         };
         parse(&c.allowed_peers, "allowed_peers")?;
@@ -104,9 +183,7 @@ impl AuthPolicy {
             None => ScramUsers::default(),
         };
         if schemes.iter().any(|s| s == SCRAM) && c.scram_users.is_none() {
-            return Err(format!(
-                "auth lists {SCRAM}, but no scram_users file is configured (make one with `vmferry users add`)"
-            ));
+            return Err(AuthError::NoUsersFile);
         }
         Ok(AuthPolicy {
             schemes,
@@ -131,15 +208,11 @@ impl AuthPolicy {
     }
 
     /// A client that presented a CA-verified certificate.
-    pub fn x509(&self, cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    pub fn x509(&self, cert: &CertificateDer<'_>) -> Result<Identity, AuthError> {
         let rdns = dn::subject_rdns(cert)?;
         let name = dn::format_rdns(&rdns);
         if !self.accepts(X509) {
-            return Err(format!(
-                "this daemon does not accept certificates for control (auth = {:?}); \
-                 log in with a password (--user)",
-                self.schemes
-            ));
+            return Err(AuthError::CertificatesNotAccepted(self.schemes.clone()));
         }
         let open = self.allowed_clients.is_empty() && self.readonly_clients.is_empty();
         let role = if open || self.allowed_clients.iter().any(|p| p.matches(&rdns)) {
@@ -147,9 +220,7 @@ impl AuthPolicy {
         } else if self.readonly_clients.iter().any(|p| p.matches(&rdns)) {
             Role::ReadOnly
         } else {
-            return Err(format!(
-                "certificate subject '{name}' is not in this daemon's allowed_clients or readonly_clients"
-            ));
+            return Err(AuthError::SubjectNotAllowed(name));
         };
         Ok(Identity {
             name,
@@ -159,7 +230,7 @@ impl AuthPolicy {
     }
 
     /// A client on the local socket, by its kernel-reported credentials.
-    pub fn unix(&self, uid: u32, gid: u32) -> Result<Identity, String> {
+    pub fn unix(&self, uid: u32, gid: u32) -> Result<Identity, AuthError> {
         let name = format!("uid {uid}");
         let role = if uid == 0
             || uid == self.own_uid
@@ -170,10 +241,7 @@ impl AuthPolicy {
         } else if self.readonly_uids.contains(&uid) || self.readonly_gids.contains(&gid) {
             Role::ReadOnly
         } else {
-            return Err(format!(
-                "{name} (gid {gid}) is not allowed on this daemon's control socket \
-                 (allowed_uids, allowed_gids, readonly_uids, readonly_gids)"
-            ));
+            return Err(AuthError::UidNotAllowed { uid, gid });
         };
         Ok(Identity {
             name,
@@ -211,31 +279,36 @@ pub struct ScramUsers {
 pub const SCRAM_ITERATIONS: u32 = 16_384;
 
 impl ScramUsers {
-    pub fn load(path: &Path) -> Result<ScramUsers, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read users file {}: {e}", path.display()))?;
-        let u: ScramUsers =
-            toml::from_str(&text).map_err(|e| format!("users file {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<ScramUsers, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::ReadUsers {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let u: ScramUsers = toml::from_str(&text).map_err(|source| AuthError::ParseUsers {
+            path: path.to_path_buf(),
+            source,
+        })?;
         for (name, user) in &u.users {
-            user.verifier()
-                .map_err(|e| format!("users file {}: user '{name}': {e}", path.display()))?;
+            user.verifier().map_err(|source| AuthError::BadUser {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                source,
+            })?;
         }
         Ok(u)
     }
 
     /// Adds or replaces `name` with a fresh salt; writes the file with mode 0600.
-    pub fn add(path: &Path, name: &str, password: &str, role: Role) -> Result<(), String> {
+    pub fn add(path: &Path, name: &str, password: &str, role: Role) -> Result<(), AuthError> {
         if name.is_empty()
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
         {
-            return Err(format!(
-                "user name '{name}': use letters, digits and - _ . @ only"
-            ));
+            return Err(AuthError::BadUserName(name.to_string()));
         }
         if password.len() < 12 {
-            return Err("the password must have at least 12 characters".into());
+            return Err(AuthError::ShortPassword);
         }
         let mut u = if path.exists() {
             ScramUsers::load(path)?
@@ -244,8 +317,8 @@ impl ScramUsers {
         };
         let mut salt = [0u8; 16];
         aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut salt)
-            .map_err(|_| "the system random generator failed".to_string())?;
-        let iters = NonZeroU32::new(SCRAM_ITERATIONS).ok_or("bad iteration count")?;
+            .map_err(|_| AuthError::Random)?;
+        let iters = NonZeroU32::new(SCRAM_ITERATIONS).ok_or(AuthError::IterationCount)?;
         let salted = scram_2::hash_password(password, iters, &salt);
         let b64 = base64::engine::general_purpose::STANDARD;
         u.users.insert(
@@ -257,7 +330,7 @@ impl ScramUsers {
                 salted_password: b64.encode(salted),
             },
         );
-        let text = toml::to_string(&u).map_err(|e| e.to_string())?;
+        let text = toml::to_string(&u)?;
         write_private(path, &text)
     }
 
@@ -267,21 +340,19 @@ impl ScramUsers {
 }
 
 impl ScramUser {
-    fn verifier(&self) -> Result<scram_2::server::PasswordInfo, String> {
+    fn verifier(&self) -> Result<scram_2::server::PasswordInfo, VerifierError> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        let salt = b64
-            .decode(&self.salt)
-            .map_err(|e| format!("salt is not base64: {e}"))?;
+        let salt = b64.decode(&self.salt).map_err(VerifierError::Salt)?;
         let salted = b64
             .decode(&self.salted_password)
-            .map_err(|e| format!("salted_password is not base64: {e}"))?;
+            .map_err(VerifierError::SaltedPassword)?;
         if salted.len() != 32 {
-            return Err("salted_password must be 32 bytes (SHA-256)".into());
+            return Err(VerifierError::SaltedPasswordLength);
         }
         let iterations = u16::try_from(self.iterations)
             .ok()
             .filter(|i| *i >= 4096)
-            .ok_or_else(|| format!("iterations {} outside 4096..=65535", self.iterations))?;
+            .ok_or(VerifierError::Iterations(self.iterations))?;
         Ok(scram_2::server::PasswordInfo::new(salted, iterations, salt))
     }
 }
@@ -292,7 +363,7 @@ impl scram_2::AuthenticationProvider for ScramUsers {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+fn write_private(path: &Path, text: &str) -> Result<(), AuthError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp: PathBuf = path.with_extension("tmp");
@@ -302,11 +373,20 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        .map_err(|source| AuthError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(|source| AuthError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::rename(&tmp, path).map_err(|source| AuthError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -323,10 +403,12 @@ mod tests {
         c.auth = vec!["kerberos".into()];
         assert!(AuthPolicy::from_config(&c)
             .unwrap_err()
+            .to_string()
             .contains("kerberos"));
         c.auth = vec![SCRAM.into()];
         assert!(AuthPolicy::from_config(&c)
             .unwrap_err()
+            .to_string()
             .contains("scram_users"));
     }
 
@@ -341,7 +423,7 @@ mod tests {
         assert_eq!(p.unix(1000, 1000).unwrap().role, Role::Operator);
         assert_eq!(p.unix(1001, 1001).unwrap().role, Role::ReadOnly);
         assert_eq!(p.unix(4242, 50).unwrap().role, Role::ReadOnly);
-        let e = p.unix(4242, 4242).unwrap_err();
+        let e = p.unix(4242, 4242).unwrap_err().to_string();
         assert!(e.contains("uid 4242") && e.contains("allowed_uids"), "{e}");
     }
 
@@ -380,6 +462,7 @@ mod tests {
         }
         assert!(ScramUsers::add(&f, "x", "short", Role::Operator)
             .unwrap_err()
+            .to_string()
             .contains("12 characters"));
     }
 }

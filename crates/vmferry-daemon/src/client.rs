@@ -44,9 +44,14 @@ pub enum ControlTarget {
     Unix(PathBuf),
 }
 
+/// A daemon address that is neither `host:port` nor a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("daemon address {0:?} needs a port (host:port) or a unix socket path")]
+pub struct BadControlTarget(pub String);
+
 impl std::str::FromStr for ControlTarget {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadControlTarget;
+    fn from_str(s: &str) -> Result<Self, BadControlTarget> {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(ControlTarget::Unix(PathBuf::from(p)));
         }
@@ -54,9 +59,7 @@ impl std::str::FromStr for ControlTarget {
             return Ok(ControlTarget::Unix(PathBuf::from(s)));
         }
         if !s.contains(':') {
-            return Err(format!(
-                "daemon address {s:?} needs a port (host:port) or a unix socket path"
-            ));
+            return Err(BadControlTarget(s.to_string()));
         }
         Ok(ControlTarget::Tcp(s.to_string()))
     }

@@ -4,6 +4,23 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use vmferry_proto::{Accel, TransportChoice};
 
+/// Why the daemon's config file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {source}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
 /// What `vmferry serve` needs. Every field can come from the TOML file; the binary lets
 /// flags override them.
 #[derive(Debug, Clone, Deserialize)]
@@ -118,10 +135,15 @@ impl DaemonConfig {
             )
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// The address peers dial for data: `advertise`, else `data_listen`, else `listen`,

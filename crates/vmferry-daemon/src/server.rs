@@ -49,7 +49,8 @@ impl Server {
         // Others may traverse (to reach control.sock, where peer credentials decide) but
         // not list; QEMU's own sockets inside are not writable by others.
         let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711));
-        let policy = AuthPolicy::from_config(&config).map_err(DaemonError::BadRequest)?;
+        let policy =
+            AuthPolicy::from_config(&config).map_err(|e| DaemonError::BadRequest(e.to_string()))?;
         let (creds, control_tls) = load_tls(&config, &policy)?;
         let tcp = match &config.listen {
             Some(addr) => {
@@ -212,6 +213,7 @@ fn accept_unix(daemon: Arc<Daemon>, listener: UnixListener) {
                         });
                     }
                     Err(why) => {
+                        let why = why.to_string();
                         let who = format!("uid {}", cred.uid);
                         audit_connection(&daemon, &who, &from, crate::auth::UNIX, "refused", &why);
                         let _ = conn.set_read_timeout(Some(REFUSE_READ));
@@ -379,11 +381,11 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
         }
         None => {
             let policy = daemon.policy();
-            let identity: std::result::Result<Option<Identity>, String> =
+            let identity: std::result::Result<Option<Identity>, crate::auth::AuthError> =
                 match stream.conn.peer_certificates().and_then(|c| c.first()) {
                     Some(cert) => policy.x509(cert).map(Some),
                     None if policy.accepts(crate::auth::SCRAM) => Ok(None),
-                    None => Err("this daemon requires a client certificate from its CA".into()),
+                    None => Err(crate::auth::AuthError::NoClientCertificate),
                 };
             match identity {
                 Ok(id) => {
@@ -411,6 +413,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                     });
                 }
                 Err(why) => {
+                    let why = why.to_string();
                     let who = client_name(&stream).unwrap_or_else(|| "-".into());
                     audit_connection(&daemon, &who, &peer, crate::auth::X509, "refused", &why);
                     let _ = stream.sock.set_read_timeout(Some(REFUSE_READ));

@@ -49,14 +49,23 @@ impl Daemon {
 
     /// Reloads the certificates and the users file (SIGHUP): new connections use the new
     /// ones, connections already open keep theirs. On any error the old ones stay.
-    pub fn reload(&self) -> std::result::Result<(), String> {
+    pub fn reload(&self) -> std::result::Result<(), ReloadError> {
         let policy = AuthPolicy::from_config(&self.config)?;
-        let (creds, tls) = load_tls(&self.config, &policy).map_err(|e| e.to_string())?;
+        let (creds, tls) = load_tls(&self.config, &policy)?;
         *write(&self.creds) = creds;
         *write(&self.control_tls) = tls;
         *write(&self.policy) = Arc::new(policy);
         Ok(())
     }
+}
+
+/// Why a reload kept the old credentials. Either cause says it all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Policy(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Credentials(#[from] DaemonError),
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

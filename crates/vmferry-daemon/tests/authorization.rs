@@ -248,7 +248,7 @@ fn reloaded_certificates_serve_new_connections_and_old_sessions_go_on() {
 fn a_broken_certificate_on_reload_keeps_the_old_ones() {
     let d = daemon(|_| {});
     std::fs::write(d.root.join("hosta/cert.pem"), "not a certificate").expect("write");
-    let e = d.daemon.reload().expect_err("must fail");
+    let e = d.daemon.reload().expect_err("must fail").to_string();
     assert!(e.contains("cert.pem"), "{e}");
     let mut c = connect(&d, &with_cert(client(&d, "controller", None))).expect("still served");
     assert!(matches!(

@@ -66,8 +66,12 @@ pub enum TunnelError {
     CloseTimeout { peer: String, timeout: Duration },
 }
 
+/// Why the server's [`Accept`] refused a stream: any error, its text (not its sources)
+/// is the cause the source is told.
+pub type AcceptError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The server's choice of where each stream the client opens goes.
-pub type Accept = Box<dyn FnMut(u16) -> Result<UnixStream, String> + Send>;
+pub type Accept = Box<dyn FnMut(u16) -> Result<UnixStream, AcceptError> + Send>;
 
 /// One migration's tunnel, either end. Blocking methods, usable from any std thread.
 pub struct Tunnel {
@@ -347,12 +351,6 @@ impl Tunnel {
                 Err(p) => p.into_inner().0,
             };
         }
-    }
-
-    /// [`Tunnel::wait_for_streams`], its error as text: kept while the daemon's source
-    /// side still collects its drain errors as `String`.
-    pub fn wait_streams(&self, n: usize, timeout: Duration) -> Result<(), String> {
-        self.wait_for_streams(n, timeout).map_err(|e| e.to_string())
     }
 
     /// Graceful end: sends the control messages still queued, closes the mux and then

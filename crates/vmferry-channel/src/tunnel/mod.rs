@@ -58,7 +58,7 @@ mod mailbox;
 mod mux;
 mod shared;
 
-pub use api::{Accept, Tunnel, TunnelError, TunnelStop};
+pub use api::{Accept, AcceptError, Tunnel, TunnelError, TunnelStop};
 
 use std::time::Duration;
 use vmferry_proto::tunnel_frame;

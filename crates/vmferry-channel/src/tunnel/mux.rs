@@ -309,7 +309,7 @@ async fn acceptor(
             let local = match tokio::time::timeout(ACCEPT_TIMEOUT, rx).await {
                 Ok(Ok(Ok(local))) => local,
                 Ok(Ok(Err(cause))) => {
-                    refuse(cause);
+                    refuse(cause.to_string());
                     continue;
                 }
                 Ok(Err(_)) => {

@@ -6,7 +6,7 @@
 //! `.await` or a blocking wait other than its own `Condvar`, and never decide anything
 //! about the wire (that is the mux's, the carriers' and the control stream's).
 
-use super::api::TunnelError;
+use super::api::{AcceptError, TunnelError};
 use super::mailbox::Mailbox;
 use crate::compress::Filters;
 use crate::meter::Meter;
@@ -124,7 +124,7 @@ pub(super) enum Command {
     Close,
 }
 
-pub(super) type AcceptRequest = (u16, oneshot::Sender<Result<UnixStream, String>>);
+pub(super) type AcceptRequest = (u16, oneshot::Sender<Result<UnixStream, AcceptError>>);
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

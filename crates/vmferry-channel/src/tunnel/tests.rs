@@ -29,8 +29,8 @@ fn pair() -> Pair {
 fn pair_with(filters: Filters, client_meter: Arc<Meter>, server_meter: Arc<Meter>) -> Pair {
     let (tx, arrivals) = std::sync::mpsc::channel();
     let accept: Accept = Box::new(move |k| {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        tx.send((k, theirs)).map_err(|e| e.to_string())?;
+        let (ours, theirs) = UnixStream::pair()?;
+        tx.send((k, theirs))?;
         Ok(ours)
     });
     let (client, server, server_tcp) = crate::testing::tunnel_pair(
@@ -140,10 +140,10 @@ fn compressed_streams_cross_byte_exact_and_shrink_inside_the_tunnel() {
         assert!(t.join().expect("stream") == up, "upstream differs");
     }
     p.client
-        .wait_streams(2, Duration::from_secs(10))
+        .wait_for_streams(2, Duration::from_secs(10))
         .expect("client");
     p.server
-        .wait_streams(2, Duration::from_secs(10))
+        .wait_for_streams(2, Duration::from_secs(10))
         .expect("server");
     assert_eq!(cm.forward(), 2 * UP as u64);
     assert_eq!(sm.backward(), 2 * UP as u64);
@@ -216,10 +216,10 @@ fn four_streams_arrive_byte_exact_in_order_and_the_tunnel_closes_cleanly() {
         t.join().expect("stream");
     }
     p.client
-        .wait_streams(N as usize, Duration::from_secs(10))
+        .wait_for_streams(N as usize, Duration::from_secs(10))
         .expect("client streams");
     p.server
-        .wait_streams(N as usize, Duration::from_secs(10))
+        .wait_for_streams(N as usize, Duration::from_secs(10))
         .expect("server streams");
     assert_eq!(p.client.streams_done(), (N as usize, None));
     let server = p.server;
@@ -296,16 +296,16 @@ fn a_reader_that_stops_pushes_back_while_control_messages_still_flow() {
     assert_eq!(reader.join().expect("reader"), written);
     drop(qemu);
     p.server
-        .wait_streams(1, Duration::from_secs(5))
+        .wait_for_streams(1, Duration::from_secs(5))
         .expect("server");
     p.client
-        .wait_streams(1, Duration::from_secs(5))
+        .wait_for_streams(1, Duration::from_secs(5))
         .expect("client");
 }
 
 #[test]
 fn a_stream_the_destination_refuses_fails_at_the_source_with_the_cause() {
-    let accept: Accept = Box::new(|k| Err(format!("no QEMU listens for stream {k}")));
+    let accept: Accept = Box::new(|k| Err(format!("no QEMU listens for stream {k}").into()));
     let (client, server, _) = crate::testing::tunnel_pair(
         accept,
         crate::testing::TunnelOpts {
@@ -318,8 +318,9 @@ fn a_stream_the_destination_refuses_fails_at_the_source_with_the_cause() {
     let t0 = Instant::now();
     client.open(2, ours).expect("open");
     let e = client
-        .wait_streams(1, Duration::from_secs(5))
-        .expect_err("refused");
+        .wait_for_streams(1, Duration::from_secs(5))
+        .expect_err("refused")
+        .to_string();
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_eq!(
         e,
@@ -327,8 +328,9 @@ fn a_stream_the_destination_refuses_fails_at_the_source_with_the_cause() {
          no QEMU listens for stream 2"
     );
     let e = server
-        .wait_streams(1, Duration::from_secs(5))
-        .expect_err("refused");
+        .wait_for_streams(1, Duration::from_secs(5))
+        .expect_err("refused")
+        .to_string();
     assert!(e.contains("no QEMU listens for stream 2"), "{e}");
     // The source's QEMU sees its connection end.
     qemu.set_read_timeout(Some(Duration::from_secs(5)))
@@ -362,12 +364,14 @@ fn cutting_the_connection_mid_transfer_fails_both_ends_promptly() {
     p.server_tcp.shutdown(Shutdown::Both).expect("cut");
     let e1 = p
         .client
-        .wait_streams(1, Duration::from_secs(10))
-        .expect_err("client");
+        .wait_for_streams(1, Duration::from_secs(10))
+        .expect_err("client")
+        .to_string();
     let e2 = p
         .server
-        .wait_streams(1, Duration::from_secs(10))
-        .expect_err("server");
+        .wait_for_streams(1, Duration::from_secs(10))
+        .expect_err("server")
+        .to_string();
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     // Whichever is recorded first: the stream's failure, or the connection's.
     for e in [&e1, &e2] {
@@ -392,13 +396,15 @@ fn stop_ends_a_stalled_tunnel_at_once_on_both_ends() {
     std::thread::spawn(move || stop.stop());
     let e = p
         .client
-        .wait_streams(1, Duration::from_secs(5))
-        .expect_err("stopped");
+        .wait_for_streams(1, Duration::from_secs(5))
+        .expect_err("stopped")
+        .to_string();
     assert!(e.contains("stopped on this host"), "{e}");
     let e = p
         .server
-        .wait_streams(1, Duration::from_secs(5))
-        .expect_err("cut");
+        .wait_for_streams(1, Duration::from_secs(5))
+        .expect_err("cut")
+        .to_string();
     assert!(e.contains("the connection broke: "), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(p.client.recv_control(Duration::from_secs(2)).is_err());

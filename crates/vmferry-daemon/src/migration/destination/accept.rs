@@ -5,6 +5,31 @@
 //! and none once the streams reached QEMU.
 
 use super::*;
+use vmferry_channel::tunnel::AcceptError;
+
+/// Why this destination refuses a stream the source opened through the tunnel; the
+/// source is told in these words.
+#[derive(Debug, thiserror::Error)]
+enum StreamRefused {
+    #[error("stream {k} does not exist ({n} streams)")]
+    NoSuchStream { k: u16, n: usize },
+    #[error("cannot reach the incoming QEMU at {}: {source}", socket.display())]
+    QemuUnreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A data stream that broke while carrying the migration.
+#[derive(Debug, thiserror::Error)]
+#[error("data stream {k} with {peer}: {source}")]
+struct StreamFailed {
+    k: usize,
+    peer: String,
+    #[source]
+    source: vmferry_channel::pump::PumpError,
+}
 
 impl DestinationMigration {
     /// What this half tells the source over the peer link.
@@ -129,17 +154,20 @@ impl DestinationMigration {
         let n = self.n_streams;
         // Streams arrive in the order the source opened them, main channel first, which
         // is the order QEMU must see them in.
-        let accept = Box::new(move |k: u16| -> std::result::Result<UnixStream, String> {
-            if usize::from(k) >= n {
-                return Err(format!("stream {k} does not exist ({n} streams)"));
-            }
-            UnixStream::connect(&socket).map_err(|e| {
-                format!(
-                    "cannot reach the incoming QEMU at {}: {e}",
-                    socket.display()
-                )
-            })
-        });
+        let accept = Box::new(
+            move |k: u16| -> std::result::Result<UnixStream, AcceptError> {
+                if usize::from(k) >= n {
+                    return Err(StreamRefused::NoSuchStream { k, n }.into());
+                }
+                UnixStream::connect(&socket).map_err(|source| {
+                    StreamRefused::QemuUnreachable {
+                        socket: socket.clone(),
+                        source,
+                    }
+                    .into()
+                })
+            },
+        );
         let t = Tunnel::server(
             c.conn,
             c.sock,
@@ -232,7 +260,7 @@ impl DestinationMigration {
             let local = match local {
                 Ok(l) => l,
                 Err(e) => {
-                    self.record_end(Err(e.to_string()));
+                    self.record_end(Err(&e));
                     return Err(e);
                 }
             };
@@ -247,7 +275,7 @@ impl DestinationMigration {
                     let DataConn { conn, sock, peer } = c;
                     let r = pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters)
                         .map(|_| ())
-                        .map_err(|e| format!("data stream {k} with {peer}: {e}"));
+                        .map_err(|source| StreamFailed { k, peer, source });
                     lock(&me.streams).running -= 1;
                     me.record_end(r);
                 });
@@ -260,13 +288,14 @@ impl DestinationMigration {
         self.spawn_watcher(daemon)
     }
 
-    pub(super) fn record_end(&self, r: std::result::Result<(), String>) {
+    /// Counts a stream that ended; the first failure is kept, in words, for the status.
+    pub(super) fn record_end(&self, r: std::result::Result<(), impl std::fmt::Display>) {
         let mut st = lock(&self.streams);
         match r {
             Ok(()) => st.finished += 1,
             Err(e) => {
                 if st.error.is_none() {
-                    st.error = Some(e);
+                    st.error = Some(e.to_string());
                 }
             }
         }

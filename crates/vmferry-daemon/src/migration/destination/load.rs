@@ -179,7 +179,7 @@ impl DestinationMigration {
         // happens to them now cannot take anything from QEMU: note it, and go on.
         let tunnel = lock(&self.tunnel).take();
         if let Some(t) = tunnel {
-            if let Err(e) = t.wait_streams(self.n_streams, DRAIN_TIMEOUT) {
+            if let Err(e) = t.wait_for_streams(self.n_streams, DRAIN_TIMEOUT) {
                 tracing::warn!(migration = %self.id, "after QEMU completed: {e}");
             }
             if let Err(e) = t.close(DRAIN_TIMEOUT) {

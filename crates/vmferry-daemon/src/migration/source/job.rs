@@ -7,6 +7,19 @@
 
 use super::*;
 
+/// Why not everything QEMU sent reached the destination (noted, never fatal: QEMU has
+/// completed by then).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum DrainError {
+    /// The first stream error, as the pumps recorded it.
+    #[error("{0}")]
+    Stream(String),
+    #[error("the data streams did not drain within {} s", DRAIN_TIMEOUT.as_secs())]
+    Timeout,
+    #[error(transparent)]
+    Tunnel(#[from] vmferry_channel::tunnel::TunnelError),
+}
+
 impl SourceMigration {
     pub(super) fn start(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
         cookie.check()?;
@@ -114,7 +127,7 @@ impl SourceMigration {
     /// Waits until everything QEMU sent went out to the destination. Only our direction
     /// counts: the destination QEMU closes its ends when it is done, which may be after
     /// `finish`; the streams stay up until `confirm`.
-    pub(super) fn drain(&self, running: Running) -> std::result::Result<(), String> {
+    pub(super) fn drain(&self, running: Running) -> std::result::Result<(), DrainError> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         match running {
             Running::Pumps(pumps) => loop {
@@ -127,22 +140,19 @@ impl SourceMigration {
                 };
                 if sent {
                     return match lock(&self.pump_error).clone() {
-                        Some(e) => Err(e),
+                        Some(e) => Err(DrainError::Stream(e)),
                         None => Ok(()),
                     };
                 }
                 if Instant::now() >= deadline {
-                    return Err(format!(
-                        "the data streams did not drain within {} s",
-                        DRAIN_TIMEOUT.as_secs()
-                    ));
+                    return Err(DrainError::Timeout);
                 }
                 std::thread::sleep(Duration::from_millis(5));
             },
             Running::Tunnel(t) => {
-                let r = t.wait_streams(self.streams(), TUNNEL_DRAIN);
+                let r = t.wait_for_streams(self.streams(), TUNNEL_DRAIN);
                 *lock(&self.tunnel_keep) = Some(t);
-                r
+                Ok(r?)
             }
         }
     }
