@@ -6,7 +6,7 @@
 //! without the destination holding the whole state.
 
 use super::daemons::Daemons;
-use super::{ControllerError, MigrationPlan, MigrationReport, Step};
+use super::{ControllerError, MigrationPlan, MigrationReport, PhaseError, Step};
 use crate::client::{ClientError, ControlTarget};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -111,15 +111,13 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             // that could not finish it alone.
             return Err(ControllerError {
                 step: Step::Phase(Phase::Begin),
-                cause: "--detach needs both daemons at control protocol version 2; one \
-                        speaks protocol version 1, which cannot carry a migration alone"
-                    .into(),
+                cause: PhaseError::DetachNeedsV2,
                 rollback: String::new(),
             });
         }
         for phase in Phase::ALL {
             if let Err(cause) = self.run_phase(phase) {
-                let rollback = self.roll_back(&cause);
+                let rollback = self.roll_back(&cause.to_string());
                 return Err(ControllerError {
                     step: Step::Phase(phase),
                     cause,
@@ -147,7 +145,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         Ok(self.report(false))
     }
 
-    pub fn run_phase(&mut self, phase: Phase) -> Result<(), String> {
+    pub fn run_phase(&mut self, phase: Phase) -> Result<(), PhaseError> {
         match phase {
             Phase::Begin => self.begin(),
             Phase::Prepare => self.prepare(),
@@ -160,7 +158,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// begin: the source describes the VM and makes its identity.
-    fn begin(&mut self) -> Result<(), String> {
+    fn begin(&mut self) -> Result<(), PhaseError> {
         let body = RequestBody::Begin {
             migration: self.id.clone(),
             vm: self.plan.source_vm.clone(),
@@ -171,7 +169,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// prepare: the destination readies a QEMU and its identity.
-    fn prepare(&mut self) -> Result<(), String> {
+    fn prepare(&mut self) -> Result<(), PhaseError> {
         let body = RequestBody::Prepare {
             cookie: self.cookie()?.clone(),
             vm: self.plan.destination_vm.clone(),
@@ -199,45 +197,45 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// connect: the data channel, over the first transport that works.
-    fn connect(&mut self) -> Result<(), String> {
+    fn connect(&mut self) -> Result<(), PhaseError> {
         let cookie = self.cookie()?.clone();
         let choice = cookie.options.transport.unwrap_or_default();
         let timeout = self.plan.connect_timeout.unwrap_or(match choice {
             TransportChoice::Auto => AUTO_CONNECT_TIMEOUT,
             _ => SINGLE_CONNECT_TIMEOUT,
         });
-        let mut notes = Vec::new();
+        let mut failed: Vec<PhaseError> = Vec::new();
         for t in choice.candidates() {
             match self.connect_over(&cookie, t, timeout) {
                 Ok(()) => {
                     let c = self.cookie_mut()?;
                     c.transport = Some(t);
-                    c.transport_notes = notes;
+                    c.transport_notes = failed.iter().map(|e| e.to_string()).collect();
                     return Ok(());
                 }
                 Err(e) => {
                     tracing::info!("transport {t} unavailable: {e}");
-                    notes.push(format!("{t}: {e}"));
+                    failed.push(PhaseError::Transport {
+                        transport: t,
+                        source: Box::new(e),
+                    });
                 }
             }
         }
-        Err(if notes.len() == 1 {
-            notes.remove(0)
+        Err(if failed.len() == 1 {
+            failed.remove(0)
         } else {
-            format!(
-                "no transport could carry the migration ({})",
-                notes.join("; ")
-            )
+            PhaseError::NoTransport(failed)
         })
     }
 
-    /// Makes the data channel over one transport; the error is the cause in words.
+    /// Makes the data channel over one transport.
     fn connect_over(
         &mut self,
         cookie: &Cookie,
         t: Transport,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), PhaseError> {
         let req = || RequestBody::Connect {
             cookie: cookie.clone(),
             transport: t,
@@ -260,7 +258,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// perform: the source points QEMU at its daemon and starts carrying.
-    fn perform(&mut self) -> Result<(), String> {
+    fn perform(&mut self) -> Result<(), PhaseError> {
         let body = RequestBody::Perform {
             cookie: self.cookie()?.clone(),
         };
@@ -268,7 +266,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// Hands the migration to the daemons (`--detach`).
-    fn run_detach(&mut self) -> Result<(), String> {
+    fn run_detach(&mut self) -> Result<(), PhaseError> {
         for role in [Role::Destination, Role::Source] {
             self.expect_done(
                 role,
@@ -284,15 +282,15 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
 
     /// The watch: follows the source until QEMU is done; asks the destination too, so
     /// a destination that gave up is noticed even without a peer link.
-    fn watch(&mut self) -> Result<(), String> {
+    fn watch(&mut self) -> Result<(), PhaseError> {
         let mut asked_destination = Instant::now();
         loop {
             if self.cancel.load(Ordering::SeqCst) {
-                return Err("cancelled by the operator".into());
+                return Err(PhaseError::Cancelled);
             }
             if let Some(t) = self.plan.timeout {
                 if self.started.elapsed() > t {
-                    return Err(format!("not complete after {} s (--timeout)", t.as_secs()));
+                    return Err(PhaseError::Timeout(t));
                 }
             }
             let st = self.status(Role::Source, POLL)?;
@@ -306,10 +304,10 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 if completed {
                     return Ok(());
                 }
-                return Err(st
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| format!("the source reports '{}'", st.qemu_status)));
+                return Err(match st.error.clone() {
+                    Some(e) => PhaseError::Failed(e),
+                    None => PhaseError::SourceReports(st.qemu_status.clone()),
+                });
             }
             if asked_destination.elapsed() >= DESTINATION_POLL {
                 asked_destination = Instant::now();
@@ -322,7 +320,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                     {
                         return Err(d
                             .error
-                            .unwrap_or_else(|| "the destination aborted the migration".into()));
+                            .map_or(PhaseError::DestinationAborted, PhaseError::Failed));
                     }
                     Ok(_) => self.destination_silent = false,
                     Err(e) => {
@@ -335,19 +333,19 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     }
 
     /// finish: the destination resumes the guest once QEMU loaded it all.
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), PhaseError> {
         let body = RequestBody::Finish {
             migration: self.id.clone(),
         };
         match self.call(Role::Destination, body, FINISH_TIMEOUT)? {
             ResponseBody::Status { .. } => Ok(()),
-            other => Err(unexpected(&other)),
+            other => Err(PhaseError::Unexpected(Box::new(other))),
         }
     }
 
     /// confirm: the guest lives on the destination now; the source stops its QEMU. A
     /// failure here is only reported: the guest runs, and the source's lease ends it.
-    fn confirm(&mut self) -> Result<(), String> {
+    fn confirm(&mut self) -> Result<(), PhaseError> {
         let body = RequestBody::Confirm {
             migration: self.id.clone(),
             success: true,
@@ -429,11 +427,15 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         }
     }
 
-    fn status(&mut self, role: Role, wait: Duration) -> Result<MigrationStatus, String> {
+    fn status(&mut self, role: Role, wait: Duration) -> Result<MigrationStatus, PhaseError> {
         self.status_call(role, wait, STATUS_TIMEOUT)
     }
 
-    fn status_within(&mut self, role: Role, timeout: Duration) -> Result<MigrationStatus, String> {
+    fn status_within(
+        &mut self,
+        role: Role,
+        timeout: Duration,
+    ) -> Result<MigrationStatus, PhaseError> {
         self.status_call(role, Duration::ZERO, timeout)
     }
 
@@ -442,7 +444,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         role: Role,
         wait: Duration,
         timeout: Duration,
-    ) -> Result<MigrationStatus, String> {
+    ) -> Result<MigrationStatus, PhaseError> {
         let body = RequestBody::Status {
             migration: self.id.clone(),
             wait_ms: wait.as_millis() as u64,
@@ -451,7 +453,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         };
         match self.call(role, body, timeout)? {
             ResponseBody::Status { status } => Ok(status),
-            other => Err(unexpected(&other)),
+            other => Err(PhaseError::Unexpected(Box::new(other))),
         }
     }
 
@@ -460,11 +462,10 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         role: Role,
         body: RequestBody,
         timeout: Duration,
-    ) -> Result<ResponseBody, String> {
+    ) -> Result<ResponseBody, PhaseError> {
         self.daemons.call(role, body, timeout).map_err(|e| match e {
-            // The daemon's own sentence; which daemon is clear from the phase.
-            ClientError::Remote { source, .. } => source.message,
-            e => e.to_string(),
+            ClientError::Remote { peer, source } => PhaseError::Refused { role, peer, source },
+            source => PhaseError::Daemon { role, source },
         })
     }
 
@@ -473,10 +474,10 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         role: Role,
         body: RequestBody,
         timeout: Duration,
-    ) -> Result<Cookie, String> {
+    ) -> Result<Cookie, PhaseError> {
         match self.call(role, body, timeout)? {
             ResponseBody::Cookie { cookie } => Ok(cookie),
-            other => Err(unexpected(&other)),
+            other => Err(PhaseError::Unexpected(Box::new(other))),
         }
     }
 
@@ -485,28 +486,20 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
         role: Role,
         body: RequestBody,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), PhaseError> {
         match self.call(role, body, timeout)? {
             ResponseBody::Done => Ok(()),
-            other => Err(unexpected(&other)),
+            other => Err(PhaseError::Unexpected(Box::new(other))),
         }
     }
 
-    fn cookie(&self) -> Result<&Cookie, String> {
-        self.cookie
-            .as_ref()
-            .ok_or_else(|| "no cookie yet: begin has not run".to_string())
+    fn cookie(&self) -> Result<&Cookie, PhaseError> {
+        self.cookie.as_ref().ok_or(PhaseError::NoCookie)
     }
 
-    fn cookie_mut(&mut self) -> Result<&mut Cookie, String> {
-        self.cookie
-            .as_mut()
-            .ok_or_else(|| "no cookie yet: begin has not run".to_string())
+    fn cookie_mut(&mut self) -> Result<&mut Cookie, PhaseError> {
+        self.cookie.as_mut().ok_or(PhaseError::NoCookie)
     }
-}
-
-fn unexpected(b: &ResponseBody) -> String {
-    format!("unexpected answer {b:?}")
 }
 
 fn new_migration_id() -> MigrationId {

@@ -13,10 +13,12 @@ mod driver;
 pub use daemons::{Connected, Daemons, Renewer};
 pub use driver::{Driver, StopAfter};
 
-use crate::client::{ClientAuth, ControlClient, ControlTarget};
+use crate::client::{ClientAuth, ClientError, ControlClient, ControlTarget};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-use vmferry_proto::{MigrationOptions, MigrationStatus, Phase, Role, Transport, VmRef};
+use vmferry_proto::{
+    MigrationOptions, MigrationStatus, Phase, ResponseBody, Role, Transport, VmRef, WireError,
+};
 
 /// The lease a controller asks for unless told otherwise: long enough to ride out a
 /// short network blip between controller and daemons, short enough that a dead
@@ -84,11 +86,71 @@ impl std::fmt::Display for Step {
     }
 }
 
+/// Why a step failed. A daemon's own refusal is shown in its words alone: which daemon
+/// is clear from the step.
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    /// A daemon could not be reached or did not answer.
+    #[error("{source}")]
+    Daemon {
+        role: Role,
+        #[source]
+        source: ClientError,
+    },
+    /// A daemon refused the request.
+    #[error("{source}")]
+    Refused {
+        role: Role,
+        peer: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("unexpected answer {0:?}")]
+    Unexpected(Box<ResponseBody>),
+    #[error("no cookie yet: begin has not run")]
+    NoCookie,
+    #[error(
+        "--detach needs both daemons at control protocol version 2; one \
+         speaks protocol version 1, which cannot carry a migration alone"
+    )]
+    DetachNeedsV2,
+    /// One transport could not carry the migration.
+    #[error("{transport}: {source}")]
+    Transport {
+        transport: Transport,
+        #[source]
+        source: Box<PhaseError>,
+    },
+    /// Every transport `auto` tried failed; each is a [`PhaseError::Transport`].
+    #[error("no transport could carry the migration ({})", join(.0))]
+    NoTransport(Vec<PhaseError>),
+    #[error("cancelled by the operator")]
+    Cancelled,
+    #[error("not complete after {} s (--timeout)", .0.as_secs())]
+    Timeout(Duration),
+    /// A daemon's account of why the migration failed.
+    #[error("{0}")]
+    Failed(String),
+    #[error("the source reports '{0}'")]
+    SourceReports(String),
+    #[error("the destination aborted the migration")]
+    DestinationAborted,
+}
+
+fn join(errors: &[PhaseError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{step} failed: {cause}{rollback}")]
 pub struct ControllerError {
     pub step: Step,
-    pub cause: String,
+    #[source]
+    pub cause: PhaseError,
     /// What the rollback did, as a sentence tail.
     pub rollback: String,
 }
@@ -104,7 +166,7 @@ pub fn migrate(
     let reach = |t: &ControlTarget, role| {
         ControlClient::connect_with(t, auth, None).map_err(|e| ControllerError {
             step: Step::Reach(role),
-            cause: e.to_string(),
+            cause: PhaseError::Daemon { role, source: e },
             rollback: String::new(),
         })
     };
