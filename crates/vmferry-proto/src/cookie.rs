@@ -271,6 +271,9 @@ pub struct MachineShape {
     /// RAM block names, sorted; empty when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ram_blocks: Vec<String>,
+    /// `-device`s: `id (type)`, or the type for those without an id; sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 impl MachineShape {
@@ -305,6 +308,28 @@ impl MachineShape {
                  source's is (e.g. the same memory-backend id)",
                 missing.join(", "),
                 dst.ram_blocks.join(", ")
+            ));
+        }
+        let only = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter().filter(|d| !b.contains(d)).cloned().collect()
+        };
+        let (src_only, dst_only) = (
+            only(&self.devices, &dst.devices),
+            only(&dst.devices, &self.devices),
+        );
+        if !src_only.is_empty() || !dst_only.is_empty() {
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            return Some(format!(
+                "the QEMUs' devices differ: only the source has {}; only the destination has {} \
+                 (start the destination with the same -device options)",
+                list(&src_only),
+                list(&dst_only)
             ));
         }
         None
@@ -385,6 +410,7 @@ mod tests {
             ram_bytes: 256 << 20,
             machine: "pc-q35-7.2".into(),
             ram_blocks: vec!["pc.bios".into(), "ram0".into()],
+            devices: vec!["rng0 (virtio-rng-pci)".into()],
         };
         assert_eq!(src.mismatch(&src.clone()), None);
         let small = MachineShape {

@@ -21,6 +21,9 @@ pub struct MachineFacts {
     pub machine: String,
     /// RAM block names, sorted (empty if QEMU would not list them).
     pub ram_blocks: Vec<String>,
+    /// The devices given on the command line or hot-plugged (`-device`): `id (type)` for
+    /// those with an id, the type alone for the others; sorted.
+    pub devices: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -51,10 +54,20 @@ impl Qmp {
             .ok()
             .and_then(|v| v.as_str().map(ram_block_names))
             .unwrap_or_default();
+        let mut devices = Vec::new();
+        for (path, named) in [
+            ("/machine/peripheral", true),
+            ("/machine/peripheral-anon", false),
+        ] {
+            let list = self.execute("qom-list", Some(json!({ "path": path })))?;
+            devices.extend(device_entries(&list, named));
+        }
+        devices.sort();
         Ok(MachineFacts {
             ram_bytes: mem.base_memory,
             machine: machine_name(ty).to_string(),
             ram_blocks: blocks,
+            devices,
         })
     }
 }
@@ -62,6 +75,27 @@ impl Qmp {
 /// `pc-q35-7.2-machine` (the QOM type) → `pc-q35-7.2` (the `-machine` name).
 fn machine_name(qom_type: &str) -> &str {
     qom_type.strip_suffix("-machine").unwrap_or(qom_type)
+}
+
+/// The devices in a `qom-list` of a peripheral container: children are typed
+/// `child<TYPE>`; `named` containers hold devices by their id.
+fn device_entries(list: &serde_json::Value, named: bool) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let ty = p["type"]
+                .as_str()?
+                .strip_prefix("child<")?
+                .strip_suffix('>')?;
+            let name = p["name"].as_str()?;
+            Some(if named {
+                format!("{name} ({ty})")
+            } else {
+                ty.to_string()
+            })
+        })
+        .collect()
 }
 
 /// The block names of HMP `info ramblock`'s table (first column; a header line first).
@@ -79,6 +113,18 @@ fn ram_block_names(table: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_are_read_from_qom_children_by_id_or_type() {
+        let named = json!([
+            {"name": "type", "type": "string"},
+            {"name": "rng0", "type": "child<virtio-rng-pci>"}
+        ]);
+        let anon = json!([{"name": "device[0]", "type": "child<virtio-balloon-pci>"}]);
+        assert_eq!(device_entries(&named, true), vec!["rng0 (virtio-rng-pci)"]);
+        assert_eq!(device_entries(&anon, false), vec!["virtio-balloon-pci"]);
+        assert!(device_entries(&json!("odd"), true).is_empty());
+    }
 
     #[test]
     fn ram_block_names_come_from_the_first_column_sorted() {

@@ -42,6 +42,8 @@ pub struct QemuOpts {
     pub qmp: PathBuf,
     /// Where the serial console (ttyS0) is written.
     pub serial: PathBuf,
+    /// More arguments, appended as given (e.g. `-device ...`).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuOpts {
@@ -63,6 +65,7 @@ impl QemuOpts {
             netns: None,
             qmp,
             serial,
+            extra_args: Vec::new(),
         }
     }
 
@@ -105,6 +108,7 @@ impl QemuOpts {
         if let Some(i) = &self.incoming {
             a.extend(["-incoming".into(), i.clone()]);
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }

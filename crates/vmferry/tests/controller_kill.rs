@@ -227,17 +227,42 @@ fn a_killed_controller_leaves_the_guest_running_on_exactly_one_host() -> Result<
     wait_running_only_on(&s, Where::A, settle).context("controller killed before confirm")?;
     assert_eq!(st["state"], "confirmed", "{st}");
 
-    // The VM is free to migrate again, with a controller that lives.
+    // Handed to the daemons: migrate --detach returns at once, the daemons finish, and
+    // status follows it to the end.
     let o = run({
         let mut c = s.hosts.a.command(BIN);
         c.args([
-            "migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--json", "--certs",
+            "migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--detach", "--json",
+            "--certs",
+        ])
+        .arg(&s.ctl);
+        c
+    });
+    assert!(o.status.success(), "migrate --detach: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let result: serde_json::Value =
+        serde_json::from_str(out.lines().last().context("a result line")?)?;
+    assert_eq!(result["detached"], true, "{result}");
+    let id = result["migration"].as_str().context("id")?.to_string();
+    let st = wait_final(&s, Where::A, &id, settle)?;
+    assert_eq!(st["state"], "confirmed", "{st}");
+    assert!(
+        st["note"].as_str().unwrap_or_default().contains("detached"),
+        "{st}"
+    );
+    wait_running_only_on(&s, Where::B, settle).context("detached migration")?;
+
+    // The VM is free to migrate again, with a controller that lives: back to A.
+    let o = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args([
+            "migrate", "g1", "--from", &s.b_addr, "--to", &s.a_addr, "--json", "--certs",
         ])
         .arg(&s.ctl);
         c
     });
     assert!(o.status.success(), "migrate after the kills: {}", text(&o));
-    wait_running_only_on(&s, Where::B, Duration::from_secs(10))?;
+    wait_running_only_on(&s, Where::A, Duration::from_secs(10))?;
     Ok(())
 }
 

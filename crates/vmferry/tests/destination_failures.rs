@@ -193,7 +193,46 @@ impl Rig {
             self.src_hash,
             "the source RAM changed"
         );
-        self.check_daemons_answer()
+        self.check_daemons_answer()?;
+        self.check_nothing_left()
+    }
+
+    /// No socket of the migration stays in either daemon's state dir, and neither
+    /// daemon lists the migration as in flight.
+    fn check_nothing_left(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut left: Vec<String> = Vec::new();
+            for d in [&self.da.state_dir, &self.db.state_dir] {
+                for e in std::fs::read_dir(d)?.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("migrate-") {
+                        left.push(format!("{}/{name}", d.display()));
+                    }
+                }
+            }
+            for d in [&self.a, &self.b] {
+                let o = run({
+                    let mut c = vmferry();
+                    c.args(["status", "--json", "--daemon", d, "--certs"])
+                        .arg(&self.certs);
+                    c
+                });
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+                for m in v.as_array().into_iter().flatten() {
+                    if m["status"]["finished"] == false {
+                        left.push(format!("{d}: migration {} still in flight", m["migration"]));
+                    }
+                }
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("left behind: {left:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn check_daemons_answer(&self) -> Result<()> {
@@ -268,6 +307,13 @@ fn a_destination_qemu_with_less_ram_or_another_machine_is_refused_before_any_byt
             "machine type",
         ),
         (
+            "a device the source does not have",
+            |o: &mut QemuOpts| {
+                o.extra_args = vec!["-device".into(), "virtio-rng-pci,id=rng0".into()];
+            },
+            "only the destination has rng0 (virtio-rng-pci)",
+        ),
+        (
             "RAM not backed as the source's",
             |o: &mut QemuOpts| o.mem_file = None,
             "no RAM block ram0",
@@ -307,6 +353,27 @@ fn a_frozen_destination_daemon_fails_the_migration_within_seconds() -> Result<()
         r.check_source_safe()?;
     }
     Ok(())
+}
+
+#[test]
+fn a_migration_where_nothing_moves_fails_at_the_stall_timeout_saying_what_it_saw() -> Result<()> {
+    let r = rig(|_| {})?;
+    let child = r.spawn_migrate(&["--stall-timeout", "3"])?;
+    r.wait_flowing()?;
+    // A frozen destination QEMU reads nothing more: the stream stands still while
+    // both daemons stay healthy.
+    let pid = nix::unistd::Pid::from_raw(r.dst.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let exit = wait_exit(child, Duration::from_secs(15));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    let (ok, err) = exit?;
+    assert!(!ok, "{err}");
+    assert!(err.contains("stalled: nothing moved for 3 s"), "{err}");
+    assert!(
+        err.contains("the destination last said it was receiving"),
+        "says what the other side last said: {err}"
+    );
+    r.check_source_safe()
 }
 
 #[test]

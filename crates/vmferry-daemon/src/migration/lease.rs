@@ -120,4 +120,12 @@ mod tests {
         assert!(detached.unattended());
         assert!(!none.unattended());
     }
+
+    #[test]
+    fn a_lease_too_long_for_the_clock_never_expires_and_never_panics() {
+        let l = Lease::new(u64::MAX);
+        l.renew();
+        assert!(!l.take_expired());
+        assert!(!l.unattended());
+    }
 }

@@ -83,8 +83,16 @@ impl QemuHandle {
                 let mut held = lock(&a.held);
                 let mut q = match held.take() {
                     Some(q) => q,
-                    None => Qmp::connect(&a.path, Duration::from_secs(5)).map_err(|e| {
-                        DaemonError::Qemu(format!("cannot reach QMP at {}: {e}", a.path.display()))
+                    // QEMU takes one QMP client at a time and accepts the next only from
+                    // its main loop: on a loaded host that can take seconds.
+                    None => Qmp::connect(&a.path, ATTACHED_QMP_CONNECT).map_err(|e| {
+                        let why = std::error::Error::source(&e)
+                            .map(|s| format!(" ({s})"))
+                            .unwrap_or_default();
+                        DaemonError::Qemu(format!(
+                            "cannot reach QMP at {}: {e}{why}",
+                            a.path.display()
+                        ))
                     })?,
                 };
                 let r = f(&mut q);
@@ -241,6 +249,9 @@ impl Migrations {
         })
     }
 }
+
+/// How long reaching an attached QEMU's QMP socket may take.
+const ATTACHED_QMP_CONNECT: Duration = Duration::from_secs(15);
 
 /// QEMU's max-bandwidth for "unlimited": QEMU's default is a cap (32 MiB/s in old
 /// releases) that would silently throttle a migration.

@@ -195,6 +195,7 @@ impl DestinationMigration {
                     ram_bytes: f.ram_bytes,
                     machine: f.machine,
                     ram_blocks: f.ram_blocks,
+                    devices: f.devices,
                 };
                 if let Some(why) = src.mismatch(&dst) {
                     return Err(DaemonError::BadRequest(format!(

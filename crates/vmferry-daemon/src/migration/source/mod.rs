@@ -167,6 +167,7 @@ impl SourceMigration {
                     ram_bytes: f.ram_bytes,
                     machine: f.machine,
                     ram_blocks: f.ram_blocks,
+                    devices: f.devices,
                 }
             }),
             peer_link: false,
@@ -287,7 +288,11 @@ impl SourceMigration {
         }
         *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
-        self.ensure_source_runs();
+        if exited.is_none() {
+            // A QEMU that exited has nothing to resume (and would only cost the
+            // QMP connect timeouts here).
+            self.ensure_source_runs();
+        }
         {
             let mut st = lock(&self.status);
             if st.error.is_none() {
