@@ -11,7 +11,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// The kernel command line the tests boot the guest with.
 pub const APPEND: &str = "console=ttyS0 quiet panic=-1";
@@ -32,12 +32,13 @@ pub fn repo_root() -> PathBuf {
 
 /// The guest image, built first if missing or stale.
 pub fn guest_image() -> Result<GuestImage> {
-    // The outcome is kept per process: every test asks, one builds.
-    static IMAGE: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    // The outcome is kept per process: every test asks, one builds (and shares a
+    // failure, hence the Arc).
+    static IMAGE: OnceLock<Result<GuestImage, Arc<anyhow::Error>>> = OnceLock::new();
     IMAGE
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| build().map_err(Arc::new))
         .clone()
-        .map_err(|e| anyhow!("test guest image: {e}"))
+        .map_err(|e| anyhow!("test guest image: {e:#}"))
 }
 
 fn build() -> Result<GuestImage> {

@@ -56,10 +56,9 @@ pub fn netns() {
     root();
     command("ip");
     // One probe per test process: the answer does not change between tests.
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    let probe = PROBE.get_or_init(|| crate::netns::probe_netns().map_err(|e| format!("{e:#}")));
-    if let Err(why) = probe {
-        unmet("network namespaces (ip netns add)", why);
+    static PROBE: OnceLock<Result<(), anyhow::Error>> = OnceLock::new();
+    if let Err(why) = PROBE.get_or_init(crate::netns::probe_netns) {
+        unmet("network namespaces (ip netns add)", &format!("{why:#}"));
     }
 }
 
