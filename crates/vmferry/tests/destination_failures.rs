@@ -74,8 +74,18 @@ fn rig(dst: impl FnOnce(&mut QemuOpts)) -> Result<Rig> {
     o.memory_mib = RAM_MIB;
     o.mem_file = Some(src_ram.path().to_path_buf());
     o.paused = true;
-    let src = start_qemu(&o)?;
+    let mut src = start_qemu(&o)?;
     fill_random(src_ram.path())?;
+    // The source must answer QMP before the test goes on (and say why if it cannot).
+    if let Err(e) = vmferry_qmp::Qmp::connect(&src.qmp, Duration::from_secs(15))
+        .and_then(|mut q| q.query_status())
+    {
+        bail!(
+            "the source QEMU does not answer QMP ({e}); exited: {:?}; stderr: {}",
+            src.try_wait()?,
+            src.stderr_text()
+        );
+    }
     let mut o = QemuOpts::new(tmp.path().join("dst.qmp"), tmp.path().join("dst.serial"));
     o.memory_mib = RAM_MIB;
     o.mem_file = Some(dst_ram.path().to_path_buf());
