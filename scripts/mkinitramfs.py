@@ -8,7 +8,9 @@ virtio modules come from the kernel package's KERNEL_MODULES_DIR), it prints the
 first line as "vmferry-disk: LINE" and writes each heartbeat's number into the disk's
 second 512-byte sector, synchronously, so a test can see which host last wrote it. Then it forever rewrites 16 MiB of a tmpfs file
 in place (so memory keeps getting dirtied during a live migration) and prints
-"vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. The bytes
+"vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. With
+"vmferry.busy=MIB" on the kernel command line it also rewrites MIB MiB more of tmpfs in a
+loop without pause (a guest that dirties memory faster than a capped link carries it). The bytes
 written are random, not zero: QEMU sends a zero page as a few bytes, so zeros would let a
 migration "converge" without carrying any data. 32 MiB/s of dirtying is modest enough for
 a migration under TCG to converge. There is no cpio binary on the machine, so the archive
@@ -24,7 +26,11 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs -o size=48m tmp /tmp
+busy=0
+for arg in $(cat /proc/cmdline); do
+    case $arg in vmferry.busy=*) busy=${arg#vmferry.busy=} ;; esac
+done
+mount -t tmpfs -o size=$((busy + 48))m tmp /tmp
 exec </dev/console >/dev/console 2>&1
 echo "vmferry-guest: booted"
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
@@ -48,6 +54,18 @@ while [ $i -lt 16 ]; do
     cat /tmp/seed
     i=$((i + 1))
 done >/tmp/pattern
+if [ "$busy" -gt 0 ]; then
+    echo "vmferry-guest: dirtying $busy MiB without pause"
+    (
+        while true; do
+            i=0
+            while [ $((i * 16)) -lt "$busy" ]; do
+                dd if=/tmp/pattern of=/tmp/busy bs=1M seek=$((i * 16)) conv=notrunc 2>/dev/null
+                i=$((i + 1))
+            done
+        done
+    ) &
+fi
 n=0
 while true; do
     n=$((n + 1))

@@ -147,7 +147,7 @@ pub fn serve_control<S: Read + Write>(
                 audit_request(daemon, &caller, op, &subject, "refused", &e.to_string());
                 ResponseBody::Error { error: e.to_wire() }
             }
-            Ok(()) => match handle(daemon, req.body) {
+            Ok(()) => match handle(daemon, &caller, req.body) {
                 Ok(b) => {
                     if !read_only {
                         audit_request(daemon, &caller, op, &subject, "ok", "");
@@ -192,6 +192,7 @@ fn subject_of(body: &RequestBody) -> String {
         RequestBody::Begin { migration, .. }
         | RequestBody::Status { migration, .. }
         | RequestBody::Detach { migration }
+        | RequestBody::Cancel { migration }
         | RequestBody::Finish { migration }
         | RequestBody::Confirm { migration, .. }
         | RequestBody::Abort { migration, .. } => migration.to_string(),
@@ -366,7 +367,7 @@ pub(crate) fn reply_error<S: Write>(stream: &mut S, id: u64, error: WireError) {
     );
 }
 
-fn handle(daemon: &Arc<Daemon>, body: RequestBody) -> Result<ResponseBody> {
+fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<ResponseBody> {
     Ok(match body {
         RequestBody::Auth { .. } => {
             return Err(DaemonError::BadRequest(
@@ -490,6 +491,13 @@ fn handle(daemon: &Arc<Daemon>, body: RequestBody) -> Result<ResponseBody> {
                 Err(DaemonError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+            ResponseBody::Done
+        }
+        RequestBody::Cancel { migration } => {
+            daemon
+                .migrations
+                .source(&migration)?
+                .cancel(daemon, &caller.who())?;
             ResponseBody::Done
         }
     })

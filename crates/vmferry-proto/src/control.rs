@@ -115,6 +115,12 @@ pub enum RequestBody {
         migration: MigrationId,
         reason: String,
     },
+    /// Cancels a migration this daemon is the source of, from any authorized
+    /// controller: the source guest keeps running, the destination hears it over the
+    /// peer link and tears down. Refused once the source has switched over.
+    Cancel {
+        migration: MigrationId,
+    },
 }
 
 impl RequestBody {
@@ -136,6 +142,7 @@ impl RequestBody {
             RequestBody::Confirm { .. } => "confirm",
             RequestBody::Abort { .. } => "abort",
             RequestBody::Detach { .. } => "detach",
+            RequestBody::Cancel { .. } => "cancel",
         }
     }
 }
@@ -382,6 +389,48 @@ pub struct MigrationStatus {
     /// words: "the controller's lease expired after the switch-over; finished alone".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The pre-copy pass QEMU is in (its dirty-sync count: 1 is the first full pass).
+    #[serde(default)]
+    pub pass: u64,
+    /// How fast the guest dirties its memory, in bytes per second (QEMU's estimate).
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// The guest CPU throttle auto-converge applies, in percent.
+    #[serde(default)]
+    pub throttle_pct: u64,
+    /// QEMU's estimate of the pause at the switch-over, while pre-copy runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_downtime_ms: Option<u64>,
+}
+
+impl MigrationStatus {
+    /// The rate the link carries, in bytes per second (QEMU's own measure).
+    pub fn link_rate(&self) -> u64 {
+        (self.mbps.max(0.0) * 1e6 / 8.0) as u64
+    }
+
+    /// Whether pre-copy can finish: after the first pass, the guest must dirty memory at
+    /// less than half the rate the link carries it (QEMU's own test before it throttles a
+    /// guest under auto-converge). `None` before there is anything to judge.
+    pub fn converging(&self) -> Option<bool> {
+        (self.pass >= 2 && self.link_rate() > 0)
+            .then(|| self.dirty_rate.saturating_mul(2) < self.link_rate())
+    }
+
+    /// Why a pre-copy that did not finish in time could not, in words an operator can
+    /// act on; `None` when it was converging (or there was nothing to judge).
+    pub fn not_converging(&self) -> Option<String> {
+        if self.converging()? {
+            return None;
+        }
+        Some(format!(
+            "not converging: the guest dirties {} MB/s, the link carries {} MB/s (pass {}); \
+             try --postcopy or --auto-converge",
+            self.dirty_rate / 1_000_000,
+            self.link_rate() / 1_000_000,
+            self.pass
+        ))
+    }
 }
 
 /// Protocol version 1 sent `""` for "no transport yet".
@@ -470,6 +519,35 @@ mod tests {
             serde_json::from_str(r#"{"qemu_status":"x","finished":true,"ram_total":0,"ram_transferred":0,"ram_remaining":0,"mbps":0.0,"channel_bytes":0,"streams":1,"total_time_ms":null,"downtime_ms":null,"transport":"tunnel","error":null}"#)
                 .expect("parses");
         assert_eq!(st.transport, Some(Transport::Tunnel));
+    }
+
+    #[test]
+    fn a_guest_that_dirties_faster_than_the_link_is_named_as_not_converging() {
+        let mut st = MigrationStatus {
+            pass: 7,
+            dirty_rate: 310_000_000,
+            mbps: 240.0, // 30 MB/s
+            ..Default::default()
+        };
+        assert_eq!(st.converging(), Some(false));
+        assert_eq!(
+            st.not_converging().as_deref(),
+            Some(
+                "not converging: the guest dirties 310 MB/s, the link carries 30 MB/s (pass 7); \
+                 try --postcopy or --auto-converge"
+            )
+        );
+        st.dirty_rate = 20_000_000;
+        assert_eq!(
+            st.converging(),
+            Some(false),
+            "dirtying 2/3 of the link never ends"
+        );
+        st.dirty_rate = 1_000_000;
+        assert_eq!(st.converging(), Some(true));
+        assert_eq!(st.not_converging(), None);
+        st.pass = 1;
+        assert_eq!(st.converging(), None, "nothing to judge in the first pass");
     }
 
     #[test]

@@ -196,6 +196,56 @@ pub struct MigrationOptions {
     /// ms; 0 = [`DEFAULT_STALL_TIMEOUT_MS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stall_timeout_ms: u64,
+    /// QEMU's auto-converge: throttle the guest's CPUs while pre-copy does not converge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<AutoConverge>,
+}
+
+/// How auto-converge throttles: the first step and each further one, in percent of the
+/// guest's CPU time (QEMU's cpu-throttle-initial and cpu-throttle-increment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoConverge {
+    pub initial: u8,
+    pub increment: u8,
+}
+
+impl Default for AutoConverge {
+    /// QEMU's own defaults.
+    fn default() -> Self {
+        AutoConverge {
+            initial: 20,
+            increment: 10,
+        }
+    }
+}
+
+/// A throttle QEMU would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("auto-converge throttle {what} {value}% is out of range (1 to {max})")]
+pub struct ThrottleError {
+    pub what: &'static str,
+    pub value: u8,
+    pub max: u8,
+}
+
+impl AutoConverge {
+    pub fn check(&self) -> Result<(), ThrottleError> {
+        if !(1..=99).contains(&self.initial) {
+            return Err(ThrottleError {
+                what: "initial",
+                value: self.initial,
+                max: 99,
+            });
+        }
+        if !(1..=100).contains(&self.increment) {
+            return Err(ThrottleError {
+                what: "increment",
+                value: self.increment,
+                max: 100,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How long a migration may stand still before it fails, unless the controller says.
@@ -355,6 +405,9 @@ impl Cookie {
                 lease_ms: self.options.lease_ms,
             });
         }
+        if let Some(ac) = &self.options.auto_converge {
+            ac.check()?;
+        }
         if let Some(vm) = &self.vm {
             vm.check()?;
         }
@@ -374,6 +427,8 @@ pub enum CookieError {
     Lease { lease_ms: u64 },
     #[error(transparent)]
     Vm(#[from] SpecError),
+    #[error(transparent)]
+    Throttle(#[from] ThrottleError),
 }
 
 #[cfg(test)]

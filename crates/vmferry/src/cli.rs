@@ -65,6 +65,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a migration in flight, from any authorized controller (give the source
+    /// daemon): the source VM keeps running and the destination QEMU is torn down.
+    /// Refused once the source has switched over.
+    Cancel {
+        /// The migration id.
+        migration: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +236,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Vm(v) => vm_cmd(v),
         Command::Migrate(m) => crate::migrate_cmd::run(m),
         Command::Users(u) => users_cmd(u),
+        Command::Cancel { migration, daemon } => cancel_cmd(&migration, &daemon),
         Command::Status {
             migration,
             daemon,
@@ -367,6 +377,23 @@ fn connect(d: &DaemonArgs) -> Result<ControlClient> {
 
 const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+fn cancel_cmd(migration: &str, daemon: &DaemonArgs) -> Result<()> {
+    let id = vmferry_proto::MigrationId::new(migration.to_string())?;
+    let mut c = connect(daemon)?;
+    match c.call(
+        RequestBody::Cancel {
+            migration: id.clone(),
+        },
+        VM_TIMEOUT,
+    )? {
+        ResponseBody::Done => {
+            println!("migration {id} cancelled; the source VM keeps running");
+            Ok(())
+        }
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
 fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Result<()> {
     let mut c = connect(daemon)?;
     match migration {
@@ -416,6 +443,25 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
                     crate::units::human_bytes(st.wire_bytes),
                     st.compression
                 );
+            }
+            if st.pass > 0 {
+                let judged = match st.converging() {
+                    Some(true) => ", converging",
+                    Some(false) => ", NOT converging",
+                    None => "",
+                };
+                println!(
+                    "  pre-copy    pass {}, guest dirties {}/s, link carries {}/s{judged}",
+                    st.pass,
+                    crate::units::human_bytes(st.dirty_rate),
+                    crate::units::human_bytes(st.link_rate()),
+                );
+            }
+            if st.throttle_pct > 0 {
+                println!("  throttle    {}% of the guest's CPU", st.throttle_pct);
+            }
+            if let Some(d) = st.expected_downtime_ms {
+                println!("  expected    {d} ms downtime");
             }
             if let Some(d) = st.downtime_ms {
                 println!("  downtime    {d} ms");

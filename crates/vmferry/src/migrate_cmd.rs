@@ -87,6 +87,16 @@ pub struct MigrateArgs {
     /// seconds, whatever --timeout says.
     #[arg(long, default_value_t = 30)]
     pub stall_timeout: u64,
+    /// Throttle the guest's CPUs while pre-copy does not converge (QEMU's auto-converge),
+    /// for guests that dirty memory faster than the link carries it.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// With --auto-converge: the first throttle step, in percent of guest CPU time.
+    #[arg(long, default_value_t = 20, requires = "auto_converge")]
+    pub throttle_initial: u8,
+    /// With --auto-converge: each further step, in percent.
+    #[arg(long, default_value_t = 10, requires = "auto_converge")]
+    pub throttle_increment: u8,
     /// Hand the migration to the daemons once it is under way and return at once;
     /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
     #[arg(long)]
@@ -137,6 +147,13 @@ pub fn run(a: MigrateArgs) -> Result<()> {
         },
         _ => Compression::None,
     };
+    if a.auto_converge {
+        vmferry_proto::cookie::AutoConverge {
+            initial: a.throttle_initial,
+            increment: a.throttle_increment,
+        }
+        .check()?;
+    }
     compress
         .check()
         .map_err(|e| anyhow!("--compress-level: {e}"))?;
@@ -153,6 +170,12 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             transport: a.transport,
             compress,
             lease_ms: 0, // set by the controller from --lease, if both daemons keep leases
+            auto_converge: a
+                .auto_converge
+                .then_some(vmferry_proto::cookie::AutoConverge {
+                    initial: a.throttle_initial,
+                    increment: a.throttle_increment,
+                }),
             stall_timeout_ms: match a.stall_timeout {
                 0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),
                 s => s.saturating_mul(1000),
@@ -223,7 +246,24 @@ pub fn run(a: MigrateArgs) -> Result<()> {
         if let Some(b) = &bar {
             b.set_length(st.ram_total.max(1));
             b.set_position(st.ram_transferred.min(st.ram_total));
-            b.set_message(st.qemu_status.clone());
+            let mut msg = st.qemu_status.clone();
+            if st.pass > 1 {
+                msg.push_str(&format!(
+                    " pass {} dirty {}/s{}{}",
+                    st.pass,
+                    human_bytes(st.dirty_rate),
+                    if st.throttle_pct > 0 {
+                        format!(" throttle {}%", st.throttle_pct)
+                    } else {
+                        String::new()
+                    },
+                    match st.converging() {
+                        Some(false) => " (not converging)",
+                        _ => "",
+                    }
+                ));
+            }
+            b.set_message(msg);
         }
         if json {
             let line = serde_json::json!({
@@ -234,6 +274,11 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                 "ram_remaining": st.ram_remaining,
                 "mbps": st.mbps,
                 "channel_bytes": st.channel_bytes,
+                "pass": st.pass,
+                "dirty_rate": st.dirty_rate,
+                "throttle_pct": st.throttle_pct,
+                "expected_downtime_ms": st.expected_downtime_ms,
+                "converging": st.converging(),
             });
             println!("{line}");
         }

@@ -290,7 +290,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             }
             if let Some(t) = self.plan.timeout {
                 if self.started.elapsed() > t {
-                    return Err(PhaseError::Timeout(t));
+                    return Err(PhaseError::Timeout(t, self.last.not_converging()));
                 }
             }
             let st = self.status(Role::Source, POLL)?;

@@ -126,8 +126,8 @@ pub enum PhaseError {
     NoTransport(Vec<PhaseError>),
     #[error("cancelled by the operator")]
     Cancelled,
-    #[error("not complete after {} s (--timeout)", .0.as_secs())]
-    Timeout(Duration),
+    #[error("not complete after {} s (--timeout){}", .0.as_secs(), .1.as_ref().map(|w| format!(": {w}")).unwrap_or_default())]
+    Timeout(Duration, Option<String>),
     /// A daemon's account of why the migration failed.
     #[error("{0}")]
     Failed(String),

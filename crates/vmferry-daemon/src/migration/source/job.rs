@@ -49,15 +49,23 @@ impl SourceMigration {
             self.options.max_bandwidth
         };
         let downtime = self.options.downtime_limit_ms;
+        let auto_converge = self.options.auto_converge;
         let uri = format!("unix:{}", self.socket_path.display());
         self.qemu.with_qmp(|q| {
-            q.migrate_set_capabilities(&[("multifd", multifd > 0)])?;
+            q.migrate_set_capabilities(&[
+                ("multifd", multifd > 0),
+                ("auto-converge", auto_converge.is_some()),
+            ])?;
             let mut params = serde_json::json!({ "max-bandwidth": bandwidth });
             if multifd > 0 {
                 params["multifd-channels"] = serde_json::json!(multifd);
             }
             if downtime > 0 {
                 params["downtime-limit"] = serde_json::json!(downtime);
+            }
+            if let Some(ac) = auto_converge {
+                params["cpu-throttle-initial"] = serde_json::json!(ac.initial);
+                params["cpu-throttle-increment"] = serde_json::json!(ac.increment);
             }
             q.migrate_set_parameters(params)?;
             q.migrate(&uri)
@@ -287,7 +295,11 @@ impl SourceMigration {
                     st.ram_transferred = ram.transferred;
                     st.ram_remaining = ram.remaining;
                     st.mbps = ram.mbps;
+                    st.pass = ram.dirty_sync_count;
+                    st.dirty_rate = ram.dirty_pages_rate.saturating_mul(ram.page_size.max(4096));
                 }
+                st.throttle_pct = info.cpu_throttle_percentage.unwrap_or(0);
+                st.expected_downtime_ms = info.expected_downtime_ms;
                 st.total_time_ms = info.total_time_ms.or(st.total_time_ms);
                 st.downtime_ms = info.downtime_ms.or(st.downtime_ms);
                 st.channel_bytes = self.meter.forward();

@@ -140,4 +140,39 @@ impl SourceMigration {
             self.end(daemon);
         }
     }
+
+    /// `cancel`, from any authorized controller: before the switch-over the source
+    /// guest keeps running (returns once it does) and the destination hears it over the
+    /// peer link; after the switch-over the guest belongs to the destination: refused.
+    pub fn cancel(&self, daemon: &Daemon, who: &str) -> Result<()> {
+        let state = self.state();
+        if !state.before_switchover() {
+            return Err(DaemonError::BadRequest(format!(
+                "migration {} cannot be cancelled: it is {state}, past the switch-over",
+                self.id
+            )));
+        }
+        let why = format!("cancelled by {who}");
+        lock(&self.peer_failure).get_or_insert(why.clone());
+        *lock(&self.note) = Some(why.clone());
+        self.cancel.store(true, Ordering::SeqCst);
+        if state != SourceState::Performing {
+            // No job runs yet to notice the flag.
+            self.fail(&why);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.state().is_final() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.lease.unattended() {
+            self.end(daemon);
+        }
+        match self.state() {
+            SourceState::RolledBack => Ok(()),
+            other => Err(DaemonError::Timeout(format!(
+                "migration {} is still {other} 15 s after the cancel",
+                self.id
+            ))),
+        }
+    }
 }
