@@ -10,7 +10,9 @@ second 512-byte sector, synchronously, so a test can see which host last wrote i
 in place (so memory keeps getting dirtied during a live migration) and prints
 "vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. With
 "vmferry.busy=MIB" on the kernel command line it also rewrites MIB MiB more of tmpfs in a
-loop without pause (a guest that dirties memory faster than a capped link carries it). The bytes
+loop without pause (a guest that dirties memory faster than a capped link carries it), and
+every 20 heartbeats checks that the 16 MiB it dirties from (written once at boot) still has
+its first checksum: "vmferry-memcheck ok N" or "vmferry-memcheck BAD N". The bytes
 written are random, not zero: QEMU sends a zero page as a few bytes, so zeros would let a
 migration "converge" without carrying any data. 32 MiB/s of dirtying is modest enough for
 a migration under TCG to converge. There is no cpio binary on the machine, so the archive
@@ -54,7 +56,9 @@ while [ $i -lt 16 ]; do
     cat /tmp/seed
     i=$((i + 1))
 done >/tmp/pattern
+sum0=""
 if [ "$busy" -gt 0 ]; then
+    sum0=$(md5sum </tmp/pattern)
     echo "vmferry-guest: dirtying $busy MiB without pause"
     (
         while true; do
@@ -75,11 +79,19 @@ while true; do
         echo "$n" | dd of=/dev/vda bs=512 seek=1 conv=notrunc,fsync 2>/dev/null
     fi
     echo "vmferry-heartbeat $n"
+    if [ -n "$sum0" ] && [ $((n % 20)) -eq 0 ]; then
+        if [ "$(md5sum </tmp/pattern)" = "$sum0" ]; then
+            echo "vmferry-memcheck ok $n"
+        else
+            echo "vmferry-memcheck BAD $n"
+        fi
+    fi
     sleep 0.5
 done
 """
 
-APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls", "ps", "free", "insmod"]
+APPLETS = ["sh", "mount", "mkdir", "echo", "dd", "sleep", "cat", "ls", "ps", "free", "insmod",
+           "md5sum"]
 # Loaded in this order (each after what it depends on); Debian builds them as modules.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
            "virtio_blk"]

@@ -199,6 +199,18 @@ pub struct MigrationOptions {
     /// QEMU's auto-converge: throttle the guest's CPUs while pre-copy does not converge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_converge: Option<AutoConverge>,
+    /// Post-copy: switch once the first full pre-copy pass is done without converging,
+    /// or after `after_ms` of pre-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostCopy>,
+}
+
+/// When a migration switches to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PostCopy {
+    /// Switch after this much pre-copy (ms) rather than after the first full pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
 }
 
 /// How auto-converge throttles: the first step and each further one, in percent of the

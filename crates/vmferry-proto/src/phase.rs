@@ -24,6 +24,11 @@
 //! guest keeps running); after it, the source may only stop once the destination runs
 //! the guest, and may only resume if the destination has aborted.
 //!
+//! With post-copy, the switch-over comes earlier: `Performing → PostCopy` when QEMU
+//! starts post-copy, after which the guest runs on the destination and part of its memory
+//! is still on the source. Nothing rolls back from there: it completes, or — if a QEMU
+//! dies — the guest is `Lost`, and the source never resumes its stale copy.
+//!
 //! # The destination's states
 //! ```text
 //!             streams reach QEMU           QEMU loaded everything        guest resumed
@@ -140,12 +145,18 @@ pub enum SourceState {
     Connected,
     /// QEMU is sending the guest.
     Performing,
+    /// QEMU switched to post-copy: the guest runs on the destination, which fetches the
+    /// rest of its memory from here.
+    PostCopy,
     /// QEMU sent everything (the guest is paused here, in `postmigrate`): the switch-over.
     Completed,
     /// The destination runs the guest; the source QEMU is stopped. Final.
     Confirmed,
     /// The migration failed or was cancelled; the source guest keeps running. Final.
     RolledBack,
+    /// A QEMU failed during post-copy: the guest's memory was split between the hosts
+    /// and cannot be put together again. Final.
+    Lost,
 }
 
 /// What happens to a source half.
@@ -155,12 +166,16 @@ pub enum SourceEvent {
     Connect,
     /// QEMU was told to migrate.
     Perform,
+    /// QEMU started post-copy.
+    StartPostCopy,
     /// QEMU reports `completed`.
     QemuCompleted,
     /// The destination runs the guest (confirm(ok), or the destination said so).
     Confirm,
     /// Failure, cancel, or confirm(false): the source guest must keep running.
     RollBack,
+    /// Failure during post-copy.
+    Lose,
 }
 
 impl SourceEvent {
@@ -168,6 +183,8 @@ impl SourceEvent {
         match self {
             SourceEvent::Connect => "make its data channel",
             SourceEvent::Perform => "start sending",
+            SourceEvent::StartPostCopy => "switch to post-copy",
+            SourceEvent::Lose => "lose the guest",
             SourceEvent::QemuCompleted => "complete",
             SourceEvent::Confirm => "be confirmed",
             SourceEvent::RollBack => "roll back",
@@ -195,6 +212,8 @@ impl SourceState {
             SourceState::Completed => "completed",
             SourceState::Confirmed => "confirmed",
             SourceState::RolledBack => "rolled back",
+            SourceState::PostCopy => "in post-copy",
+            SourceState::Lost => "lost",
         }
     }
 
@@ -205,7 +224,9 @@ impl SourceState {
         match (self, event) {
             (S::Begun | S::Connected, E::Connect) => Ok(S::Connected),
             (S::Begun | S::Connected, E::Perform) => Ok(S::Performing),
-            (S::Performing, E::QemuCompleted) => Ok(S::Completed),
+            (S::Performing, E::StartPostCopy) => Ok(S::PostCopy),
+            (S::Performing | S::PostCopy, E::QemuCompleted) => Ok(S::Completed),
+            (S::PostCopy, E::Lose) => Ok(S::Lost),
             (S::Completed, E::Confirm) => Ok(S::Confirmed),
             // A destination that fails to load what the source completed sending aborts;
             // the source then resumes its guest, which is still whole.
@@ -222,7 +243,10 @@ impl SourceState {
 
     /// Whether nothing will change this state any more.
     pub fn is_final(self) -> bool {
-        matches!(self, SourceState::Confirmed | SourceState::RolledBack)
+        matches!(
+            self,
+            SourceState::Confirmed | SourceState::RolledBack | SourceState::Lost
+        )
     }
 
     /// Whether the source QEMU may still run the guest (before the switch-over).
@@ -369,20 +393,24 @@ impl fmt::Display for MigrationState {
 mod tests {
     use super::*;
 
-    const SOURCE_STATES: [SourceState; 6] = [
+    const SOURCE_STATES: [SourceState; 8] = [
         SourceState::Begun,
         SourceState::Connected,
         SourceState::Performing,
+        SourceState::PostCopy,
         SourceState::Completed,
         SourceState::Confirmed,
         SourceState::RolledBack,
+        SourceState::Lost,
     ];
-    const SOURCE_EVENTS: [SourceEvent; 5] = [
+    const SOURCE_EVENTS: [SourceEvent; 7] = [
         SourceEvent::Connect,
         SourceEvent::Perform,
+        SourceEvent::StartPostCopy,
         SourceEvent::QemuCompleted,
         SourceEvent::Confirm,
         SourceEvent::RollBack,
+        SourceEvent::Lose,
     ];
     const DESTINATION_STATES: [DestinationState; 5] = [
         DestinationState::Prepared,
@@ -408,6 +436,9 @@ mod tests {
             (S::Begun, E::Perform, S::Performing),
             (S::Connected, E::Perform, S::Performing),
             (S::Performing, E::QemuCompleted, S::Completed),
+            (S::Performing, E::StartPostCopy, S::PostCopy),
+            (S::PostCopy, E::QemuCompleted, S::Completed),
+            (S::PostCopy, E::Lose, S::Lost),
             (S::Completed, E::Confirm, S::Confirmed),
             (S::Begun, E::RollBack, S::RolledBack),
             (S::Connected, E::RollBack, S::RolledBack),
@@ -488,6 +519,12 @@ mod tests {
             SourceState::Completed.on_lease_expiry(),
             LeaseAction::FinishAlone
         );
+        assert_eq!(
+            SourceState::PostCopy.on_lease_expiry(),
+            LeaseAction::FinishAlone,
+            "nothing rolls back out of post-copy"
+        );
+        assert!(SourceState::PostCopy.next(SourceEvent::RollBack).is_err());
         assert_eq!(
             SourceState::Confirmed.on_lease_expiry(),
             LeaseAction::Nothing

@@ -80,6 +80,12 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Switches a running migration to post-copy (the `postcopy-ram` capability must be
+    /// on in both QEMUs; QEMU 2.5+). The guest then runs on the destination.
+    pub fn migrate_start_postcopy(&mut self) -> Result<(), QmpError> {
+        self.execute("migrate-start-postcopy", None).map(drop)
+    }
+
     /// Cancels the outgoing migration (the status passes through "cancelling").
     pub fn migrate_cancel(&mut self) -> Result<(), QmpError> {
         self.execute("migrate_cancel", None).map(drop)

@@ -97,6 +97,15 @@ pub struct MigrateArgs {
     /// With --auto-converge: each further step, in percent.
     #[arg(long, default_value_t = 10, requires = "auto_converge")]
     pub throttle_increment: u8,
+    /// Switch to post-copy once the first full pre-copy pass is done without converging:
+    /// the guest then runs on the destination, which fetches the rest of its memory on
+    /// demand, so any guest completes. From then on the migration cannot be cancelled,
+    /// and if the destination QEMU dies the guest cannot be saved.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// With --postcopy: switch after this many seconds of pre-copy instead.
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_after: Option<u64>,
     /// Hand the migration to the daemons once it is under way and return at once;
     /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
     #[arg(long)]
@@ -176,6 +185,9 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                     initial: a.throttle_initial,
                     increment: a.throttle_increment,
                 }),
+            postcopy: a.postcopy.then_some(vmferry_proto::cookie::PostCopy {
+                after_ms: a.postcopy_after.map(|s| s.saturating_mul(1000)),
+            }),
             stall_timeout_ms: match a.stall_timeout {
                 0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),
                 s => s.saturating_mul(1000),

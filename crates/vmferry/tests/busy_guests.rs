@@ -212,3 +212,75 @@ fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_
         .context("the guest counts on at B")?;
     Ok(())
 }
+
+#[test]
+fn a_guest_that_never_converges_completes_by_post_copy_with_its_memory_intact() -> Result<()> {
+    let s = setup("pcopy")?;
+    let log = start_busy_guest(&s)?;
+    // Switch after 3 s of pre-copy; post-copy is capped like the link, so it lasts long
+    // enough to try a cancel in it.
+    let mut c = migrate_cmd(
+        &s,
+        &["--postcopy", "--postcopy-after", "3", "--timeout", "150"],
+    );
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let id = loop {
+        let o = run({
+            let mut c = s.hosts.a.command(BIN);
+            c.args(["status", "--json", "--daemon", &s.a_addr, "--certs"])
+                .arg(&s.ctl);
+            c
+        });
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let in_postcopy = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["role"] == "source" && m["status"]["state"] == "post_copy");
+        if let Some(m) = in_postcopy {
+            break m["migration"].as_str().context("id")?.to_string();
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("migrate ended ({st}) before post-copy was seen");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("post-copy never started");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Cancel during post-copy is refused, with the reason.
+    let o = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args(["cancel", &id, "--daemon", &s.a_addr, "--certs"])
+            .arg(&s.ctl);
+        c
+    });
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("post-copy"), "{}", text(&o));
+    let st = child.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    assert!(st.success(), "post-copy migration: {err}");
+    // The guest counts on at B, and finds the memory it checks intact.
+    let dst_log = s.db.state_dir.join("vms/g1/serial.log");
+    let beat = wait_for_heartbeat(&dst_log, 0, Duration::from_secs(30))?;
+    let next_check = (beat / 20 + 1) * 20;
+    wait_for_heartbeat(&dst_log, next_check + 1, Duration::from_secs(60))
+        .context("the guest counts on at B")?;
+    let console = std::fs::read_to_string(&dst_log)?;
+    assert!(
+        console.contains(&format!("vmferry-memcheck ok {next_check}")),
+        "the guest checked its memory after post-copy: {console}"
+    );
+    assert!(!console.contains("vmferry-memcheck BAD"), "{console}");
+    assert!(vm_names(&s, false)?.is_empty(), "nothing left on A");
+    drop(log);
+    Ok(())
+}

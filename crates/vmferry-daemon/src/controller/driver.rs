@@ -66,6 +66,8 @@ pub struct Driver<'a, D: Daemons, P: FnMut(&MigrationStatus)> {
     /// Whether the destination let a status go unanswered: a rollback then tells it
     /// with the shortest bound, the source being safe already.
     destination_silent: bool,
+    /// Whether the operator was told a cancel cannot stop post-copy.
+    cancel_refused: bool,
     pub stop_after: StopAfter,
 }
 
@@ -91,6 +93,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             prepared: false,
             last: MigrationStatus::default(),
             destination_silent: false,
+            cancel_refused: false,
             stop_after: StopAfter::default(),
         }
     }
@@ -285,10 +288,20 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     fn watch(&mut self) -> Result<(), PhaseError> {
         let mut asked_destination = Instant::now();
         loop {
-            if self.cancel.load(Ordering::SeqCst) {
+            let in_postcopy =
+                self.last.state == Some(MigrationState::Source(SourceState::PostCopy));
+            if self.cancel.load(Ordering::SeqCst) && in_postcopy {
+                if !self.cancel_refused {
+                    eprintln!(
+                        "vmferry: post-copy has started and cannot be cancelled (the guest runs \
+                         on the destination); waiting for it to complete"
+                    );
+                    self.cancel_refused = true;
+                }
+            } else if self.cancel.load(Ordering::SeqCst) {
                 return Err(PhaseError::Cancelled);
             }
-            if let Some(t) = self.plan.timeout {
+            if let (Some(t), false) = (self.plan.timeout, in_postcopy) {
                 if self.started.elapsed() > t {
                     return Err(PhaseError::Timeout(t, self.last.not_converging()));
                 }
@@ -375,7 +388,19 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 "WARNING: the source could not be told to resume ({e}); check the source VM"
             )),
         }
-        if self.prepared {
+        // After post-copy started the destination holds the running guest: tearing it
+        // down would lose it for certain.
+        let source_state = self
+            .status(Role::Source, Duration::ZERO)
+            .ok()
+            .and_then(|s| s.state);
+        let split = matches!(
+            source_state,
+            Some(MigrationState::Source(
+                SourceState::Lost | SourceState::PostCopy
+            ))
+        );
+        if self.prepared && !split {
             let abort = RequestBody::Abort {
                 migration: self.id.clone(),
                 reason: cause.to_string(),
@@ -397,6 +422,11 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
     /// What is true of the source guest after a rollback, in words.
     fn source_fate(&mut self) -> String {
         match self.status(Role::Source, Duration::ZERO) {
+            Ok(st) if st.state == Some(MigrationState::Source(SourceState::Lost)) => {
+                "the guest is lost to vmferry: post-copy broke with its memory split between \
+                 the hosts; both QEMUs are left as they are (QEMU's migrate-recover can resume it)"
+                    .to_string()
+            }
             Ok(st) if st.qemu_status == "exited" => "the source QEMU has exited".to_string(),
             _ => "the source VM keeps running".to_string(),
         }

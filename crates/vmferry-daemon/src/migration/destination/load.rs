@@ -67,6 +67,10 @@ impl DestinationMigration {
         let deadline = Instant::now() + LOAD_TIMEOUT;
         let mut broken_since: Option<(Instant, String)> = None;
         let _held = self.qemu.hold();
+        // Once post-copy started the guest lives here with part of its memory still on
+        // the source: nothing here may tear it down on a broken stream or a deadline
+        // (QEMU pauses it, postcopy-paused, and it can be recovered).
+        let mut postcopy = false;
         loop {
             if self.state().is_final() {
                 return Err(DaemonError::Cancelled(
@@ -86,6 +90,30 @@ impl DestinationMigration {
                 Ok(info) => info,
                 Err(e) => return Err(self.qemu_gone(e)),
             };
+            if !postcopy
+                && matches!(
+                    info.status,
+                    QemuMigrationStatus::PostcopyActive
+                        | QemuMigrationStatus::PostcopyPaused
+                        | QemuMigrationStatus::PostcopyRecover
+                )
+            {
+                postcopy = true;
+                *lock(&self.note) = Some("post-copy: the guest runs here".into());
+                if self.source_running {
+                    // During an incoming migration `cont` only says "run once you can":
+                    // QEMU starts the guest as soon as post-copy lets it.
+                    self.qemu.with_qmp(|q| q.cont())?;
+                }
+                tracing::info!(migration = %self.id, "post-copy: the guest runs on the destination");
+            }
+            if postcopy {
+                if info.status == QemuMigrationStatus::Completed {
+                    return Ok(());
+                }
+                std::thread::sleep(POLL * 10);
+                continue;
+            }
             match info.status {
                 QemuMigrationStatus::Completed => return Ok(()),
                 QemuMigrationStatus::Failed | QemuMigrationStatus::Cancelled => {

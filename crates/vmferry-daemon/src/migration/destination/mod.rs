@@ -207,9 +207,11 @@ impl DestinationMigration {
         }
         let _ = std::fs::remove_file(socket);
         let multifd = cookie.options.multifd;
+        let postcopy = cookie.options.postcopy.is_some();
+        check_postcopy_combination(qemu, "destination", postcopy, multifd)?;
         let uri = format!("unix:{}", socket.display());
         qemu.with_qmp(|q| {
-            q.migrate_set_capabilities(&[("multifd", multifd > 0)])?;
+            q.migrate_set_capabilities(&[("multifd", multifd > 0), ("postcopy-ram", postcopy)])?;
             if multifd > 0 {
                 q.migrate_set_parameters(serde_json::json!({ "multifd-channels": multifd }))?;
             }
@@ -326,4 +328,27 @@ impl DestinationMigration {
 fn far_future() -> Instant {
     let now = Instant::now();
     now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
+}
+
+/// Post-copy with multifd needs QEMU 8.0 or newer (7.2 refuses the combination):
+/// refused before anything starts, naming what and why.
+pub(super) fn check_postcopy_combination(
+    qemu: &QemuHandle,
+    side: &str,
+    postcopy: bool,
+    multifd: u32,
+) -> Result<()> {
+    if !postcopy || multifd == 0 {
+        return Ok(());
+    }
+    let version = qemu.with_qmp(|q| Ok(q.version().cloned()))?;
+    match version {
+        Some(v) if (v.major, v.minor) >= (8, 0) => Ok(()),
+        v => Err(DaemonError::BadRequest(format!(
+            "post-copy with multifd needs QEMU 8.0 or newer on both hosts; the {side} runs \
+             QEMU {}: drop --multifd or --postcopy",
+            v.map(|v| format!("{}.{}", v.major, v.minor))
+                .unwrap_or_else(|| "of an unknown version".into())
+        ))),
+    }
 }

@@ -50,13 +50,22 @@ impl SourceMigration {
         };
         let downtime = self.options.downtime_limit_ms;
         let auto_converge = self.options.auto_converge;
+        let postcopy = self.options.postcopy.is_some();
+        let capped = self.options.max_bandwidth != 0;
         let uri = format!("unix:{}", self.socket_path.display());
         self.qemu.with_qmp(|q| {
             q.migrate_set_capabilities(&[
                 ("multifd", multifd > 0),
                 ("auto-converge", auto_converge.is_some()),
+                ("postcopy-ram", postcopy),
             ])?;
             let mut params = serde_json::json!({ "max-bandwidth": bandwidth });
+            if postcopy {
+                // The operator's cap is the link's: it holds for post-copy too, which QEMU
+                // otherwise leaves unlimited.
+                params["max-postcopy-bandwidth"] =
+                    serde_json::json!(if capped { bandwidth } else { 0 });
+            }
             if multifd > 0 {
                 params["multifd-channels"] = serde_json::json!(multifd);
             }
@@ -273,6 +282,8 @@ impl SourceMigration {
         // change of QEMU's status.
         let mut progress = (0u64, 0u64, String::new());
         let mut moved = Instant::now();
+        let started = Instant::now();
+        let mut postcopy_asked = false;
         loop {
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
                 let mut pe = lock(&self.pump_error);
@@ -282,6 +293,18 @@ impl SourceMigration {
             }
             let want_cancel =
                 self.cancel.load(Ordering::SeqCst) || lock(&self.pump_error).is_some();
+            if want_cancel && self.state() == SourceState::PostCopy {
+                // Nothing can be cancelled once post-copy started: the guest runs on the
+                // destination with part of its memory here.
+                let why = lock(&self.pump_error)
+                    .clone()
+                    .unwrap_or_else(|| "the migration was interrupted".into());
+                return Err(DaemonError::Channel(format!(
+                    "{why} during post-copy: the guest's memory is split between the hosts \
+                     and QEMU holds both halves paused (postcopy-paused); vmferry cannot \
+                     recover it automatically yet"
+                )));
+            }
             if want_cancel && !cancel_sent {
                 let _ = self.qemu.with_qmp(|q| q.migrate_cancel());
                 cancel_sent = true;
@@ -323,6 +346,24 @@ impl SourceMigration {
                         st.channel_bytes
                     ));
                 }
+            }
+            // Post-copy: once the first full pass is done without converging (QEMU counts a
+            // pass at its end), or after the time the operator gave.
+            if let (Some(pc), false) = (self.options.postcopy, postcopy_asked) {
+                let due = match pc.after_ms {
+                    Some(ms) => started.elapsed() >= Duration::from_millis(ms),
+                    None => info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2),
+                };
+                if due && info.status == QemuMigrationStatus::Active {
+                    self.qemu.with_qmp(|q| q.migrate_start_postcopy())?;
+                    postcopy_asked = true;
+                    tracing::info!(migration = %self.id, "switching to post-copy");
+                }
+            }
+            if info.status == QemuMigrationStatus::PostcopyActive
+                && self.state() == SourceState::Performing
+            {
+                self.advance(SourceEvent::StartPostCopy)?;
             }
             match info.status {
                 QemuMigrationStatus::Completed => return Ok(()),

@@ -139,6 +139,12 @@ impl SourceMigration {
             VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None, None),
         };
         let status = qemu.with_qmp(|q| q.query_status())?;
+        super::destination::check_postcopy_combination(
+            &qemu,
+            "source",
+            options.postcopy.is_some(),
+            options.multifd,
+        )?;
         let active = qemu.with_qmp(|q| q.query_migrate())?;
         if active.status.is_active() {
             return Err(DaemonError::Exists(format!(
@@ -288,7 +294,9 @@ impl SourceMigration {
         }
         *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
-        if exited.is_none() {
+        // After post-copy started, the source's copy is stale: it must never run again.
+        let lost = self.state() == SourceState::PostCopy;
+        if exited.is_none() && !lost {
             // A QEMU that exited has nothing to resume (and would only cost the
             // QMP connect timeouts here).
             self.ensure_source_runs();
@@ -306,7 +314,11 @@ impl SourceMigration {
             st.finished = true;
         }
         // Already final (a second failure report): the guest was seen to above.
-        let _ = self.advance(SourceEvent::RollBack);
+        let _ = self.advance(if lost {
+            SourceEvent::Lose
+        } else {
+            SourceEvent::RollBack
+        });
         self.finished.notify_all();
     }
 
@@ -384,6 +396,13 @@ impl SourceMigration {
     /// failure cancels whatever is left and resumes the guest. Success is refused unless
     /// QEMU completed — before anything is cut, so a refused confirm changes nothing.
     pub fn confirm(&self, daemon: &Daemon, success: bool) -> Result<()> {
+        if !success && self.state() == SourceState::PostCopy {
+            return Err(DaemonError::BadRequest(format!(
+                "migration {} is in post-copy: the guest runs on the destination and cannot \
+                 be rolled back; it completes on its own",
+                self.id
+            )));
+        }
         if success {
             let state = self.state();
             if state != SourceState::Completed {
