@@ -213,25 +213,35 @@ fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_
     Ok(())
 }
 
-#[test]
-fn a_guest_that_never_converges_completes_by_post_copy_with_its_memory_intact() -> Result<()> {
-    let s = setup("pcopy")?;
-    let log = start_busy_guest(&s)?;
-    // Switch after 3 s of pre-copy; post-copy is capped like the link, so it lasts long
-    // enough to try a cancel in it.
-    let mut c = migrate_cmd(
-        &s,
-        &["--postcopy", "--postcopy-after", "3", "--timeout", "150"],
-    );
-    c.stdin(Stdio::null())
+/// Starts a post-copy migration between the hosts (`from_a`: A to B) and waits until the
+/// source says it is in post-copy; returns the migration id and the controller.
+fn start_postcopy(
+    s: &Setup,
+    from_a: bool,
+    transport: &str,
+) -> Result<(String, std::process::Child)> {
+    let (h, src, dst) = if from_a {
+        (&s.hosts.a, &s.a_addr, &s.b_addr)
+    } else {
+        (&s.hosts.b, &s.b_addr, &s.a_addr)
+    };
+    let mut c = h.command(BIN);
+    c.args(["migrate", "g1", "--from", src, "--to", dst])
+        .args(["--max-bandwidth", CAP, "--transport", transport])
+        // Switch after 3 s of pre-copy; post-copy is capped like the link, so it lasts
+        // long enough to act in it.
+        .args(["--postcopy", "--postcopy-after", "3", "--timeout", "150"])
+        .arg("--certs")
+        .arg(&s.ctl)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = c.spawn()?;
     let deadline = Instant::now() + Duration::from_secs(90);
-    let id = loop {
+    loop {
         let o = run({
-            let mut c = s.hosts.a.command(BIN);
-            c.args(["status", "--json", "--daemon", &s.a_addr, "--certs"])
+            let mut c = h.command(BIN);
+            c.args(["status", "--json", "--daemon", src, "--certs"])
                 .arg(&s.ctl);
             c
         });
@@ -242,45 +252,97 @@ fn a_guest_that_never_converges_completes_by_post_copy_with_its_memory_intact() 
             .flatten()
             .find(|m| m["role"] == "source" && m["status"]["state"] == "post_copy");
         if let Some(m) = in_postcopy {
-            break m["migration"].as_str().context("id")?.to_string();
+            return Ok((m["migration"].as_str().context("id")?.to_string(), child));
         }
         if let Some(st) = child.try_wait()? {
-            bail!("migrate ended ({st}) before post-copy was seen");
+            bail!("migrate over {transport} ended ({st}) before post-copy was seen");
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("post-copy never started");
+            bail!("post-copy over {transport} never started");
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    // Cancel during post-copy is refused, with the reason.
-    let o = run({
-        let mut c = s.hosts.a.command(BIN);
-        c.args(["cancel", &id, "--daemon", &s.a_addr, "--certs"])
-            .arg(&s.ctl);
-        c
-    });
-    assert!(!o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("post-copy"), "{}", text(&o));
+    }
+}
+
+fn finish(mut child: std::process::Child) -> Result<(bool, String)> {
     let st = child.wait()?;
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut err)?;
     }
-    assert!(st.success(), "post-copy migration: {err}");
-    // The guest counts on at B, and finds the memory it checks intact.
-    let dst_log = s.db.state_dir.join("vms/g1/serial.log");
-    let beat = wait_for_heartbeat(&dst_log, 0, Duration::from_secs(30))?;
+    Ok((st.success(), err))
+}
+
+/// The guest counts on in `log` past its next memory check, which says ok.
+fn counts_on_intact(log: &std::path::Path) -> Result<()> {
+    let beat = wait_for_heartbeat(log, 0, Duration::from_secs(30))?;
     let next_check = (beat / 20 + 1) * 20;
-    wait_for_heartbeat(&dst_log, next_check + 1, Duration::from_secs(60))
-        .context("the guest counts on at B")?;
-    let console = std::fs::read_to_string(&dst_log)?;
+    wait_for_heartbeat(log, next_check + 1, Duration::from_secs(60))
+        .context("the guest counts on")?;
+    let console = std::fs::read_to_string(log)?;
     assert!(
         console.contains(&format!("vmferry-memcheck ok {next_check}")),
         "the guest checked its memory after post-copy: {console}"
     );
     assert!(!console.contains("vmferry-memcheck BAD"), "{console}");
-    assert!(vm_names(&s, false)?.is_empty(), "nothing left on A");
-    drop(log);
+    Ok(())
+}
+
+#[test]
+fn a_guest_that_never_converges_completes_by_post_copy_on_every_transport() -> Result<()> {
+    let s = setup("pcopy")?;
+    let a_log = start_busy_guest(&s)?;
+    let b_log = s.db.state_dir.join("vms/g1/serial.log");
+    for (from_a, transport) in [(true, "direct"), (false, "tunnel"), (true, "reverse")] {
+        let (id, child) = start_postcopy(&s, from_a, transport)?;
+        if transport == "direct" {
+            // Cancel during post-copy is refused, with the reason.
+            let src = if from_a { &s.a_addr } else { &s.b_addr };
+            let o = run({
+                let mut c = s.hosts.a.command(BIN);
+                c.args(["cancel", &id, "--daemon", src, "--certs"])
+                    .arg(&s.ctl);
+                c
+            });
+            assert!(!o.status.success(), "{}", text(&o));
+            assert!(text(&o).contains("post-copy"), "{}", text(&o));
+        }
+        let (ok, err) = finish(child)?;
+        assert!(ok, "post-copy over {transport}: {err}");
+        counts_on_intact(if from_a { &b_log } else { &a_log })
+            .with_context(|| format!("after post-copy over {transport}"))?;
+        assert!(
+            vm_names(&s, !from_a)?.is_empty(),
+            "nothing left on the source after {transport}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() -> Result<()> {
+    let s = setup("pckill")?;
+    let _log = start_busy_guest(&s)?;
+    let (_id, child) = start_postcopy(&s, true, "direct")?;
+    let o = run({
+        let mut c = s.hosts.b.command(BIN);
+        c.args(["vm", "list", "--json", "--daemon", &s.b_addr, "--certs"])
+            .arg(&s.ctl);
+        c
+    });
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let pid = v[0]["pid"].as_u64().context("the destination QEMU's pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let (ok, err) = finish(child)?;
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the guest is lost") && err.contains("destination QEMU exited"),
+        "says the guest is lost and why: {err}"
+    );
+    assert!(!err.contains("keeps running"), "{err}");
     Ok(())
 }

@@ -327,9 +327,11 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 // Best effort: the peer link is what reports a destination that died or
                 // froze; this only catches one that gave up where no link runs.
                 match self.status_within(Role::Destination, DESTINATION_STATUS_TIMEOUT) {
+                    // In post-copy the source says what a dead destination means.
                     Ok(d)
-                        if d.state
-                            == Some(MigrationState::Destination(DestinationState::Aborted)) =>
+                        if !in_postcopy
+                            && d.state
+                                == Some(MigrationState::Destination(DestinationState::Aborted)) =>
                     {
                         return Err(d
                             .error

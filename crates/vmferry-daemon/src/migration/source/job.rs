@@ -294,16 +294,7 @@ impl SourceMigration {
             let want_cancel =
                 self.cancel.load(Ordering::SeqCst) || lock(&self.pump_error).is_some();
             if want_cancel && self.state() == SourceState::PostCopy {
-                // Nothing can be cancelled once post-copy started: the guest runs on the
-                // destination with part of its memory here.
-                let why = lock(&self.pump_error)
-                    .clone()
-                    .unwrap_or_else(|| "the migration was interrupted".into());
-                return Err(DaemonError::Channel(format!(
-                    "{why} during post-copy: the guest's memory is split between the hosts \
-                     and QEMU holds both halves paused (postcopy-paused); vmferry cannot \
-                     recover it automatically yet"
-                )));
+                return Err(self.postcopy_broken());
             }
             if want_cancel && !cancel_sent {
                 let _ = self.qemu.with_qmp(|q| q.migrate_cancel());
@@ -385,5 +376,31 @@ impl SourceMigration {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// What a post-copy that broke means. Nothing can be cancelled once post-copy
+    /// started: the guest runs on the destination with part of its memory here. If the
+    /// destination says its QEMU died, the guest is gone; otherwise QEMU holds both
+    /// halves paused.
+    fn postcopy_broken(&self) -> DaemonError {
+        // The destination's word usually follows the broken stream by a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while lock(&self.peer_failure).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(p) = lock(&self.peer_failure).clone() {
+            return DaemonError::Qemu(format!(
+                "the guest is lost: {p}, during post-copy, when part of the guest's memory \
+                 was only there; the source's copy is stale and is not resumed"
+            ));
+        }
+        let why = lock(&self.pump_error)
+            .clone()
+            .unwrap_or_else(|| "the migration was interrupted".into());
+        DaemonError::Channel(format!(
+            "{why} during post-copy: the guest's memory is split between the hosts and QEMU \
+             holds both halves paused (postcopy-paused); vmferry cannot recover it \
+             automatically yet"
+        ))
     }
 }

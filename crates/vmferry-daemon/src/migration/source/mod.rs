@@ -274,10 +274,12 @@ impl SourceMigration {
 
     /// Marks the migration failed, cuts the streams, and makes sure the guest runs again.
     fn fail(&self, why: &str) {
-        // The destination's own words beat what its failure looked like from here.
-        let why = lock(&self.peer_failure)
-            .clone()
-            .unwrap_or_else(|| why.to_string());
+        // The destination's own words beat what its failure looked like from here
+        // (except in post-copy, where the message already carries them).
+        let why = match lock(&self.peer_failure).clone() {
+            Some(p) if self.state() != SourceState::PostCopy => p,
+            _ => why.to_string(),
+        };
         // A source QEMU that died is the cause, whatever it looked like from here.
         let exited = self.qemu.exit_reason();
         let why = match &exited {
@@ -294,8 +296,9 @@ impl SourceMigration {
         }
         *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
-        // After post-copy started, the source's copy is stale: it must never run again.
-        let lost = self.state() == SourceState::PostCopy;
+        // After post-copy started, the source's copy is stale: it must never run again
+        // (not on this failure, and not on a later confirm(false) either).
+        let lost = matches!(self.state(), SourceState::PostCopy | SourceState::Lost);
         if exited.is_none() && !lost {
             // A QEMU that exited has nothing to resume (and would only cost the
             // QMP connect timeouts here).
