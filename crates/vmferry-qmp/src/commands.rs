@@ -74,6 +74,21 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Resumes a post-copy migration QEMU holds paused (`postcopy-paused`) over a new
+    /// channel to `uri` (QEMU 3.0+); the destination must be listening there after
+    /// [`Qmp::migrate_recover`].
+    pub fn migrate_resume(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri, "resume": true })))
+            .map(drop)
+    }
+
+    /// Makes a destination in `postcopy-paused` listen on `uri` for the source's resume
+    /// (QEMU 3.0+).
+    pub fn migrate_recover(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-recover", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
     /// Makes a QEMU started with `-incoming defer` listen on `uri`.
     pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
         self.execute("migrate-incoming", Some(json!({ "uri": uri })))

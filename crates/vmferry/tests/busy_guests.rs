@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use vmferry_testkit::guest::guest_image;
+use vmferry_testkit::require;
 use vmferry_testkit::serial::wait_for_heartbeat;
 
 /// The link: slower than the busy guest dirties memory.
@@ -344,5 +345,33 @@ fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() 
         "says the guest is lost and why: {err}"
     );
     assert!(!err.contains("keeps running"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_post_copy_whose_link_is_cut_for_seconds_recovers_by_itself() -> Result<()> {
+    require::command("nft");
+    let s = setup("pcut")?;
+    let _log = start_busy_guest(&s)?;
+    let (_id, child) = start_postcopy(&s, true, "direct")?;
+    // A real link cut: host b drops every packet (in and out) for 8 s, longer than the
+    // daemons' 5 s peer silence, then lets them through again.
+    s.hosts.b.nft(
+        "table inet vmferry_cut {
+           chain input { type filter hook input priority -10; policy drop; }
+           chain output { type filter hook output priority -10; policy drop; }
+         }",
+    )?;
+    std::thread::sleep(Duration::from_secs(8));
+    s.hosts.b.nft("delete table inet vmferry_cut")?;
+    let (ok, err) = finish(child)?;
+    assert!(ok, "post-copy across a link cut: {err}");
+    counts_on_intact(&s.db.state_dir.join("vms/g1/serial.log"))
+        .context("after the recovered post-copy")?;
+    let a_log = s.da.log_text();
+    assert!(
+        a_log.contains("post-copy resumed over a new channel"),
+        "the source recovered, not something else: {a_log}"
+    );
     Ok(())
 }

@@ -69,7 +69,7 @@ impl DestinationMigration {
 
     /// What the source says: a source that rolled back means our QEMU will never get the
     /// rest, so tear down now rather than wait for the streams to time out.
-    pub(super) fn on_peer(&self, daemon: &Daemon, ev: PeerEvent) {
+    pub(super) fn on_peer(self: &Arc<Self>, daemon: &Arc<Daemon>, ev: PeerEvent) {
         match ev {
             PeerEvent::Message(PeerMessage {
                 state: MigrationState::Source(SourceState::RolledBack),
@@ -82,6 +82,25 @@ impl DestinationMigration {
                 self.abort(daemon, &why);
             }
             PeerEvent::Message(_) => {}
+            PeerEvent::Lost(why)
+                if self.postcopy.load(Ordering::SeqCst) && !self.state().is_final() =>
+            {
+                // The guest runs here and needs the rest of its memory: get the channel
+                // back rather than give up.
+                let me = self.clone();
+                let d = daemon.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("recover-{}", &self.id.as_str()[..8]))
+                    .spawn(move || {
+                        if let Err(e) = me.recover(&d, &why) {
+                            tracing::error!(migration = %me.id, "post-copy recovery: {e}");
+                            *lock(&me.note) = Some(format!("post-copy recovery failed: {e}"));
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(migration = %self.id, "cannot start recovery: {e}");
+                }
+            }
             PeerEvent::Lost(why) => {
                 tracing::info!(migration = %self.id, "{why}");
             }
@@ -149,8 +168,11 @@ impl DestinationMigration {
             st.attached = true;
             st.transport = Some(Transport::Tunnel);
         }
-        self.advance(DestinationEvent::Attach)?;
-        let socket = self.incoming_socket.clone();
+        let recovered = self.recovering.swap(false, Ordering::SeqCst);
+        if !recovered {
+            self.advance(DestinationEvent::Attach)?;
+        }
+        let socket = lock(&self.incoming_socket).clone();
         let n = self.n_streams;
         // Streams arrive in the order the source opened them, main channel first, which
         // is the order QEMU must see them in.
@@ -180,6 +202,9 @@ impl DestinationMigration {
         *lock(&self.tunnel_stop) = Some(t.stop_handle());
         *lock(&self.tunnel) = Some(t);
         tracing::info!(migration = %self.id, peer = %c.peer, "tunnel established");
+        if recovered {
+            return Ok(());
+        }
         self.spawn_watcher(daemon)
     }
 
@@ -190,6 +215,7 @@ impl DestinationMigration {
         cookie: &Cookie,
         timeout: Duration,
     ) -> Result<()> {
+        *lock(&self.reverse_cookie) = Some(cookie.clone());
         let addr = cookie.source_data_address.clone().ok_or_else(|| {
             DaemonError::BadRequest("the cookie names no data address for the source".into())
         })?;
@@ -249,12 +275,17 @@ impl DestinationMigration {
             st.attached = true;
             st.transport = Some(transport);
         }
-        self.advance(DestinationEvent::Attach)?;
+        // A recovered post-copy only replaces its streams: the watcher still runs.
+        let recovered = self.recovering.swap(false, Ordering::SeqCst);
+        if !recovered {
+            self.advance(DestinationEvent::Attach)?;
+        }
         for (k, c) in conns.into_iter().enumerate() {
-            let local = UnixStream::connect(&self.incoming_socket).map_err(|e| {
+            let socket = lock(&self.incoming_socket).clone();
+            let local = UnixStream::connect(&socket).map_err(|e| {
                 DaemonError::Qemu(format!(
                     "cannot reach the incoming QEMU at {}: {e}",
-                    self.incoming_socket.display()
+                    socket.display()
                 ))
             });
             let local = match local {
@@ -285,6 +316,9 @@ impl DestinationMigration {
             }
         }
         tracing::info!(migration = %self.id, streams = self.n_streams, "data streams reached QEMU");
+        if recovered {
+            return Ok(());
+        }
         self.spawn_watcher(daemon)
     }
 

@@ -99,6 +99,7 @@ impl DestinationMigration {
                 )
             {
                 postcopy = true;
+                self.postcopy.store(true, Ordering::SeqCst);
                 *lock(&self.note) = Some("post-copy: the guest runs here".into());
                 if self.source_running {
                     // During an incoming migration `cont` only says "run once you can":

@@ -10,6 +10,7 @@
 
 mod accept;
 mod load;
+mod recover;
 
 use super::channel::{self, DataConn, Slots, Trust};
 use super::lease::Lease;
@@ -20,6 +21,7 @@ use crate::state::Daemon;
 use crate::vms::lock;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vmferry_channel::compress::Filters;
@@ -58,6 +60,8 @@ struct Streams {
     finished: usize,
     /// The first stream failure.
     error: Option<String>,
+    /// How many times a broken post-copy got a new channel.
+    recoveries: u32,
 }
 
 #[derive(Debug)]
@@ -75,7 +79,7 @@ pub struct DestinationMigration {
     filters: Filters,
     source_running: bool,
     /// The unix socket the destination QEMU listens on.
-    incoming_socket: PathBuf,
+    incoming_socket: Mutex<PathBuf>,
     streams: Mutex<Streams>,
     changed: Condvar,
     meter: Arc<Meter>,
@@ -93,6 +97,12 @@ pub struct DestinationMigration {
     peer: Mutex<Option<PeerLink>>,
     /// What happened without a controller, for status.
     note: Mutex<Option<String>>,
+    /// Whether QEMU is in post-copy (the guest runs here).
+    postcopy: AtomicBool,
+    /// Set while a broken post-copy waits for its new channel.
+    recovering: AtomicBool,
+    /// For reverse: the cookie to dial the source with again after a broken post-copy.
+    reverse_cookie: Mutex<Option<Cookie>>,
 }
 
 impl DestinationMigration {
@@ -153,7 +163,7 @@ impl DestinationMigration {
                 compress: cookie.options.compress,
             },
             source_running: cookie.source_running,
-            incoming_socket,
+            incoming_socket: Mutex::new(incoming_socket),
             streams: Mutex::new(Streams::default()),
             changed: Condvar::new(),
             meter: Arc::new(Meter::default()),
@@ -171,6 +181,9 @@ impl DestinationMigration {
             lease: Lease::new(cookie.options.lease_ms),
             peer: Mutex::new(None),
             note: Mutex::new(None),
+            postcopy: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
+            reverse_cookie: Mutex::new(None),
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
         cookie.data_address = daemon.config.data_address();
@@ -223,9 +236,11 @@ impl DestinationMigration {
     /// The TLS configuration for a data connection that names this migration, or `None`
     /// when it must be refused (expired, or the channel already reached QEMU).
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let recovering = self.recovering.load(Ordering::SeqCst);
         let open = *lock(&self.state) == DestinationState::Prepared
-            || (lock(&self.peer).is_none() && !self.state().is_final());
-        if Instant::now() > self.expires || !open {
+            || (lock(&self.peer).is_none() && !self.state().is_final())
+            || recovering;
+        if (Instant::now() > self.expires && !recovering) || !open {
             return None;
         }
         Some(self.server_config.clone())
@@ -253,7 +268,7 @@ impl DestinationMigration {
     /// Leaves the in-flight table for the recent one; the peer link says its last word
     /// (the final state) and closes.
     fn end(&self, daemon: &Daemon) {
-        let _ = std::fs::remove_file(&self.incoming_socket);
+        let _ = std::fs::remove_file(&*lock(&self.incoming_socket));
         if let Some(p) = lock(&self.peer).take() {
             p.stop();
         }

@@ -139,7 +139,8 @@ impl SourceMigration {
     /// The TLS configuration for a reverse data connection naming this migration, or
     /// `None` when none is expected.
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
-        if !matches!(self.state(), SourceState::Begun | SourceState::Connected) {
+        let recovering = self.recovering.load(Ordering::SeqCst);
+        if !matches!(self.state(), SourceState::Begun | SourceState::Connected) && !recovering {
             return None;
         }
         let cfg = lock(&self.reverse_config).clone()?;

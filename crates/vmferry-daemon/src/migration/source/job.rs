@@ -7,6 +7,14 @@
 
 use super::*;
 
+/// How a watch ended without an error.
+#[derive(Debug)]
+pub(super) enum WatchEnd {
+    Completed,
+    /// Post-copy lost its link (the cause): recover it.
+    LinkLost(String),
+}
+
 /// Why not everything QEMU sent reached the destination (noted, never fatal: QEMU has
 /// completed by then).
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +32,7 @@ impl SourceMigration {
     pub(super) fn start(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
         cookie.check()?;
         let (transport, carrier) = self.take_carrier(daemon, cookie)?;
+        *lock(&self.performed) = Some((cookie.clone(), transport));
         self.start_peer(daemon)?;
         {
             let mut st = lock(&self.status);
@@ -92,21 +101,42 @@ impl SourceMigration {
     }
 
     /// The background job: accept QEMU's connections, carry each, watch QEMU until the end.
-    pub(super) fn run(self: Arc<Self>, daemon: &Daemon, listener: UnixListener, carrier: Carrier) {
-        let outcome = match self.accept_and_carry(&listener, carrier) {
-            Ok(running) => match self.watch(match &running {
+    pub(super) fn run(
+        self: Arc<Self>,
+        daemon: &Arc<Daemon>,
+        listener: UnixListener,
+        carrier: Carrier,
+    ) {
+        let mut attempt = 0;
+        let mut outcome = self.accept_and_carry(&listener, carrier);
+        let outcome = loop {
+            let running = match outcome {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
+            let watched = self.watch(match &running {
                 Running::Tunnel(t) => Some(t),
                 Running::Pumps(_) => None,
-            }) {
-                Ok(()) => Ok(running),
+            });
+            match watched {
+                Ok(WatchEnd::Completed) => break Ok(running),
+                Ok(WatchEnd::LinkLost(why)) => {
+                    // Post-copy: the guest runs on the destination and needs the rest of
+                    // its memory from here; make the channel again and resume QEMU.
+                    if let Running::Tunnel(t) = &running {
+                        t.stop();
+                    }
+                    drop(running);
+                    attempt += 1;
+                    outcome = self.recover(daemon, &why, attempt);
+                }
                 Err(e) => {
                     if let Running::Tunnel(t) = &running {
                         t.stop();
                     }
-                    Err(e)
+                    break Err(e);
                 }
-            },
-            Err(e) => Err(e),
+            }
         };
         drop(listener);
         let _ = std::fs::remove_file(&self.socket_path);
@@ -274,7 +304,7 @@ impl SourceMigration {
 
     /// Polls QEMU until the migration ends; cancels QEMU's side if asked or if a stream
     /// broke.
-    pub(super) fn watch(&self, tunnel: Option<&Tunnel>) -> Result<()> {
+    pub(super) fn watch(&self, tunnel: Option<&Tunnel>) -> Result<WatchEnd> {
         let _held = self.qemu.hold();
         let mut cancel_sent = false;
         let stall_after = self.options.stall_timeout();
@@ -294,7 +324,14 @@ impl SourceMigration {
             let want_cancel =
                 self.cancel.load(Ordering::SeqCst) || lock(&self.pump_error).is_some();
             if want_cancel && self.state() == SourceState::PostCopy {
-                return Err(self.postcopy_broken());
+                // A destination whose QEMU died cannot be resumed; any other break can.
+                if lock(&self.peer_failure).is_some() || self.cancel.load(Ordering::SeqCst) {
+                    return Err(self.postcopy_broken());
+                }
+                let why = lock(&self.pump_error)
+                    .take()
+                    .unwrap_or_else(|| "the link to the destination broke".into());
+                return Ok(WatchEnd::LinkLost(why));
             }
             if want_cancel && !cancel_sent {
                 let _ = self.qemu.with_qmp(|q| q.migrate_cancel());
@@ -357,7 +394,7 @@ impl SourceMigration {
                 self.advance(SourceEvent::StartPostCopy)?;
             }
             match info.status {
-                QemuMigrationStatus::Completed => return Ok(()),
+                QemuMigrationStatus::Completed => return Ok(WatchEnd::Completed),
                 QemuMigrationStatus::Failed => {
                     let pump = lock(&self.pump_error).clone();
                     let qemu = info.error_desc.unwrap_or_else(|| "no reason given".into());

@@ -10,6 +10,7 @@
 
 mod connect;
 mod job;
+mod recover;
 mod unattended;
 
 use super::channel::{self, DataConn, Slots, Trust};
@@ -115,6 +116,12 @@ pub struct SourceMigration {
     /// For reverse: the TLS configuration the destination's connections must complete.
     reverse_config: Mutex<Option<Arc<rustls::ServerConfig>>>,
     tunnel_stop: Mutex<Option<TunnelStop>>,
+    /// The cookie and transport `perform` used: a post-copy that lost its link makes
+    /// its channel again with them.
+    performed: Mutex<Option<(Cookie, Transport)>>,
+    /// Set while a broken post-copy makes its channel again (reverse connections are
+    /// taken again then).
+    recovering: AtomicBool,
     /// The tunnel, kept open after QEMU completed until `confirm`.
     tunnel_keep: Mutex<Option<Tunnel>>,
 }
@@ -210,6 +217,8 @@ impl SourceMigration {
             held_changed: Condvar::new(),
             reverse_config: Mutex::new(None),
             tunnel_stop: Mutex::new(None),
+            performed: Mutex::new(None),
+            recovering: AtomicBool::new(false),
             tunnel_keep: Mutex::new(None),
         };
         // Checked and taken under one lock: of two begins for one QEMU, one wins.

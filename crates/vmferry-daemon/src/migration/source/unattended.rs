@@ -66,6 +66,10 @@ impl SourceMigration {
                 self.confirm_alone(daemon);
             }
             PeerEvent::Message(_) => {}
+            PeerEvent::Lost(why) if state == SourceState::PostCopy => {
+                // The watch takes it from here: post-copy recovers its link.
+                lock(&self.pump_error).get_or_insert(why);
+            }
             PeerEvent::Lost(why) => {
                 if state == SourceState::Performing {
                     lock(&self.peer_failure).get_or_insert(why);
