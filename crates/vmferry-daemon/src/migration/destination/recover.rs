@@ -1,0 +1,89 @@
+//! Post-copy recovery on the destination: when the peer link goes silent during post-copy,
+//! the guest runs here with part of its memory still on the source. The destination cuts
+//! the old streams (QEMU pauses: `postcopy-paused`), has QEMU listen on a fresh socket
+//! (`migrate-recover`) and takes the source's new channel there — or, for the reverse
+//! transport, dials it again — until the source resumes.
+//!
+//! It never tears the guest down: a failed recovery leaves QEMU paused for an operator.
+
+use super::*;
+
+/// How long QEMU gets to notice the cut streams.
+const PAUSE_WAIT: Duration = Duration::from_secs(15);
+/// How long a reverse destination keeps dialing the source.
+const RECOVER_FOR: Duration = Duration::from_secs(300);
+
+impl DestinationMigration {
+    pub(super) fn recover(self: &Arc<Self>, daemon: &Arc<Daemon>, why: &str) -> Result<()> {
+        tracing::warn!(migration = %self.id, "post-copy lost its link ({why}); recovering");
+        *lock(&self.note) = Some(format!("post-copy paused: {why}; recovering"));
+        for s in lock(&self.stops).drain(..) {
+            s.stop();
+        }
+        if let Some(t) = lock(&self.tunnel_stop).take() {
+            t.stop();
+        }
+        drop(lock(&self.tunnel).take());
+        if let Some(p) = lock(&self.peer).take() {
+            p.stop();
+        }
+        let deadline = Instant::now() + PAUSE_WAIT;
+        loop {
+            let info = self.qemu.with_qmp(|q| q.query_migrate())?;
+            match info.status {
+                QemuMigrationStatus::PostcopyPaused => break,
+                QemuMigrationStatus::Completed => return Ok(()),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(DaemonError::Timeout(format!(
+                    "QEMU did not pause post-copy within {} s of the broken link (status {})",
+                    PAUSE_WAIT.as_secs(),
+                    info.status.as_str()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let path = {
+            let mut sock = lock(&self.incoming_socket);
+            let n = lock(&self.streams).recoveries + 1;
+            let base = self.id.as_str();
+            let path = sock.with_file_name(format!("migrate-in-{base}-r{n}.sock"));
+            let _ = std::fs::remove_file(&*sock);
+            *sock = path.clone();
+            path
+        };
+        let _ = std::fs::remove_file(&path);
+        let uri = format!("unix:{}", path.display());
+        self.qemu.with_qmp(|q| q.migrate_recover(&uri))?;
+        let transport = {
+            let mut st = lock(&self.streams);
+            st.recoveries += 1;
+            st.slots.clear();
+            st.attached = false;
+            st.error = None;
+            st.transport
+        };
+        self.recovering.store(true, Ordering::SeqCst);
+        tracing::info!(migration = %self.id, "post-copy: waiting for the source's new channel");
+        if transport == Some(Transport::Reverse) {
+            let cookie = lock(&self.reverse_cookie).clone().ok_or_else(|| {
+                DaemonError::Internal("a reverse migration without its cookie".into())
+            })?;
+            let give_up = Instant::now() + RECOVER_FOR;
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match self.connect_reverse(daemon, &cookie, Duration::from_secs(5)) {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() < give_up => {
+                        tracing::info!(migration = %self.id, "post-copy recovery: {e}");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(4));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
