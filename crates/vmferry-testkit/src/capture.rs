@@ -93,8 +93,21 @@ impl Capture {
     /// path. Fails if the kernel dropped packets.
     pub fn stop(mut self) -> Result<PathBuf> {
         if let Some(mut c) = self.child.take() {
-            // Let packets still in flight reach the capture.
+            // Let packets still in flight reach the capture, and a tcpdump that fell
+            // behind on a loaded machine write out what its kernel buffer holds (a
+            // SIGINT loses that without counting it as dropped): wait until the file
+            // stops growing (bounded).
             std::thread::sleep(Duration::from_millis(300));
+            let settle = Instant::now() + Duration::from_secs(20);
+            let mut last = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+            while Instant::now() < settle {
+                std::thread::sleep(Duration::from_millis(300));
+                let now = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
             let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id())?);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
             let deadline = Instant::now() + Duration::from_secs(10);

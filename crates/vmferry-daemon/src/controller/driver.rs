@@ -548,3 +548,7 @@ fn new_migration_id() -> MigrationId {
     }
     MigrationId::from_random(b)
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;
