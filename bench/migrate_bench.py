@@ -43,11 +43,24 @@ behind it, runs, and migrates live over plain and vmferry direct (--live-routes)
 QEMU's total-time and downtime from query-migrate on the source (vmferry: its --json
 result) and checks that the heartbeat goes on at the destination.
 
+With --busy (off by default: it takes minutes) or --busy-only (nothing else), a busy guest:
+the test guest booted with vmferry.busy=MIB (--busy-mib 64) in --busy-ram-mib (384) MiB
+rewrites that much memory without pause, faster than a link capped at --busy-cap (10M =
+10 MiB/s) carries it, so pre-copy alone never converges. It migrates over plain QEMU
+post-copy (postcopy-ram on both, max-bandwidth and max-postcopy-bandwidth = the cap,
+migrate-start-postcopy once dirty-sync-count >= 2, as vmferry does), vmferry --postcopy
+over direct and tunnel, and vmferry --auto-converge over direct (--busy-routes), --runs
+rounds, interleaved. Reports QEMU's total-time and downtime on the source, the time in
+post-copy, whether the guest counts on at the destination with its memory check ok, and
+the ratios to plain post-copy (goal: vmferry post-copy <= 1.3x the total time, downtime
+within 20 ms).
+
 Last, a Markdown table to paste into the README. This machine is shared and noisy (2
 cores): trust the ratios and the CPU numbers more than the absolute times.
 
 Example: python3 bench/migrate_bench.py                    # everything, 5 runs, 1 GiB
          python3 bench/migrate_bench.py --ram-mib 128 --runs 1 --routes plain,direct
+         python3 bench/migrate_bench.py --busy-only --runs 3       # the busy guest alone
 Needs: qemu-system-x86_64, openssl, a release build of vmferry (cargo build --release -p
 vmferry); installs stunnel4 with apt-get if it is missing (as root). Everything it starts is
 killed and its files (also in /dev/shm) removed on exit, failure or Ctrl-C. Exits 1 if any
@@ -68,6 +81,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,7 +237,8 @@ class Qmp:
 
 
 class Qemu:
-    def __init__(self, work, tag, ram_path, ram_mib, incoming, prealloc, paused=True, guest=None):
+    def __init__(self, work, tag, ram_path, ram_mib, incoming, prealloc, paused=True, guest=None,
+                 append=GUEST_APPEND):
         self.tag = tag
         self.qmp = os.path.join(work, f"{tag}.qmp")
         self.serial = os.path.join(work, f"{tag}.serial")
@@ -237,7 +252,7 @@ class Qemu:
                 "-serial", f"file:{self.serial}",
                 "-qmp", f"unix:{self.qmp},server=on,wait=off"]
         if guest:
-            args += ["-kernel", guest[0], "-initrd", guest[1], "-append", GUEST_APPEND]
+            args += ["-kernel", guest[0], "-initrd", guest[1], "-append", append]
         if paused:
             args.append("-S")
         if incoming:
@@ -748,6 +763,308 @@ def run_live(env, route, multifd, template, guest):
 
 
 # ---------------------------------------------------------------------------------------
+# The busy guest: dirties memory faster than a capped link carries it
+
+BUSY_ROUTES = ("plain-postcopy", "postcopy-direct", "postcopy-tunnel", "autoconv-direct")
+BUSY_POLL = 0.005  # how often the source is asked, as vmferry's source daemon does
+
+
+def parse_size(s):
+    """A size like vmferry's --max-bandwidth takes: 4096, 10M, 1G (binary suffixes)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?(?:/s)?\s*", s, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 10M, 1048576)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+
+
+def memchecks(path):
+    """[(beat, ok)] of the guest's 'vmferry-memcheck ok|BAD N' lines."""
+    try:
+        with open(path, errors="replace") as f:
+            return [(int(n), w == "ok") for w, n in re.findall(r"vmferry-memcheck (ok|BAD) (\d+)", f.read())]
+    except OSError:
+        return []
+
+
+def plain_postcopy_migrate(env, src, dst):
+    """Plain QEMU post-copy over TCP, the way vmferry's daemons drive it: postcopy-ram on
+    both QEMUs, max-bandwidth and max-postcopy-bandwidth = the cap on the source, and
+    migrate-start-postcopy once the first full pass is done (dirty-sync-count >= 2),
+    the source polled every 5 ms. Times run from the migrate command."""
+    a = env.args
+    port = free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    with Qmp(dst.qmp) as qd, Qmp(src.qmp) as qs:
+        for q in (qd, qs):
+            q.cmd("migrate-set-capabilities", capabilities=[
+                {"capability": "multifd", "state": False},
+                {"capability": "postcopy-ram", "state": True}])
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": a.busy_cap,
+                                            "max-postcopy-bandwidth": a.busy_cap})
+        qd.cmd("migrate-incoming", uri=uri)
+        t0 = time.perf_counter()
+        qs.cmd("migrate", uri=uri)
+        deadline = time.time() + a.busy_timeout
+        asked = pc_at = None
+        progress, progress_at = -1, time.time()
+        while True:
+            info = qs.cmd("query-migrate")
+            status = info.get("status")
+            now = time.perf_counter() - t0
+            ram = info.get("ram", {})
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise RuntimeError(f"source: migration {status}: {info.get('error-desc')}")
+            if asked is None and status == "active" and ram.get("dirty-sync-count", 0) >= 2:
+                qs.cmd("migrate-start-postcopy")
+                asked = now
+            if pc_at is None and status == "postcopy-active":
+                pc_at = now
+            sent = ram.get("transferred", 0)
+            if sent != progress:
+                progress, progress_at = sent, time.time()
+            elif time.time() - progress_at > 30:
+                raise RuntimeError(f"stalled: nothing sent for 30 s (source {status}, {sent >> 20} MiB sent)")
+            if dst.p.poll() is not None:
+                raise RuntimeError(f"destination QEMU exited: {dst.stderr_tail()}")
+            if time.time() > deadline and status != "postcopy-active":
+                raise RuntimeError(f"timed out after {a.busy_timeout} s (source {status})")
+            time.sleep(BUSY_POLL)
+    elapsed = time.perf_counter() - t0
+    return elapsed, {"qemu_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+                     "postcopy_s": elapsed - pc_at if pc_at is not None else None,
+                     "bytes": ram.get("transferred"), "passes": ram.get("dirty-sync-count"),
+                     "throttle": None}
+
+
+def vmferry_busy_migrate(env, route, src, dst):
+    """vmferry migrate in attach mode with the cap, --postcopy or --auto-converge; the
+    post-copy time is taken from its --json progress lines (the first that says
+    postcopy-active, until the first that says completed, or the result)."""
+    a = env.args
+    if env.daemons is None:
+        raise RuntimeError(f"vmferry daemons unavailable: {env.daemons_error}")
+    for d in env.daemons:
+        d.ensure()
+    mode, transport = route.split("-")
+    cmd = [VMFERRY, "migrate", "--from", env.daemons[0].addr, "--to", env.daemons[1].addr,
+           "--src-qmp", src.qmp, "--dst-qmp", dst.qmp, "--certs", env.certs, "--json",
+           "--transport", transport, "--max-bandwidth", str(a.busy_cap),
+           "--timeout", str(a.busy_timeout)]
+    cmd += ["--postcopy"] if mode == "postcopy" else ["--auto-converge"]
+    lines = []  # (seconds since start, parsed line), stamped as they arrive
+    errpath = os.path.join(env.work, "busy-migrate.stderr")
+    t0 = time.perf_counter()
+    with open(errpath, "w") as errf:
+        p = spawn(cmd, stdout=subprocess.PIPE, stderr=errf, text=True)
+
+    def read_stdout():
+        for line in p.stdout:
+            try:
+                lines.append((time.perf_counter() - t0, json.loads(line)))
+            except ValueError:
+                pass
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        p.wait(timeout=a.busy_timeout + 60)
+    except subprocess.TimeoutExpired:
+        kill(p)
+        raise RuntimeError(f"vmferry migrate did not return within {a.busy_timeout + 60} s")
+    reader.join(timeout=5)
+    elapsed = time.perf_counter() - t0
+    PROCS.remove(p)
+    with open(errpath, errors="replace") as f:
+        err = f.read()
+    result = next((o for _, o in reversed(lines) if o.get("event") == "result"), None)
+    if p.returncode != 0 or not result or not result.get("ok"):
+        msg = (result or {}).get("error") or err.strip().splitlines()[-1:] or [f"exit status {p.returncode}"]
+        msg = msg if isinstance(msg, str) else msg[0]
+        last = next((o for _, o in reversed(lines) if o.get("event") == "progress"), None)
+        if last:  # how far it got: the pass, the throttle
+            top = max(o.get("throttle_pct") or 0 for _, o in lines if o.get("event") == "progress")
+            msg += (f" (after {elapsed:.0f} s; last seen: QEMU {last.get('status')}, pass {last.get('pass')},"
+                    f" {(last.get('ram_transferred') or 0) >> 20} MiB sent, dirtying"
+                    f" {(last.get('dirty_rate') or 0) / (1 << 20):.1f} MiB/s; highest throttle {top}%)")
+        raise RuntimeError(msg)
+    if result.get("transport") != transport:
+        raise RuntimeError(f"asked for transport {transport}, got {result.get('transport')}")
+    progress = [(t, o) for t, o in lines if o.get("event") == "progress"]
+    pc_at = next((t for t, o in progress if o.get("status") == "postcopy-active"), None)
+    done_at = next((t for t, o in progress if o.get("status") == "completed"),
+                   next(t for t, o in lines if o.get("event") == "result"))
+    if mode == "postcopy" and pc_at is None:
+        print(f"    ({route}: no progress line showed postcopy-active; it went too fast to see,"
+              " or pre-copy converged)", flush=True)
+    return elapsed, {"qemu_ms": result.get("qemu_total_time_ms"), "downtime_ms": result.get("downtime_ms"),
+                     "postcopy_s": done_at - pc_at if pc_at is not None else None,
+                     "bytes": result.get("bytes"),
+                     "passes": max((o.get("pass") or 0 for _, o in progress), default=None),
+                     "throttle": max((o.get("throttle_pct") or 0 for _, o in progress), default=None)}
+
+
+def run_busy(env, route, guest):
+    """Boots the test guest with vmferry.busy=MIB, migrates it over the capped route, then
+    checks that it counts on at the destination past its next memory check, which must say ok."""
+    a = env.args
+    append = f"{GUEST_APPEND} vmferry.busy={a.busy_mib}"
+    src_ram = shm_path("busy-src")
+    dst_ram = shm_path("busy-dst")
+    src = dst = None
+    try:
+        if a.busy_fill == "random":
+            with open("/dev/urandom", "rb") as r, open(src_ram, "wb") as w:
+                for _ in range(a.busy_ram_mib):
+                    w.write(r.read(1 << 20))
+        src = Qemu(env.work, "busy-src", src_ram, a.busy_ram_mib, incoming=False, prealloc=False,
+                   paused=False, guest=guest, append=append)
+        t_boot = time.time()
+        first = wait_heartbeat(src.serial, 0, 300, src)[-1]
+        boot_s = time.time() - t_boot
+        with open(src.serial, errors="replace") as f:
+            if f"dirtying {a.busy_mib} MiB" not in f.read():
+                raise RuntimeError("the guest does not say it dirties memory: is the test guest"
+                                   " image older than vmferry.busy= (run scripts/guest-image.sh)?")
+        wait_heartbeat(src.serial, first + 2, 60, src)  # busy for a good second
+        dst = Qemu(env.work, "busy-dst", dst_ram, a.busy_ram_mib, incoming=True, prealloc=True,
+                   paused=False, guest=guest, append=append)
+        try:
+            if route == "plain-postcopy":
+                elapsed, r = plain_postcopy_migrate(env, src, dst)
+            else:
+                elapsed, r = vmferry_busy_migrate(env, route, src, dst)
+        except Exception as e:
+            raise RuntimeError(f"{e}{qemu_complaints(src, dst)}") from None
+        r["elapsed"] = elapsed
+        r["boot_s"] = boot_s
+        last_src = heartbeats(src.serial)[-1]
+        src.stop()  # its CPU is the destination's from here on
+        hb = wait_heartbeat(dst.serial, 0, 60, dst)
+        r["heartbeat"] = (last_src, hb[0])
+        next_check = (hb[-1] // 20 + 1) * 20
+        r["guest_ok"] = False
+        if hb[0] > last_src + 1:
+            r["guest_error"] = f"destination heartbeat jumped from {last_src} to {hb[0]}"
+            return r
+        try:
+            wait_heartbeat(dst.serial, next_check, 90, dst)
+        except RuntimeError as e:
+            r["guest_error"] = f"the guest stopped counting on the destination: {e}"
+            return r
+        checks = memchecks(dst.serial)
+        r["memcheck"] = checks[-1] if checks else None
+        if any(not ok for _, ok in checks):
+            r["guest_error"] = f"memcheck BAD at beat {next(n for n, ok in checks if not ok)}"
+        elif not any(n >= next_check for n, _ in checks):
+            r["guest_error"] = f"no memcheck at beat {next_check} on the destination"
+        else:
+            r["guest_ok"] = True
+        return r
+    finally:
+        for q in (src, dst):
+            if q:
+                q.stop()
+        remove(src_ram)
+        remove(dst_ram)
+
+
+def summarize_busy(busy_rows, routes):
+    out = []
+    for route in routes:
+        mine = [x for x in busy_rows if x[0] == route]
+        ok = [r for _, r, err in mine if not err]
+        errs = [err for _, _, err in mine if err]
+        bad = [r.get("guest_error") for r in ok if not r.get("guest_ok")]
+
+        def med(key):
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            return statistics.median(vals) if vals else None
+
+        out.append({"route": route, "n": len(ok), "failed": len(errs), "error": errs[-1] if errs else None,
+                    "total": med_range([r.get("qemu_ms") for r in ok]),
+                    "downtime": med_range([r.get("downtime_ms") for r in ok]),
+                    "postcopy": med_range([r.get("postcopy_s") for r in ok], unit="s", digits=1),
+                    "wall": med_range([r.get("elapsed") for r in ok], unit="s", digits=1),
+                    "total_med": med("qemu_ms"), "downtime_med": med("downtime_ms"),
+                    "throttle": med("throttle") if route.startswith("autoconv") else None,
+                    "guest": f"{len(ok) - len(bad)}/{len(ok)} ok" if ok else "–",
+                    "guest_error": bad[-1] if bad else None})
+    base = next((s for s in out if s["route"] == "plain-postcopy" and s["total_med"]), None)
+    for s in out:
+        s["vs_total"] = s["total_med"] / base["total_med"] if base and s["total_med"] else None
+        s["vs_downtime"] = (s["downtime_med"] - base["downtime_med"]
+                            if base and s["downtime_med"] is not None and base["downtime_med"] is not None
+                            else None)
+        s["vs_downtime_x"] = (s["downtime_med"] / base["downtime_med"]
+                              if s["vs_downtime"] is not None and base["downtime_med"] else None)
+    return out
+
+
+def busy_vs(s):
+    if s["route"] == "plain-postcopy" or s["vs_total"] is None:
+        return "–", "–"
+    total = f"{s['vs_total']:.2f}x"
+    dt = f"{s['vs_downtime']:+.0f} ms" + (f" ({s['vs_downtime_x']:.2f}x)" if s["vs_downtime_x"] else "")
+    return total, dt
+
+
+def print_busy(summary, a, load):
+    print(f"\nBusy guest: {a.busy_ram_mib} MiB ({a.busy_fill} RAM under it), vmferry.busy={a.busy_mib},"
+          f" cap {a.busy_cap} B/s ({a.busy_cap / (1 << 20):.1f} MiB/s); medians (min–max) of"
+          f" {a.runs} run(s), interleaved; load average {load[0]} at the start, {load[1]} at the end")
+    print("total: QEMU's total-time on the source (migrate command to completed); downtime: QEMU's;"
+          " post-copy: postcopy-active to completed, as seen by polling (vmferry: its progress lines);"
+          " guest: counted on at the destination past its next memcheck, which said ok")
+    print()
+    print(f"{'route':16} {'n':>3} {'total':>24} {'downtime':>22} {'post-copy':>18} {'wall':>18}"
+          f" {'guest':>7} {'total vs plain':>15} {'downtime vs plain':>20}")
+    for s in summary:
+        n = f"{s['n']}" + (f"+{s['failed']}✗" if s["failed"] else "")
+        if not s["n"]:
+            print(f"{s['route']:16} {n:>3} FAILED: {s['error']}")
+            continue
+        vt, vd = busy_vs(s)
+        print(f"{s['route']:16} {n:>3} {s['total']:>24} {s['downtime']:>22} {s['postcopy']:>18}"
+              f" {s['wall']:>18} {s['guest']:>7} {vt:>15} {vd:>20}")
+        if s["throttle"] is not None:
+            print(f"{'':20} (auto-converge throttle reached {s['throttle']:.0f}%, median)")
+        if s["failed"]:
+            print(f"{'':20} and {s['failed']} failed run(s), the last: {s['error']}")
+        if s["guest_error"]:
+            print(f"{'':20} guest: {s['guest_error']}")
+    targets = [s for s in summary if s["route"].startswith("postcopy-") and s["vs_total"] is not None]
+    if targets:
+        print("\ngoal: vmferry post-copy total time <= 1.3x plain post-copy, downtime within 20 ms of it:")
+        for s in targets:
+            ok = s["vs_total"] <= 1.3 and abs(s["vs_downtime"]) <= 20
+            print(f"  {s['route']:16} total {s['vs_total']:.2f}x, downtime {s['vs_downtime']:+.0f} ms:"
+                  f" {'met' if ok else 'NOT met'}")
+
+
+def print_busy_markdown(summary, a, load):
+    print()
+    print(f"Busy guest ({a.busy_ram_mib} MiB, {a.busy_fill} RAM under it, `vmferry.busy={a.busy_mib}`,"
+          f" cap {a.busy_cap / (1 << 20):g} MiB/s, TCG; load average {load[0]} at the start, {load[1]} at"
+          " the end; medians, min–max), QEMU's total-time and downtime from query-migrate on the source:")
+    print()
+    print("| route           | runs | total time               | downtime             | post-copy          | guest  | total vs plain | downtime vs plain |")
+    print("|-----------------|------|--------------------------|----------------------|--------------------|--------|----------------|-------------------|")
+    for s in summary:
+        runs = f"{s['n']}" + (f"+{s['failed']}✗" if s["failed"] else "")
+        if not s["n"]:
+            print(f"| {s['route']:15} | {runs:4} | failed                   | –                    | –                  | –      | –              | –                 |")
+            continue
+        vt, vd = busy_vs(s)
+        print(f"| {s['route']:15} | {runs:4} | {s['total']:24} | {s['downtime']:20} | {s['postcopy']:18}"
+              f" | {s['guest']:6} | {vt:14} | {vd:17} |")
+    for s in summary:
+        if s["failed"]:
+            print(f"\n✗ busy {s['route']}: {s['failed']} failed run(s): {s['error']}"[:400].replace("|", "/"))
+
+
+# ---------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -782,6 +1099,18 @@ def summarize(cells, results, failures, gib):
     return rows
 
 
+def print_paused(rows, a):
+    print()
+    print(f"Paused guest, {a.ram_mib} MiB {a.ram_pattern} RAM; medians of {a.runs} runs after {a.warmup}"
+          " warm-up, interleaved; destination RAM verified byte-identical every run.")
+    print("vs plain: median wall time / plain TCP's with the same stream count.  QEMU ms: QEMU's"
+          " total-time on the source.")
+    print("cpu s/GiB: both QEMUs + the carrier (stunnel, or both vmferry daemons + controller);"
+          " (QEMUs): the QEMUs' share.")
+    print()
+    print_table(rows, a.runs)
+
+
 def print_table(rows, runs):
     print(f"{'route':11} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
           f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'(QEMUs)':>8}")
@@ -804,26 +1133,27 @@ def print_table(rows, runs):
 def print_markdown(rows, live_rows, a, header):
     cmd = " ".join(["python3 bench/migrate_bench.py"] + sys.argv[1:])
     print(f"Measured {header} (`{cmd}`):")
-    print()
-    print("| route       | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
-    print("|-------------|------------|------|-------------|---------------|-------|----------|-----------|")
     notes = []
-    for row in rows:
-        runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
-        head = f"| {row['route']:11} | {streams_label(row['multifd']):10} | {runs:4} |"
-        if row["failed"]:
-            notes.append(f"{row['route']}, {streams_label(row['multifd'])}: {row['failed']} failed"
-                         f" run(s): {row['error']}")
-        if row.get("median") is None:
-            print(f"{head} failed      | –             |     – |        – |         – |")
-            continue
-        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "–"
-        mm = f"{row['min']:.2f}–{row['max']:.2f} s"
-        med = f"{row['median']:.3f} s"
-        print(f"{head} {med:11} | {mm:13} | {row['gibps']:5.2f} | {ratio:>8} | {row['cpu']:9.2f} |")
-    for n in notes:
-        n = n if len(n) <= 300 else n[:297] + "..."
-        print(f"\n✗ {n}".replace("|", "/"))
+    if rows:
+        print()
+        print("| route       | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
+        print("|-------------|------------|------|-------------|---------------|-------|----------|-----------|")
+        for row in rows:
+            runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
+            head = f"| {row['route']:11} | {streams_label(row['multifd']):10} | {runs:4} |"
+            if row["failed"]:
+                notes.append(f"{row['route']}, {streams_label(row['multifd'])}: {row['failed']} failed"
+                             f" run(s): {row['error']}")
+            if row.get("median") is None:
+                print(f"{head} failed      | –             |     – |        – |         – |")
+                continue
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "–"
+            mm = f"{row['min']:.2f}–{row['max']:.2f} s"
+            med = f"{row['median']:.3f} s"
+            print(f"{head} {med:11} | {mm:13} | {row['gibps']:5.2f} | {ratio:>8} | {row['cpu']:9.2f} |")
+        for n in notes:
+            n = n if len(n) <= 300 else n[:297] + "..."
+            print(f"\n✗ {n}".replace("|", "/"))
     if live_rows:
         print()
         print(f"Live guest ({a.live_ram_mib} MiB, dirtying 16 MiB continuously, TCG; medians, min–max),"
@@ -844,13 +1174,14 @@ def print_markdown(rows, live_rows, a, header):
                 print(f"\n✗ live {lr['route']}: {lr['failed']} failed run(s): {lr['error']}".replace("|", "/"))
 
 
-def med_range(values, unit="ms"):
+def med_range(values, unit="ms", digits=0):
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.0f} {unit}"
-    return f"{statistics.median(values):.0f} ({min(values):.0f}–{max(values):.0f}) {unit}"
+        return f"{values[0]:.{digits}f} {unit}"
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+            f" {unit}")
 
 
 def summarize_live(live_rows):
@@ -913,6 +1244,25 @@ def main():
     ap.add_argument("--live-multifd", type=int, default=0, help="stream count for the live guest")
     ap.add_argument("--live-runs", type=int, default=3, help="live runs per route (interleaved)")
     ap.add_argument("--live-ram-mib", type=int, default=None, help="default: --ram-mib")
+    ap.add_argument("--busy", action=argparse.BooleanOptionalAction, default=False,
+                    help="also migrate a busy guest that dirties memory faster than a capped link"
+                         " carries it, over plain QEMU post-copy and vmferry post-copy/auto-converge"
+                         " (off by default: opt in, it boots a guest per run and takes minutes)")
+    ap.add_argument("--busy-only", action="store_true",
+                    help="run only the busy-guest scenario (implies --busy; no paused or live runs)")
+    ap.add_argument("--busy-routes", default=",".join(BUSY_ROUTES),
+                    help="busy-guest routes, from: " + ",".join(BUSY_ROUTES))
+    ap.add_argument("--busy-mib", type=int, default=64,
+                    help="MiB the busy guest rewrites without pause (vmferry.busy=MIB)")
+    ap.add_argument("--busy-cap", type=parse_size, default="10M",
+                    help="the link's cap for the busy guest, bytes/s (binary suffixes as vmferry's"
+                         " --max-bandwidth: 10M = 10 MiB/s): max-bandwidth and max-postcopy-bandwidth")
+    ap.add_argument("--busy-ram-mib", type=int, default=384, help="the busy guest's RAM, MiB")
+    ap.add_argument("--busy-fill", choices=("zero", "random"), default="zero",
+                    help="what lies under the busy guest's RAM before it boots: zero (QEMU sends"
+                         " untouched pages as a few bytes: quicker) or random (every page is carried)")
+    ap.add_argument("--busy-timeout", type=int, default=300,
+                    help="seconds one busy-guest migration may take (pre-copy; post-copy runs out)")
     ap.add_argument("--timeout", type=int, default=90, help="seconds one migration may take")
     ap.add_argument("--stall", type=int, default=10,
                     help="QEMU routes: fail a migration whose source sent nothing for this many seconds")
@@ -930,13 +1280,22 @@ def main():
         mfds = parse_list(a.multifd, conv=int)
     except ValueError:
         sys.exit("--multifd takes comma-separated integers, e.g. 0,2,4")
+    if a.busy_only:
+        a.busy, a.live = True, False
+        routes = []
     live_routes = parse_list(a.live_routes, ALL_ROUTES) if a.live else []
+    busy_routes = parse_list(a.busy_routes, BUSY_ROUTES) if a.busy else []
+    if busy_routes and (a.busy_ram_mib < 128 or a.busy_mib < 1 or a.busy_mib + 160 > a.busy_ram_mib
+                        or a.busy_cap < 1):
+        sys.exit("need --busy-mib >= 1, --busy-cap >= 1 and --busy-ram-mib >= 128 and at least"
+                 " --busy-mib + 160 (the guest's kernel and its tmpfs must fit)")
     if a.live_ram_mib is None:
         a.live_ram_mib = a.ram_mib
     if a.runs < 1 or a.ram_mib < 16 or any(m < 0 for m in mfds) or (live_routes and a.live_ram_mib < 128):
         sys.exit("need --runs >= 1, --ram-mib >= 16, --multifd >= 0, and --live-ram-mib >= 128"
                  " (the guest's kernel must fit)")
-    need_vmferry = any(r in VMFERRY_ROUTES for r in routes + live_routes)
+    need_vmferry = (any(r in VMFERRY_ROUTES for r in routes + live_routes)
+                    or any(r != "plain-postcopy" for r in busy_routes))
     if need_vmferry and not os.access(VMFERRY, os.X_OK):
         sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
     if not shutil.which(QEMU):
@@ -979,29 +1338,32 @@ def main():
                 env.stunnel_error = str(e)
                 print(f"stunnel unavailable: {e}", flush=True)
 
-        template = shm_path("src")
-        print(f"writing {a.ram_mib} MiB of {a.ram_pattern} guest RAM to {template} ...", flush=True)
-        with open("/dev/urandom", "rb") as r, open(template, "wb") as w:
-            for mib in range(a.ram_mib):
-                if a.ram_pattern == "random":
-                    w.write(r.read(1 << 20))
-                    continue
-                # Text-like pages: every page different, none zero, compressible ~10:1.
-                pages = []
-                for p in range(256):
-                    line = (f"page {mib * 256 + p:08} of the guest page cache: "
-                            f"{r.read(6).hex()} lorem ipsum dolor sit amet. ").encode()
-                    pages.append((line * (4096 // len(line) + 1))[:4096])
-                w.write(b"".join(pages))
+        template = None
+        if routes or live_routes:
+            template = shm_path("src")
+            print(f"writing {a.ram_mib} MiB of {a.ram_pattern} guest RAM to {template} ...", flush=True)
+            with open("/dev/urandom", "rb") as r, open(template, "wb") as w:
+                for mib in range(a.ram_mib):
+                    if a.ram_pattern == "random":
+                        w.write(r.read(1 << 20))
+                        continue
+                    # Text-like pages: every page different, none zero, compressible ~10:1.
+                    pages = []
+                    for p in range(256):
+                        line = (f"page {mib * 256 + p:08} of the guest page cache: "
+                                f"{r.read(6).hex()} lorem ipsum dolor sit amet. ").encode()
+                        pages.append((line * (4096 // len(line) + 1))[:4096])
+                    w.write(b"".join(pages))
         gib = a.ram_mib / 1024
 
         cells = [(r, m) for m in mfds for r in routes]
         results = {c: [] for c in cells}
         failures = {c: [] for c in cells}
         total = len(cells) * (a.runs + a.warmup)
-        print(f"{len(cells)} routes x stream counts, {a.warmup} warm-up + {a.runs} runs each:"
-              f" {total} migrations of {a.ram_mib} MiB", flush=True)
-        for i in range(a.warmup + a.runs):
+        if cells:
+            print(f"{len(cells)} routes x stream counts, {a.warmup} warm-up + {a.runs} runs each:"
+                  f" {total} migrations of {a.ram_mib} MiB", flush=True)
+        for i in range(a.warmup + a.runs if cells else 0):
             tag = f"warm-up {i + 1}" if i < a.warmup else f"run {i - a.warmup + 1}/{a.runs}"
             k = i % len(cells)
             for cell in cells[k:] + cells[:k]:  # interleaved, the order rotating each round
@@ -1031,15 +1393,8 @@ def main():
                     break
 
         rows = summarize(cells, results, failures, gib)
-        print()
-        print(f"Paused guest, {a.ram_mib} MiB {a.ram_pattern} RAM; medians of {a.runs} runs after {a.warmup}"
-              " warm-up, interleaved; destination RAM verified byte-identical every run.")
-        print("vs plain: median wall time / plain TCP's with the same stream count.  QEMU ms: QEMU's"
-              " total-time on the source.")
-        print("cpu s/GiB: both QEMUs + the carrier (stunnel, or both vmferry daemons + controller);"
-              " (QEMUs): the QEMUs' share.")
-        print()
-        print_table(rows, a.runs)
+        if rows:
+            print_paused(rows, a)
 
         live_rows = []
         if live_routes:
@@ -1072,16 +1427,61 @@ def main():
                     live_rows.append((route, a.live_multifd, r, None))
                     all_runs.append({"live": True, "route": route, "multifd": a.live_multifd, **r})
 
+        busy_rows, busy_summary, busy_load = [], None, None
+        if busy_routes:
+            guest = (os.path.join(GUEST_DIR, "vmlinuz"), os.path.join(GUEST_DIR, "initramfs.img"))
+            # Always: it rebuilds only if the image is older than the guest scripts, and an
+            # image from before vmferry.busy= would not dirty anything.
+            r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "guest-image.sh")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"guest-image.sh failed: {r.stderr.strip()[-300:]}")
+            busy_start = loadavg()
+            print(f"\nBusy guest: {a.busy_ram_mib} MiB ({a.busy_fill} RAM under it), TCG, rewriting"
+                  f" {a.busy_mib} MiB without pause, link capped at {a.busy_cap} B/s; {a.runs} run(s)"
+                  f" per route, interleaved; load average {busy_start}", flush=True)
+            for i in range(a.runs):
+                k = i % len(busy_routes)
+                for route in busy_routes[k:] + busy_routes[:k]:
+                    try:
+                        if not all(os.path.exists(p) for p in guest):
+                            raise RuntimeError(f"no test guest in {GUEST_DIR} (scripts/guest-image.sh)")
+                        r = run_busy(env, route, guest)
+                    except Exception as e:
+                        print(f"  busy {route:16} FAILED: {e}", flush=True)
+                        busy_rows.append((route, None, str(e)))
+                        all_runs.append({"busy": True, "route": route, "error": str(e)})
+                        continue
+                    pc = f", post-copy {r['postcopy_s']:.1f} s" if r.get("postcopy_s") is not None else ""
+                    thr = f", throttle up to {r['throttle']}%" if r.get("throttle") else ""
+                    passes = f", {r['passes']} passes" if r.get("passes") is not None else ""
+                    mib = f", {r['bytes'] / (1 << 20):.0f} MiB sent" if r.get("bytes") else ""
+                    mc = r.get("memcheck")
+                    guest_said = (f"memcheck {'ok' if mc[1] else 'BAD'} at {mc[0]}" if mc else "no memcheck")
+                    verdict = "ok" if r["guest_ok"] else f"NOT OK: {r.get('guest_error')}"
+                    print(f"  busy {route:16} total {fmt_ms(r.get('qemu_ms'))}, downtime"
+                          f" {fmt_ms(r.get('downtime_ms'))}{pc}, wall {r['elapsed']:.1f} s{mib}{passes}{thr};"
+                          f" heartbeat {r['heartbeat'][0]} on the source, then {r['heartbeat'][1]} on the"
+                          f" destination, {guest_said}: {verdict} (boot took {r['boot_s']:.0f} s)", flush=True)
+                    busy_rows.append((route, r, None))
+                    all_runs.append({"busy": True, "route": route, **r})
+            busy_load = (busy_start.split()[0], loadavg().split()[0])
+            busy_summary = summarize_busy(busy_rows, busy_routes)
+            print_busy(busy_summary, a, busy_load)
+
         print(f"\nload average now {loadavg()}")
         if env.daemons and any(d.restarts for d in env.daemons):
             print("note: a vmferry daemon was restarted after a failed run")
         print("\n--- for the README ---\n")
         print_markdown(rows, live_rows, a, machine_header(load_start))
+        if busy_summary:
+            print_busy_markdown(busy_summary, a, busy_load)
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump({"args": vars(a), "runs": all_runs,
                            "summary": [{k: v for k, v in row.items()} for row in rows]}, f, indent=1)
-        if any(failures.values()) or any(err for *_, err in live_rows):
+        if (any(failures.values()) or any(err for *_, err in live_rows)
+                or any(err or not r.get("guest_ok") for _, r, err in busy_rows)):
             sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
