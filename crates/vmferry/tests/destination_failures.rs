@@ -75,8 +75,9 @@ fn rig(dst: impl FnOnce(&mut QemuOpts)) -> Result<Rig> {
     o.mem_file = Some(src_ram.path().to_path_buf());
     o.paused = true;
     let mut src = start_qemu(&o)?;
-    fill_random(src_ram.path())?;
-    // The source must answer QMP before the test goes on (and say why if it cannot).
+    // The source must answer QMP before its RAM is written: QEMU opens its memory file
+    // after its QMP socket, and refuses a file a writer has started to fill ("backing
+    // store size ... does not match"). Say why if it cannot.
     if let Err(e) = vmferry_qmp::Qmp::connect(&src.qmp, Duration::from_secs(15))
         .and_then(|mut q| q.query_status())
     {
@@ -86,6 +87,7 @@ fn rig(dst: impl FnOnce(&mut QemuOpts)) -> Result<Rig> {
             src.stderr_text()
         );
     }
+    fill_random(src_ram.path())?;
     let mut o = QemuOpts::new(tmp.path().join("dst.qmp"), tmp.path().join("dst.serial"));
     o.memory_mib = RAM_MIB;
     o.mem_file = Some(dst_ram.path().to_path_buf());

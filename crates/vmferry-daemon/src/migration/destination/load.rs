@@ -64,7 +64,11 @@ impl DestinationMigration {
     /// what it needs) must not fail a migration QEMU completed; one that breaks before
     /// fails it, once QEMU has had a moment to say so itself.
     pub(super) fn wait_loaded(&self) -> Result<()> {
-        let deadline = Instant::now() + LOAD_TIMEOUT;
+        // No fixed deadline: a large guest over a slow link loads for as long as it
+        // takes (the controller's --timeout and the source decide how long that may
+        // be); a load where nothing moves fails after the stall timeout.
+        let mut moved = Instant::now();
+        let mut seen = (0u64, String::new());
         let mut broken_since: Option<(Instant, String)> = None;
         let _held = self.qemu.hold();
         // Once post-copy started the guest lives here with part of its memory still on
@@ -133,11 +137,20 @@ impl DestinationMigration {
                     return Err(DaemonError::Channel(e.clone()));
                 }
             }
-            if Instant::now() >= deadline {
+            let now = (
+                self.meter.forward() + self.meter.backward(),
+                info.status.as_str().to_string(),
+            );
+            if now != seen {
+                seen = now;
+                moved = Instant::now();
+            } else if moved.elapsed() > self.stall_after {
                 return Err(DaemonError::Timeout(format!(
-                    "the destination QEMU had not loaded the state after {} s (status {})",
-                    LOAD_TIMEOUT.as_secs(),
-                    info.status.as_str()
+                    "nothing reached the destination QEMU for {} s (status {}, {} bytes \
+                     received)",
+                    self.stall_after.as_secs(),
+                    info.status.as_str(),
+                    seen.0
                 )));
             }
             std::thread::sleep(POLL);

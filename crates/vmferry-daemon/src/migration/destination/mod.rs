@@ -99,6 +99,11 @@ pub struct DestinationMigration {
     note: Mutex<Option<String>>,
     /// Whether QEMU is in post-copy (the guest runs here).
     postcopy: AtomicBool,
+    /// How long the load may stand still (nothing received, no change of QEMU's status)
+    /// before it fails: twice the migration's stall timeout, so that the source, which
+    /// sees both sides, is the one to judge a stall; this only keeps a destination left
+    /// alone from waiting forever.
+    stall_after: Duration,
     /// Set while a broken post-copy waits for its new channel.
     recovering: AtomicBool,
     /// For reverse: the cookie to dial the source with again after a broken post-copy.
@@ -182,6 +187,7 @@ impl DestinationMigration {
             peer: Mutex::new(None),
             note: Mutex::new(None),
             postcopy: AtomicBool::new(false),
+            stall_after: cookie.options.stall_timeout().saturating_mul(2),
             recovering: AtomicBool::new(false),
             reverse_cookie: Mutex::new(None),
         };
