@@ -43,6 +43,13 @@ impl DestinationMigration {
     /// Takes the peer link the source dialed (direct, tunnel) or we dialed (reverse).
     pub(super) fn start_peer(self: &Arc<Self>, daemon: &Arc<Daemon>, c: DataConn) -> Result<()> {
         let mut slot = lock(&self.peer);
+        if self.recovering.load(Ordering::SeqCst) {
+            // A recovery try that did not get its streams through left its link: the
+            // next try's replaces it.
+            if let Some(old) = slot.take() {
+                old.stop();
+            }
+        }
         if slot.is_some() {
             return Err(DaemonError::Denied(format!(
                 "{}: migration {} already has its peer link; refused",
@@ -234,6 +241,18 @@ impl DestinationMigration {
             .client_config(daemon, &self.identity, &addr, "source")?;
         let n16 = u16::try_from(self.n_streams)
             .map_err(|_| DaemonError::BadRequest("too many streams".into()))?;
+        // The peer link first, as the source dials it too: the other side closes its
+        // door once the streams are complete.
+        if cookie.peer_link {
+            let pre = Preamble {
+                transport: Transport::Reverse,
+                stream: 0,
+                streams: n16,
+                kind: StreamKind::Peer,
+            };
+            let link = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
+            self.start_peer(daemon, link)?;
+        }
         let mut conns = Vec::with_capacity(self.n_streams);
         for k in 0..n16 {
             let pre = Preamble {
@@ -243,16 +262,6 @@ impl DestinationMigration {
                 kind: StreamKind::Qemu,
             };
             conns.push(channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?);
-        }
-        if cookie.peer_link {
-            let pre = Preamble {
-                transport: Transport::Reverse,
-                stream: 0,
-                streams: n16,
-                kind: StreamKind::Peer,
-            };
-            let link = channel::dial(&self.id, &addr, cfg, pre, timeout)?;
-            self.start_peer(daemon, link)?;
         }
         self.attach(daemon, Transport::Reverse, conns)
     }

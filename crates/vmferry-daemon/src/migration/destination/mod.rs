@@ -242,10 +242,16 @@ impl DestinationMigration {
     /// The TLS configuration for a data connection that names this migration, or `None`
     /// when it must be refused (expired, or the channel already reached QEMU).
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        // Open while prepared; for the peer link that follows the streams; and while a
+        // broken post-copy waits for its new channel (and only then: a post-copy that
+        // has not yet noticed its loss takes nothing new).
         let recovering = self.recovering.load(Ordering::SeqCst);
-        let open = *lock(&self.state) == DestinationState::Prepared
-            || (lock(&self.peer).is_none() && !self.state().is_final())
-            || recovering;
+        let state = self.state();
+        let open = state == DestinationState::Prepared
+            || recovering
+            || (state == DestinationState::Receiving
+                && lock(&self.peer).is_none()
+                && !self.postcopy.load(Ordering::SeqCst));
         if (Instant::now() > self.expires && !recovering) || !open {
             return None;
         }

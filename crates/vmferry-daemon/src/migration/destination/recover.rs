@@ -24,7 +24,9 @@ impl DestinationMigration {
             t.stop();
         }
         drop(lock(&self.tunnel).take());
-        if let Some(p) = lock(&self.peer).take() {
+        // Silenced now, but its slot is only freed once QEMU listens again (below), so
+        // that no new link is taken before the new streams can be.
+        if let Some(p) = lock(&self.peer).as_ref() {
             p.stop();
         }
         let deadline = Instant::now() + PAUSE_WAIT;
@@ -64,6 +66,7 @@ impl DestinationMigration {
             st.error = None;
             st.transport
         };
+        drop(lock(&self.peer).take());
         self.recovering.store(true, Ordering::SeqCst);
         tracing::info!(migration = %self.id, "post-copy: waiting for the source's new channel");
         if transport == Some(Transport::Reverse) {

@@ -63,6 +63,9 @@ impl SourceMigration {
                     )
                 })?;
                 let cfg = trust.client_config(daemon, &self.identity, &addr, "destination")?;
+                // The peer link first: a destination recovering a post-copy closes its door
+                // once the streams are in.
+                self.dial_peer(cookie, &addr, cfg.clone(), transport, n16, timeout)?;
                 let mut slots = Slots::default();
                 for k in 0..n16 {
                     let pre = Preamble {
@@ -74,7 +77,6 @@ impl SourceMigration {
                     let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
                     slots.put(transport, &pre, n, c)?;
                 }
-                self.dial_peer(cookie, &addr, cfg, transport, n16, timeout)?;
                 Held::Conns(slots)
             }
             Transport::Tunnel => {
@@ -85,6 +87,7 @@ impl SourceMigration {
                     )
                 })?;
                 let cfg = trust.client_config(daemon, &self.identity, &addr, "destination")?;
+                self.dial_peer(cookie, &addr, cfg.clone(), transport, n16, timeout)?;
                 let pre = Preamble {
                     transport,
                     stream: 0,
@@ -92,7 +95,6 @@ impl SourceMigration {
                     kind: StreamKind::Qemu,
                 };
                 let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
-                self.dial_peer(cookie, &addr, cfg, transport, n16, timeout)?;
                 let t = Tunnel::client(c.conn, c.sock, &c.peer, self.meter.clone(), self.filters())
                     .map_err(|e| DaemonError::Channel(e.to_string()))?;
                 *lock(&self.tunnel_stop) = Some(t.stop_handle());

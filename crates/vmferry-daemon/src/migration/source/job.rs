@@ -287,12 +287,14 @@ impl SourceMigration {
             .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
         lock(&self.stops).push(stop.clone());
         let me = self.clone();
+        let generation = self.generation.load(Ordering::SeqCst);
         std::thread::Builder::new()
             .name(format!("pump-src-{k}"))
             .spawn(move || {
                 let r: std::result::Result<PumpStats, _> =
                     pump::pump_with(local, conn, sock, &peer, &me.meter, &stop, me.filters());
-                if let Err(e) = r {
+                let current = me.generation.load(Ordering::SeqCst) == generation;
+                if let (Err(e), true) = (r, current) {
                     let mut pe = lock(&me.pump_error);
                     if pe.is_none() {
                         *pe = Some(format!("data stream {k}: {e}"));

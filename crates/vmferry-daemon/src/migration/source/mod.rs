@@ -122,6 +122,9 @@ pub struct SourceMigration {
     /// Set while a broken post-copy makes its channel again (reverse connections are
     /// taken again then).
     recovering: AtomicBool,
+    /// Which channel the pumps belong to: a pump of a channel that recovery replaced
+    /// must not report its (expected) end as a failure of the new one.
+    generation: std::sync::atomic::AtomicU32,
     /// The tunnel, kept open after QEMU completed until `confirm`.
     tunnel_keep: Mutex<Option<Tunnel>>,
 }
@@ -219,6 +222,7 @@ impl SourceMigration {
             tunnel_stop: Mutex::new(None),
             performed: Mutex::new(None),
             recovering: AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU32::new(0),
             tunnel_keep: Mutex::new(None),
         };
         // Checked and taken under one lock: of two begins for one QEMU, one wins.

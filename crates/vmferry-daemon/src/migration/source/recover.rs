@@ -12,7 +12,7 @@ use super::*;
 /// How long recovery keeps trying before the guest is given up as paused.
 const RECOVER_FOR: Duration = Duration::from_secs(300);
 /// How long QEMU gets to notice the cut streams.
-const PAUSE_WAIT: Duration = Duration::from_secs(15);
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
 
 impl SourceMigration {
     pub(super) fn recover(
@@ -25,16 +25,19 @@ impl SourceMigration {
         *lock(&self.note) = Some(format!(
             "post-copy paused: {why}; recovering (attempt {attempt})"
         ));
-        // QEMU must see the break: cut what is left of the old streams.
+        // QEMU must see the break: cut what is left of the old streams (whose pumps'
+        // endings no longer count).
+        if let Some(p) = lock(&self.peer).take() {
+            p.stop();
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for s in lock(&self.stops).drain(..) {
             s.stop();
         }
         if let Some(t) = lock(&self.tunnel_stop).take() {
             t.stop();
         }
-        if let Some(p) = lock(&self.peer).take() {
-            p.stop();
-        }
+        *lock(&self.pump_error) = None;
         let deadline = Instant::now() + PAUSE_WAIT;
         loop {
             let info = self.qemu.with_qmp(|q| q.query_migrate())?;
