@@ -106,6 +106,27 @@ impl QemuHandle {
         }
     }
 
+    /// Waits until a post-copy QEMU paused on its broken channel (or ended: completed or
+    /// failed), at most `within`; its `query-migrate` then.
+    pub fn wait_postcopy_pause(&self, within: Duration) -> Result<vmferry_qmp::MigrationInfo> {
+        use vmferry_qmp::MigrationStatus as S;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let info = self.with_qmp(|q| q.query_migrate())?;
+            if matches!(info.status, S::PostcopyPaused | S::Completed | S::Failed) {
+                return Ok(info);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(DaemonError::Timeout(format!(
+                    "QEMU did not pause post-copy within {} s of the broken link (status {})",
+                    within.as_secs(),
+                    info.status.as_str()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether both handles reach the same QEMU.
     pub fn same_qemu(&self, other: &QemuHandle) -> bool {
         match (self, other) {

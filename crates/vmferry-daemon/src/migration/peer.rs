@@ -78,6 +78,37 @@ impl PeerLink {
     }
 }
 
+impl PeerLink {
+    /// Starts the link for one half of a migration: `own` says the half's state, and
+    /// `on_event` hands it the other half's news. Both hold the half and the daemon
+    /// weakly, so the link never keeps an ended migration alive.
+    pub fn for_half<H: Send + Sync + 'static>(
+        conn: DataConn,
+        id: &vmferry_proto::MigrationId,
+        half: &Arc<H>,
+        daemon: &Arc<crate::state::Daemon>,
+        own: fn(&H) -> PeerMessage,
+        on_event: fn(&Arc<H>, &Arc<crate::state::Daemon>, PeerEvent),
+    ) -> crate::error::Result<PeerLink> {
+        let me = Arc::downgrade(half);
+        let me2 = Arc::downgrade(half);
+        let d = Arc::downgrade(daemon);
+        PeerLink::start(
+            conn,
+            &id.as_str()[..8],
+            move || me.upgrade().map(|m| own(&m)),
+            move |ev| {
+                if let (Some(m), Some(d)) = (me2.upgrade(), d.upgrade()) {
+                    on_event(&m, &d, ev);
+                }
+            },
+        )
+        .map_err(|e| {
+            crate::error::DaemonError::Internal(format!("cannot start the peer link: {e}"))
+        })
+    }
+}
+
 impl Drop for PeerLink {
     fn drop(&mut self) {
         self.stop();

@@ -56,20 +56,10 @@ impl DestinationMigration {
                 c.peer, self.id
             )));
         }
-        let own = Arc::downgrade(self);
-        let me = Arc::downgrade(self);
-        let d = Arc::downgrade(daemon);
-        let link = PeerLink::start(
-            c,
-            &self.id.as_str()[..8],
-            move || own.upgrade().map(|m| m.peer_message()),
-            move |ev| {
-                if let (Some(m), Some(d)) = (me.upgrade(), d.upgrade()) {
-                    m.on_peer(&d, ev);
-                }
-            },
-        )
-        .map_err(|e| DaemonError::Internal(format!("cannot start the peer link: {e}")))?;
+        let link =
+            PeerLink::for_half(c, &self.id, self, daemon, Self::peer_message, |m, d, ev| {
+                m.on_peer(d, ev)
+            })?;
         *slot = Some(link);
         Ok(())
     }

@@ -29,22 +29,8 @@ impl DestinationMigration {
         if let Some(p) = lock(&self.peer).as_ref() {
             p.stop();
         }
-        let deadline = Instant::now() + PAUSE_WAIT;
-        loop {
-            let info = self.qemu.with_qmp(|q| q.query_migrate())?;
-            match info.status {
-                QemuMigrationStatus::PostcopyPaused => break,
-                QemuMigrationStatus::Completed => return Ok(()),
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                return Err(DaemonError::Timeout(format!(
-                    "QEMU did not pause post-copy within {} s of the broken link (status {})",
-                    PAUSE_WAIT.as_secs(),
-                    info.status.as_str()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self.qemu.wait_postcopy_pause(PAUSE_WAIT)?.status == QemuMigrationStatus::Completed {
+            return Ok(());
         }
         let path = {
             let mut sock = lock(&self.incoming_socket);

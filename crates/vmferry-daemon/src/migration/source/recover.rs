@@ -38,32 +38,20 @@ impl SourceMigration {
             t.stop();
         }
         *lock(&self.pump_error) = None;
-        let deadline = Instant::now() + PAUSE_WAIT;
-        loop {
-            let info = self.qemu.with_qmp(|q| q.query_migrate())?;
-            match info.status {
-                QemuMigrationStatus::PostcopyPaused => break,
-                QemuMigrationStatus::Completed => {
-                    return Err(DaemonError::Internal(
-                        "QEMU completed while the link was being recovered".into(),
-                    ))
-                }
-                QemuMigrationStatus::Failed => {
-                    return Err(DaemonError::Qemu(format!(
-                        "post-copy failed: {}",
-                        info.error_desc.unwrap_or_default()
-                    )))
-                }
-                _ => {}
+        let info = self.qemu.wait_postcopy_pause(PAUSE_WAIT)?;
+        match info.status {
+            QemuMigrationStatus::Completed => {
+                return Err(DaemonError::Internal(
+                    "QEMU completed while the link was being recovered".into(),
+                ))
             }
-            if Instant::now() > deadline {
-                return Err(DaemonError::Timeout(format!(
-                    "QEMU did not pause post-copy within {} s of the broken link (status {})",
-                    PAUSE_WAIT.as_secs(),
-                    info.status.as_str()
-                )));
+            QemuMigrationStatus::Failed => {
+                return Err(DaemonError::Qemu(format!(
+                    "post-copy failed: {}",
+                    info.error_desc.unwrap_or_default()
+                )))
             }
-            std::thread::sleep(Duration::from_millis(50));
+            _ => {}
         }
         let (cookie, transport) = lock(&self.performed)
             .clone()
