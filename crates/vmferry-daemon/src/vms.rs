@@ -61,8 +61,9 @@ impl ManagedVm {
             Ok(r) => Ok(r),
             Err(e) => {
                 // A broken connection is dropped so the next call reconnects; a command
-                // error leaves it usable.
-                if !matches!(e, QmpError::Command { .. }) {
+                // error or a late reply leaves it usable (a QEMU whose main loop is
+                // blocked could not answer a new handshake either).
+                if !matches!(e, QmpError::Command { .. } | QmpError::Timeout { .. }) {
                     *guard = None;
                     if let Some(reason) = self.exit_reason() {
                         return Err(DaemonError::Qemu(reason));

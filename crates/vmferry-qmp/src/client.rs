@@ -10,6 +10,11 @@
 //!   are queued, oldest first, up to [`MAX_QUEUED_EVENTS`]; beyond that the oldest go.
 //! - **wait without a deadline.** Connecting, the handshake, each command and each event
 //!   wait run against a deadline the caller chose.
+//! - **pile commands up behind a busy QEMU.** A command whose reply timed out is still
+//!   queued in QEMU (its main loop may be blocked, e.g. by a vCPU waiting for a post-copy
+//!   page): the next in-band command waits for that late reply before it is sent, so
+//!   QEMU's request queue never fills and out-of-band commands (`exec-oob`, negotiated
+//!   when QEMU offers it) still get through.
 
 use crate::error::QmpError;
 use crate::types::{Event, QemuVersion};
@@ -51,6 +56,10 @@ pub struct Qmp {
     timeout: Duration,
     /// The QEMU version from the greeting, if it announced one.
     version: Option<QemuVersion>,
+    /// Whether out-of-band execution was negotiated (QEMU offered "oob").
+    oob: bool,
+    /// An in-band command whose reply timed out: (its id, its name). QEMU still holds it.
+    late: Option<(u64, String)>,
 }
 
 impl Qmp {
@@ -98,6 +107,8 @@ impl Qmp {
             next_id: 1,
             timeout: DEFAULT_TIMEOUT,
             version: None,
+            oob: false,
+            late: None,
         };
         let greeting = q.wire.read_message(
             &deadline,
@@ -110,8 +121,15 @@ impl Qmp {
             )));
         }
         q.version = QemuVersion::from_greeting(&greeting);
-        tracing::debug!(version = ?q.version, "QMP greeting");
-        q.execute_by("qmp_capabilities", None, &deadline)?;
+        let offered = greeting
+            .get("QMP")
+            .and_then(|g| g.get("capabilities"))
+            .and_then(Value::as_array)
+            .is_some_and(|caps| caps.iter().any(|c| c.as_str() == Some("oob")));
+        tracing::debug!(version = ?q.version, oob = offered, "QMP greeting");
+        let args = offered.then(|| serde_json::json!({ "enable": ["oob"] }));
+        q.execute_by("qmp_capabilities", args, &deadline, false)?;
+        q.oob = offered;
         Ok(q)
     }
 
@@ -135,7 +153,22 @@ impl Qmp {
     /// replies with another id (to an earlier command that timed out) are skipped.
     pub fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value, QmpError> {
         let deadline = Deadline::after(self.timeout);
-        self.execute_by(cmd, args, &deadline)
+        self.execute_by(cmd, args, &deadline, false)
+    }
+
+    /// Like [`Qmp::execute`], but out of band (`exec-oob`) when the session negotiated it:
+    /// QEMU runs the command at once in its monitor thread, even while its main loop is
+    /// blocked. Only commands QEMU marks `allow-oob` may be sent so (e.g.
+    /// `migrate-recover`, `migrate-pause`). Without out-of-band support it runs in band.
+    pub fn execute_oob(&mut self, cmd: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let deadline = Deadline::after(self.timeout);
+        let oob = self.oob;
+        self.execute_by(cmd, args, &deadline, oob)
+    }
+
+    /// Whether out-of-band execution was negotiated.
+    pub fn oob(&self) -> bool {
+        self.oob
     }
 
     fn execute_by(
@@ -143,12 +176,19 @@ impl Qmp {
         cmd: &str,
         args: Option<Value>,
         deadline: &Deadline,
+        oob: bool,
     ) -> Result<Value, QmpError> {
         self.wire.usable()?;
+        if !oob {
+            self.wait_late(deadline)?;
+        }
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = Map::new();
-        msg.insert("execute".into(), Value::from(cmd));
+        msg.insert(
+            if oob { "exec-oob" } else { "execute" }.into(),
+            Value::from(cmd),
+        );
         if let Some(a) = args {
             msg.insert("arguments".into(), a);
         }
@@ -159,7 +199,16 @@ impl Qmp {
         let what = format!("reply to {cmd}");
         self.wire.send(&line, deadline, &what)?;
         loop {
-            let mut m = self.wire.read_message(deadline, &what)?;
+            let mut m = match self.wire.read_message(deadline, &what) {
+                Ok(m) => m,
+                Err(e @ QmpError::Timeout { .. }) => {
+                    if !oob {
+                        self.late = Some((id, cmd.to_string()));
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             if m.contains_key("event") {
                 self.queue_event(&m)?;
                 continue;
@@ -170,6 +219,13 @@ impl Qmp {
                 // the one request in flight is ours.
                 None => {}
                 Some(other) => {
+                    if self
+                        .late
+                        .as_ref()
+                        .is_some_and(|(l, _)| other.as_u64() == Some(*l))
+                    {
+                        self.late = None;
+                    }
                     tracing::debug!(id = %other, "skipping a reply to an earlier command");
                     continue;
                 }
@@ -190,6 +246,21 @@ impl Qmp {
                 preview(Value::Object(m).to_string().as_bytes())
             )));
         }
+    }
+
+    /// Waits, by `deadline`, for the late reply of an in-band command that timed out, so
+    /// that no second in-band command queues up behind it in QEMU.
+    fn wait_late(&mut self, deadline: &Deadline) -> Result<(), QmpError> {
+        while let Some((late, name)) = self.late.clone() {
+            let what = format!("the late reply to {name} (QEMU's main loop is busy)");
+            let m = self.wire.read_message(deadline, &what)?;
+            if m.contains_key("event") {
+                self.queue_event(&m)?;
+            } else if m.get("id").and_then(Value::as_u64) == Some(late) {
+                self.late = None;
+            }
+        }
+        Ok(())
     }
 
     /// Hands out the events received so far, oldest first.
@@ -222,6 +293,10 @@ impl Qmp {
         loop {
             let m = self.wire.read_message(&deadline, what)?;
             if !m.contains_key("event") {
+                let id = m.get("id").and_then(Value::as_u64);
+                if self.late.as_ref().is_some_and(|(l, _)| id == Some(*l)) {
+                    self.late = None;
+                }
                 tracing::debug!("skipping a reply to an earlier command");
                 continue;
             }
@@ -439,6 +514,86 @@ mod tests {
         q.set_timeout(Duration::from_millis(200));
         assert!(matches!(q.query_status(), Err(QmpError::Timeout { .. })));
         q.set_timeout(Duration::from_secs(5));
+        assert_eq!(q.query_status().expect("status").status, "running");
+    }
+
+    #[test]
+    fn no_second_in_band_command_is_sent_while_qemu_still_holds_a_timed_out_one() {
+        let (_d, p, h) = serve(|s| {
+            let (mut r, mut w) = handshake(s);
+            let first = next_command(&mut r).expect("first");
+            // Nothing else may arrive while the first is unanswered.
+            r.get_ref()
+                .set_read_timeout(Some(Duration::from_millis(800)))
+                .expect("timeout");
+            let early = next_command(&mut r);
+            assert!(early.is_none(), "sent behind a late command: {early:?}");
+            r.get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            reply(
+                &mut w,
+                &format!(
+                    "{{\"return\": {{\"status\": \"late\", \"running\": false}}, \"id\": {}}}",
+                    first["id"]
+                ),
+            );
+            let next = next_command(&mut r).expect("next");
+            reply(
+                &mut w,
+                &format!(
+                    "{{\"return\": {{\"status\": \"running\", \"running\": true}}, \"id\": {}}}",
+                    next["id"]
+                ),
+            );
+            let _ = next_command(&mut r);
+        });
+        let mut q = connect(&p);
+        q.set_timeout(Duration::from_millis(200));
+        assert!(matches!(q.query_status(), Err(QmpError::Timeout { .. })));
+        let e = q.query_status().expect_err("the first is still late");
+        assert!(e.to_string().contains("late reply to query-status"), "{e}");
+        q.set_timeout(Duration::from_secs(5));
+        assert_eq!(q.query_status().expect("status").status, "running");
+        drop(q);
+        h.join().expect("the server saw one command at a time");
+    }
+
+    #[test]
+    fn an_out_of_band_command_goes_out_while_an_in_band_one_is_late() {
+        let (_d, p, _h) = serve(|s| {
+            let (mut r, mut w) = handshake(s);
+            let first = next_command(&mut r).expect("first");
+            let oob = next_command(&mut r).expect("out of band");
+            assert_eq!(oob["exec-oob"], "migrate-recover", "{oob}");
+            assert_eq!(oob["arguments"]["uri"], "unix:/r.sock");
+            reply(
+                &mut w,
+                &format!("{{\"return\": {{}}, \"id\": {}}}", oob["id"]),
+            );
+            reply(
+                &mut w,
+                &format!(
+                    "{{\"return\": {{\"status\": \"late\", \"running\": false}}, \"id\": {}}}",
+                    first["id"]
+                ),
+            );
+            let next = next_command(&mut r).expect("next");
+            reply(
+                &mut w,
+                &format!(
+                    "{{\"return\": {{\"status\": \"running\", \"running\": true}}, \"id\": {}}}",
+                    next["id"]
+                ),
+            );
+            let _ = next_command(&mut r);
+        });
+        let mut q = connect(&p);
+        assert!(q.oob(), "QEMU offered oob");
+        q.set_timeout(Duration::from_millis(200));
+        assert!(matches!(q.query_status(), Err(QmpError::Timeout { .. })));
+        q.set_timeout(Duration::from_secs(5));
+        q.migrate_recover("unix:/r.sock").expect("answered at once");
         assert_eq!(q.query_status().expect("status").status, "running");
     }
 

@@ -83,9 +83,11 @@ impl Qmp {
     }
 
     /// Makes a destination in `postcopy-paused` listen on `uri` for the source's resume
-    /// (QEMU 3.0+).
+    /// (QEMU 3.0+). Sent out of band where negotiated: a vCPU waiting for a page that
+    /// only the lost link could bring may hold QEMU's main loop, and QEMU then takes the
+    /// new channel in its monitor thread.
     pub fn migrate_recover(&mut self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate-recover", Some(json!({ "uri": uri })))
+        self.execute_oob("migrate-recover", Some(json!({ "uri": uri })))
             .map(drop)
     }
 

@@ -5,9 +5,12 @@ use std::time::Duration;
 
 /// Why a QMP call failed.
 ///
-/// Only [`QmpError::Command`] leaves the session usable for certain: QEMU understood the
-/// command and refused it. After any other error the caller should drop the [`crate::Qmp`]
-/// and connect again if it still needs QEMU.
+/// [`QmpError::Command`] leaves the session usable: QEMU understood the command and
+/// refused it. So does [`QmpError::Timeout`] of a command's reply: the next command first
+/// waits for the late reply (see [`crate::Qmp::execute`]); dropping the session instead
+/// would need a new handshake, which a QEMU whose main loop is blocked cannot answer.
+/// After any other error the caller should drop the [`crate::Qmp`] and connect again if
+/// it still needs QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The socket could not be connected to before the connect timeout ran out.

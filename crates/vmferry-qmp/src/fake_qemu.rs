@@ -45,6 +45,10 @@ pub(crate) fn handshake(s: UnixStream) -> (BufReader<UnixStream>, UnixStream) {
     w.write_all(GREETING.as_bytes()).expect("greet");
     let cmd = next_command(&mut r).expect("qmp_capabilities");
     assert_eq!(cmd["execute"], "qmp_capabilities");
+    assert_eq!(
+        cmd["arguments"]["enable"][0], "oob",
+        "offered, so negotiated"
+    );
     reply(
         &mut w,
         &format!("{{\"return\": {{}}, \"id\": {}}}", cmd["id"]),

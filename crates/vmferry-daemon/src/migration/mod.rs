@@ -97,7 +97,10 @@ impl QemuHandle {
                 };
                 let r = f(&mut q);
                 // Kept only while held, and only if still usable (a command error is).
-                let usable = matches!(&r, Ok(_) | Err(QmpError::Command { .. }));
+                let usable = matches!(
+                    &r,
+                    Ok(_) | Err(QmpError::Command { .. } | QmpError::Timeout { .. })
+                );
                 if usable && a.holding.load(std::sync::atomic::Ordering::SeqCst) {
                     *held = Some(q);
                 }
@@ -125,6 +128,27 @@ impl QemuHandle {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `query-migrate`, waiting at most `wait` for the reply: `None` when QEMU did not
+    /// answer by then. During post-copy that is expected: a vCPU waiting for a page that
+    /// has not arrived can hold QEMU's main loop, which answers in-band commands. The
+    /// session stays usable (the next command waits for the late reply first).
+    pub fn query_migrate_within(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<vmferry_qmp::MigrationInfo>> {
+        self.with_qmp(|q| {
+            let usual = q.timeout();
+            q.set_timeout(wait);
+            let r = q.query_migrate();
+            q.set_timeout(usual);
+            match r {
+                Ok(info) => Ok(Some(info)),
+                Err(QmpError::Timeout { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
     }
 
     /// Whether both handles reach the same QEMU.
