@@ -32,6 +32,8 @@ pub struct PeerLink {
     stop: Arc<AtomicBool>,
     /// What the other half last said, and when.
     last: Arc<Mutex<Option<PeerMessage>>>,
+    /// Set once the link's thread ended (after it handed over its last message).
+    ended: Arc<AtomicBool>,
 }
 
 impl PeerLink {
@@ -49,12 +51,15 @@ impl PeerLink {
             pending: Arc::new(Mutex::new(None)),
             stop: Arc::new(AtomicBool::new(false)),
             last: Arc::new(Mutex::new(None)),
+            ended: Arc::new(AtomicBool::new(false)),
         };
         let (pending, stop, last) = (link.pending.clone(), link.stop.clone(), link.last.clone());
+        let ended = link.ended.clone();
         std::thread::Builder::new()
             .name(format!("peer-{name}"))
             .spawn(move || {
                 let lost = run(conn, &pending, &stop, &last, &own, &on_event);
+                ended.store(true, Ordering::SeqCst);
                 if !stop.load(Ordering::SeqCst) {
                     on_event(PeerEvent::Lost(lost));
                 }
@@ -70,6 +75,12 @@ impl PeerLink {
     /// What the other half said last.
     pub fn last(&self) -> Option<PeerMessage> {
         crate::vms::lock(&self.last).clone()
+    }
+
+    /// Whether the link still runs: every message the other half sent before it ended
+    /// has been handed over once this is false.
+    pub fn alive(&self) -> bool {
+        !self.ended.load(Ordering::SeqCst)
     }
 
     /// Ends the link, once a state given to [`PeerLink::notify`] went out.

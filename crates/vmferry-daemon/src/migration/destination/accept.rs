@@ -44,11 +44,12 @@ impl DestinationMigration {
     pub(super) fn start_peer(self: &Arc<Self>, daemon: &Arc<Daemon>, c: DataConn) -> Result<()> {
         let mut slot = lock(&self.peer);
         if self.recovering.load(Ordering::SeqCst) {
-            // A recovery try that did not get its streams through left its link: the
-            // next try's replaces it.
+            // Each recovery try of the source starts with its peer link: whatever an
+            // earlier try left (its link, the streams it got through) is replaced.
             if let Some(old) = slot.take() {
                 old.stop();
             }
+            lock(&self.streams).slots.clear();
         }
         if slot.is_some() {
             return Err(DaemonError::Denied(format!(
@@ -79,11 +80,20 @@ impl DestinationMigration {
                 self.abort(daemon, &why);
             }
             PeerEvent::Message(_) => {}
+            PeerEvent::Lost(why) if self.recovering.load(Ordering::SeqCst) => {
+                // The link of a recovery try that did not get through: the door stays
+                // open for the next try.
+                tracing::info!(migration = %self.id, "post-copy recovery: {why}");
+            }
             PeerEvent::Lost(why)
                 if self.postcopy.load(Ordering::SeqCst) && !self.state().is_final() =>
             {
                 // The guest runs here and needs the rest of its memory: get the channel
-                // back rather than give up.
+                // back rather than give up. One recovery at a time.
+                if self.recovery_running.swap(true, Ordering::SeqCst) {
+                    tracing::info!(migration = %self.id, "{why} (already recovering)");
+                    return;
+                }
                 let me = self.clone();
                 let d = daemon.clone();
                 let spawned = std::thread::Builder::new()
@@ -93,8 +103,10 @@ impl DestinationMigration {
                             tracing::error!(migration = %me.id, "post-copy recovery: {e}");
                             *lock(&me.note) = Some(format!("post-copy recovery failed: {e}"));
                         }
+                        me.recovery_running.store(false, Ordering::SeqCst);
                     });
                 if let Err(e) = spawned {
+                    self.recovery_running.store(false, Ordering::SeqCst);
                     tracing::error!(migration = %self.id, "cannot start recovery: {e}");
                 }
             }
@@ -290,7 +302,13 @@ impl DestinationMigration {
             let local = match local {
                 Ok(l) => l,
                 Err(e) => {
-                    self.record_end(Err(&e));
+                    if recovered {
+                        // The next recovery try gets the door again.
+                        lock(&self.streams).attached = false;
+                        self.recovering.store(true, Ordering::SeqCst);
+                    } else {
+                        self.record_end(Err(&e));
+                    }
                     return Err(e);
                 }
             };

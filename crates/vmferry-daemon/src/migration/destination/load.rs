@@ -90,8 +90,30 @@ impl DestinationMigration {
             if let (Some(e), None) = (&stream_error, &broken_since) {
                 broken_since = Some((Instant::now(), e.clone()));
             }
-            let info = match self.qemu.with_qmp(|q| q.query_migrate()) {
-                Ok(info) => info,
+            // Where post-copy may happen, never long in QMP's lock (recovery needs it for
+            // migrate-recover), and a busy main loop is no reason to give up.
+            let polled = if self.may_postcopy {
+                self.qemu.query_migrate_within(BUSY_WAIT)
+            } else {
+                self.qemu.with_qmp(|q| q.query_migrate()).map(Some)
+            };
+            let info = match polled {
+                Ok(Some(info)) => info,
+                Ok(None) if postcopy => {
+                    *lock(&self.note) = Some(
+                        "post-copy: the guest waits for pages from the source (QEMU's main \
+                         loop is busy)"
+                            .into(),
+                    );
+                    continue;
+                }
+                Ok(None) if moved.elapsed() > self.stall_after => {
+                    return Err(DaemonError::Timeout(format!(
+                        "the destination QEMU answered nothing for {} s",
+                        self.stall_after.as_secs()
+                    )))
+                }
+                Ok(None) => continue,
                 Err(e) => return Err(self.qemu_gone(e)),
             };
             if !postcopy

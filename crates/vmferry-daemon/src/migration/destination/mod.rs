@@ -45,6 +45,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(5);
 /// How long QEMU gets to report completion after a stream broke.
 const BROKEN_GRACE: Duration = Duration::from_secs(3);
+/// How long a post-copy poll waits for QEMU's in-band reply before trying again.
+const BUSY_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct Streams {
@@ -104,8 +106,12 @@ pub struct DestinationMigration {
     /// sees both sides, is the one to judge a stall; this only keeps a destination left
     /// alone from waiting forever.
     stall_after: Duration,
+    /// Whether the migration may switch to post-copy (the cookie enabled it).
+    may_postcopy: bool,
     /// Set while a broken post-copy waits for its new channel.
     recovering: AtomicBool,
+    /// Set while a recovery readies QEMU for a new channel: one at a time.
+    recovery_running: AtomicBool,
     /// For reverse: the cookie to dial the source with again after a broken post-copy.
     reverse_cookie: Mutex<Option<Cookie>>,
 }
@@ -188,7 +194,9 @@ impl DestinationMigration {
             note: Mutex::new(None),
             postcopy: AtomicBool::new(false),
             stall_after: cookie.options.stall_timeout().saturating_mul(2),
+            may_postcopy: cookie.options.postcopy.is_some(),
             recovering: AtomicBool::new(false),
+            recovery_running: AtomicBool::new(false),
             reverse_cookie: Mutex::new(None),
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());

@@ -29,21 +29,40 @@ impl DestinationMigration {
         if let Some(p) = lock(&self.peer).as_ref() {
             p.stop();
         }
-        if self.qemu.wait_postcopy_pause(PAUSE_WAIT)?.status == QemuMigrationStatus::Completed {
-            return Ok(());
-        }
+        // QEMU listens on a fresh socket; it becomes the one streams are taken to only
+        // once QEMU said yes.
         let path = {
-            let mut sock = lock(&self.incoming_socket);
+            let sock = lock(&self.incoming_socket);
             let n = lock(&self.streams).recoveries + 1;
             let base = self.id.as_str();
-            let path = sock.with_file_name(format!("migrate-in-{base}-r{n}.sock"));
-            let _ = std::fs::remove_file(&*sock);
-            *sock = path.clone();
-            path
+            sock.with_file_name(format!("migrate-in-{base}-r{n}.sock"))
         };
         let _ = std::fs::remove_file(&path);
         let uri = format!("unix:{}", path.display());
-        self.qemu.with_qmp(|q| q.migrate_recover(&uri))?;
+        // Out of band, and without asking QEMU's state first (query-migrate is in-band,
+        // and the main loop may be held by a vCPU waiting for a page): QEMU refuses
+        // migrate-recover until it noticed the cut streams and paused, so ask again.
+        let deadline = Instant::now() + PAUSE_WAIT;
+        loop {
+            match self.qemu.with_qmp(|q| q.migrate_recover(&uri)) {
+                Ok(()) => break,
+                Err(_) if self.state() != DestinationState::Receiving => {
+                    return Ok(()); // post-copy completed (or ended) meanwhile
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(DaemonError::Qemu(format!(
+                        "QEMU did not take migrate-recover within {} s of the broken link: {e}",
+                        PAUSE_WAIT.as_secs()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        {
+            let mut sock = lock(&self.incoming_socket);
+            let _ = std::fs::remove_file(&*sock);
+            *sock = path;
+        }
         let transport = {
             let mut st = lock(&self.streams);
             st.recoveries += 1;

@@ -428,18 +428,14 @@ impl SourceMigration {
             std::thread::sleep(Duration::from_millis(20));
         }
         if let Some(p) = lock(&self.peer_failure).clone() {
-            return DaemonError::Qemu(format!(
-                "the guest is lost: {p}, during post-copy, when part of the guest's memory \
-                 was only there; the source's copy is stale and is not resumed"
-            ));
+            return super::recover::guest_lost(&p);
         }
         let why = lock(&self.pump_error)
             .clone()
             .unwrap_or_else(|| "the migration was interrupted".into());
         DaemonError::Channel(format!(
             "{why} during post-copy: the guest's memory is split between the hosts and QEMU \
-             holds both halves paused (postcopy-paused); vmferry cannot recover it \
-             automatically yet"
+             holds both halves paused (postcopy-paused) for an operator"
         ))
     }
 }

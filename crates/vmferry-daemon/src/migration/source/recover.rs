@@ -13,6 +13,15 @@ use super::*;
 const RECOVER_FOR: Duration = Duration::from_secs(300);
 /// How long QEMU gets to notice the cut streams.
 const PAUSE_WAIT: Duration = Duration::from_secs(30);
+/// How long recovery listens for the destination's word before it cuts the peer link:
+/// a destination whose QEMU died says so a moment after the streams broke (it notices
+/// by polling QEMU), and then there is nothing to recover.
+const HEAR_GRACE: Duration = Duration::from_secs(5);
+/// How long the destination may answer that it does not know the migration before
+/// recovery gives up: briefly expected (its door opens only once its QEMU listens
+/// again, after its own peer link went silent), for longer it means the destination
+/// gave the migration up or its daemon restarted.
+const UNKNOWN_FOR: Duration = Duration::from_secs(60);
 
 impl SourceMigration {
     pub(super) fn recover(
@@ -25,6 +34,7 @@ impl SourceMigration {
         *lock(&self.note) = Some(format!(
             "post-copy paused: {why}; recovering (attempt {attempt})"
         ));
+        self.hear_destination(HEAR_GRACE)?;
         // QEMU must see the break: cut what is left of the old streams (whose pumps'
         // endings no longer count).
         if let Some(p) = lock(&self.peer).take() {
@@ -59,11 +69,10 @@ impl SourceMigration {
         let give_up = Instant::now() + RECOVER_FOR;
         let mut backoff = Duration::from_millis(500);
         let mut try_no = 0u32;
+        let mut unknown_since: Option<Instant> = None;
         loop {
             if let Some(p) = lock(&self.peer_failure).clone() {
-                return Err(DaemonError::Qemu(format!(
-                    "the guest is lost: {p}, during post-copy"
-                )));
+                return Err(guest_lost(&p));
             }
             try_no += 1;
             *lock(&self.note) = Some(format!(
@@ -96,6 +105,20 @@ impl SourceMigration {
                 }
                 Err(e) => {
                     tracing::info!(migration = %self.id, "post-copy recovery try {try_no}: {e}");
+                    if unknown_here(&e) {
+                        let since = *unknown_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > UNKNOWN_FOR {
+                            return Err(DaemonError::Qemu(format!(
+                                "post-copy cannot be recovered: for {} s the destination has \
+                                 not known migration {} ({e}); it gave the migration up or \
+                                 its daemon restarted, and the guest is lost to vmferry",
+                                UNKNOWN_FOR.as_secs(),
+                                self.id
+                            )));
+                        }
+                    } else {
+                        unknown_since = None;
+                    }
                     if Instant::now() > give_up {
                         return Err(DaemonError::Timeout(format!(
                             "post-copy could not be recovered within {} s ({e}); both QEMUs \
@@ -109,4 +132,36 @@ impl SourceMigration {
             }
         }
     }
+}
+
+impl SourceMigration {
+    /// Waits up to `within` for the destination to say its half failed, while the peer
+    /// link still runs: a failure it reports means the guest is lost, not the link.
+    fn hear_destination(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(p) = lock(&self.peer_failure).clone() {
+                return Err(guest_lost(&p));
+            }
+            let listening = lock(&self.peer).as_ref().is_some_and(|p| p.alive());
+            if !listening || Instant::now() > deadline {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The error for a post-copy whose destination half failed.
+pub(super) fn guest_lost(cause: &str) -> DaemonError {
+    DaemonError::Qemu(format!(
+        "the guest is lost: {cause}, during post-copy, when part of the guest's memory was \
+         only there; the source's copy is stale and is not resumed"
+    ))
+}
+
+/// Whether a dial failed because the destination does not serve this migration's name
+/// (the TLS alert `unrecognized_name`, as the channel crate words it).
+fn unknown_here(e: &DaemonError) -> bool {
+    e.to_string().contains("alert: UnrecognisedName")
 }
