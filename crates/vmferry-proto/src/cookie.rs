@@ -205,12 +205,60 @@ pub struct MigrationOptions {
     pub postcopy: Option<PostCopy>,
 }
 
+impl MigrationOptions {
+    /// QEMU's connections: the main channel, one per multifd channel, and post-copy's
+    /// preempt channel. Saturates rather than overflows.
+    pub fn streams(&self) -> u32 {
+        let preempt = self.postcopy.is_some_and(|p| p.preempt);
+        self.multifd
+            .saturating_add(1)
+            .saturating_add(u32::from(preempt))
+    }
+}
+
 /// When a migration switches to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PostCopy {
     /// Switch after this much pre-copy (ms) rather than after the first full pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_ms: Option<u64>,
+    /// QEMU's postcopy-preempt: pages the destination faults on travel on a connection
+    /// of their own instead of queueing behind the background stream. Set by the source
+    /// when its QEMU has it, kept by the destination only when its QEMU has it too and
+    /// the two speak the same preempt protocol ([`PostCopy::preempt_between`]). It adds
+    /// one stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preempt: bool,
+}
+
+impl PostCopy {
+    /// Whether QEMUs of these releases can use postcopy-preempt together: QEMU 8.0
+    /// changed the preempt channel's protocol (before, 7.2's was experimental), so the
+    /// releases must both be 8.0 or newer, or be the same release. An unknown release
+    /// is not guessed at.
+    pub fn preempt_between(source: Option<QemuRelease>, destination: Option<QemuRelease>) -> bool {
+        match (source, destination) {
+            (Some(s), Some(d)) => {
+                let v8 = |r: QemuRelease| (r.major, r.minor) >= (8, 0);
+                (v8(s) && v8(d)) || (s.major, s.minor) == (d.major, d.minor)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A QEMU release, as its QMP greeting gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuRelease {
+    pub major: u64,
+    pub minor: u64,
+    pub micro: u64,
+}
+
+impl std::fmt::Display for QemuRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
 }
 
 /// How auto-converge throttles: the first step and each further one, in percent of the
@@ -322,6 +370,9 @@ pub struct Cookie {
     /// version 2; the controller decides).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub peer_link: bool,
+    /// The source QEMU's release, where it announced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_qemu: Option<QemuRelease>,
 }
 
 /// What a destination QEMU must match for the source's state to load into it.
@@ -400,10 +451,10 @@ impl MachineShape {
 
 impl Cookie {
     /// Number of TCP data connections the migration uses: QEMU's main channel, plus one
-    /// per multifd channel. Saturates rather than overflows: it may be asked of a cookie
+    /// per multifd channel, plus post-copy's preempt channel. Saturates rather than overflows: it may be asked of a cookie
     /// from a peer before [`Cookie::check`] refuses absurd counts.
     pub fn streams(&self) -> u32 {
-        self.options.multifd.saturating_add(1)
+        self.options.streams()
     }
 
     /// Checks what serde cannot: bounds on counts.
@@ -463,10 +514,18 @@ mod tests {
             transport_notes: vec![],
             source_machine: None,
             peer_link: false,
+            source_qemu: None,
         };
         assert_eq!(c.streams(), 1);
         c.options.multifd = 4;
         assert_eq!(c.streams(), 5);
+        c.options.postcopy = Some(PostCopy {
+            after_ms: None,
+            preempt: true,
+        });
+        assert_eq!(c.streams(), 6, "the preempt channel is a stream of its own");
+        c.options.multifd = u32::MAX;
+        assert_eq!(c.streams(), u32::MAX, "saturates");
         c.options.multifd = 10_000;
         assert!(c.check().is_err());
     }
@@ -526,5 +585,30 @@ mod tests {
             assert_eq!(Transport::from_code(t.code()), Some(t));
         }
         assert_eq!(Transport::from_code(0), None);
+    }
+
+    #[test]
+    fn preempt_is_used_only_between_releases_that_speak_the_same_preempt_protocol() {
+        let r = |major, minor| {
+            Some(QemuRelease {
+                major,
+                minor,
+                micro: 0,
+            })
+        };
+        assert!(PostCopy::preempt_between(r(7, 2), r(7, 2)));
+        assert!(PostCopy::preempt_between(r(8, 0), r(10, 0)));
+        assert!(PostCopy::preempt_between(r(10, 0), r(9, 2)));
+        assert!(
+            !PostCopy::preempt_between(r(7, 2), r(10, 0)),
+            "7.2's protocol is older"
+        );
+        assert!(!PostCopy::preempt_between(r(10, 0), r(7, 2)));
+        assert!(!PostCopy::preempt_between(r(7, 1), r(7, 2)));
+        assert!(
+            !PostCopy::preempt_between(None, r(10, 0)),
+            "unknown: not guessed"
+        );
+        assert!(!PostCopy::preempt_between(r(10, 0), None));
     }
 }

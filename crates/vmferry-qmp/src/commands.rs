@@ -62,6 +62,21 @@ impl Qmp {
             .map(drop)
     }
 
+    /// The names of the migration capabilities this QEMU has (`query-migrate-capabilities`).
+    pub fn migrate_capabilities(&mut self) -> Result<Vec<String>, QmpError> {
+        let v = self.execute("query-migrate-capabilities", None)?;
+        let list = v.as_array().ok_or_else(|| {
+            QmpError::Protocol(format!(
+                "query-migrate-capabilities returned {v}, not a list"
+            ))
+        })?;
+        Ok(list
+            .iter()
+            .filter_map(|c| c.get("capability").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// `query-migrate-parameters`, untyped (its set of fields changes every release).
     pub fn query_migrate_parameters(&mut self) -> Result<Value, QmpError> {
         self.execute("query-migrate-parameters", None)

@@ -99,8 +99,10 @@ pub struct MigrateArgs {
     pub throttle_increment: u8,
     /// Switch to post-copy once the first full pre-copy pass is done without converging:
     /// the guest then runs on the destination, which fetches the rest of its memory on
-    /// demand, so any guest completes. From then on the migration cannot be cancelled,
-    /// and if the destination QEMU dies the guest cannot be saved.
+    /// demand, so any guest completes. A lost link is recovered by the daemons on their
+    /// own; pages the guest waits for travel on a channel of their own (QEMU's
+    /// postcopy-preempt) where both QEMUs can. From then on the migration cannot be
+    /// cancelled, and if the destination QEMU dies the guest cannot be saved.
     #[arg(long)]
     pub postcopy: bool,
     /// With --postcopy: switch after this many seconds of pre-copy instead.
@@ -187,6 +189,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                 }),
             postcopy: a.postcopy.then_some(vmferry_proto::cookie::PostCopy {
                 after_ms: a.postcopy_after.map(|s| s.saturating_mul(1000)),
+                preempt: false, // the daemons decide, by what their QEMUs can
             }),
             stall_timeout_ms: match a.stall_timeout {
                 0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),

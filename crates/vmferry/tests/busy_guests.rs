@@ -311,6 +311,15 @@ fn a_guest_that_never_converges_completes_by_post_copy_on_every_transport() -> R
         }
         let (ok, err) = finish(child)?;
         assert!(ok, "post-copy over {transport}: {err}");
+        if transport == "direct" {
+            // Both QEMUs are 7.2 and have postcopy-preempt: its channel is a second stream.
+            let b = s.db.log_text();
+            assert!(
+                b.lines()
+                    .any(|l| l.contains("data streams reached QEMU") && l.contains("streams=2")),
+                "the preempt channel is carried: {b}"
+            );
+        }
         counts_on_intact(if from_a { &b_log } else { &a_log })
             .with_context(|| format!("after post-copy over {transport}"))?;
         assert!(

@@ -22,6 +22,9 @@ use vmferry_qmp::{Qmp, QmpError};
 pub use destination::DestinationMigration;
 pub use source::SourceMigration;
 
+/// QEMU's capability for post-copy's preempt channel.
+pub(crate) const PREEMPT: &str = "postcopy-preempt";
+
 /// The QEMU a migration acts on: one this daemon manages, or one it was attached to.
 #[derive(Debug, Clone)]
 pub enum QemuHandle {
@@ -148,6 +151,20 @@ impl QemuHandle {
                 Err(QmpError::Timeout { .. }) => Ok(None),
                 Err(e) => Err(e),
             }
+        })
+    }
+
+    /// The QEMU's release (from its QMP greeting) and the migration capabilities it has.
+    pub fn release_and_capabilities(
+        &self,
+    ) -> Result<(Option<vmferry_proto::QemuRelease>, Vec<String>)> {
+        self.with_qmp(|q| {
+            let release = q.version().map(|v| vmferry_proto::QemuRelease {
+                major: v.major,
+                minor: v.minor,
+                micro: v.micro,
+            });
+            Ok((release, q.migrate_capabilities()?))
         })
     }
 

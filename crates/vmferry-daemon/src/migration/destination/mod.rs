@@ -15,7 +15,7 @@ mod recover;
 use super::channel::{self, DataConn, Slots, Trust};
 use super::lease::Lease;
 use super::peer::{PeerEvent, PeerLink};
-use super::QemuHandle;
+use super::{QemuHandle, PREEMPT};
 use crate::error::{DaemonError, Result};
 use crate::state::Daemon;
 use crate::vms::lock;
@@ -33,7 +33,7 @@ use vmferry_proto::peer::PeerMessage;
 use vmferry_proto::preamble::{Preamble, StreamKind};
 use vmferry_proto::{
     Cookie, DestinationEvent, DestinationState, MigrationId, MigrationState, MigrationStatus,
-    MigrationSummary, Role, SourceState, Transport, VmName, VmRef,
+    MigrationSummary, PostCopy, Role, SourceState, Transport, VmName, VmRef,
 };
 use vmferry_qmp::MigrationStatus as QemuMigrationStatus;
 
@@ -154,7 +154,7 @@ impl DestinationMigration {
             .config
             .state_dir
             .join(format!("migrate-in-{id}.sock"));
-        let setup = Self::ready_qemu(&qemu, &cookie, &incoming_socket);
+        let setup = Self::ready_qemu(&qemu, &mut cookie, &incoming_socket);
         if let Err(e) = setup {
             if let (QemuHandle::Managed(v), Some(n)) = (&qemu, &vm_name) {
                 v.kill();
@@ -206,7 +206,7 @@ impl DestinationMigration {
         Ok(cookie)
     }
 
-    fn ready_qemu(qemu: &QemuHandle, cookie: &Cookie, socket: &std::path::Path) -> Result<()> {
+    fn ready_qemu(qemu: &QemuHandle, cookie: &mut Cookie, socket: &std::path::Path) -> Result<()> {
         let status = qemu.with_qmp(|q| q.query_status())?;
         if status.status != "inmigrate" {
             return Err(DaemonError::Qemu(format!(
@@ -236,9 +236,38 @@ impl DestinationMigration {
         let multifd = cookie.options.multifd;
         let postcopy = cookie.options.postcopy.is_some();
         check_postcopy_combination(qemu, "destination", postcopy, multifd)?;
+        // Post-copy's preempt channel only where both QEMUs have it and speak the same
+        // preempt protocol; otherwise it is turned off here, for both halves.
+        let (release, capabilities) = qemu.release_and_capabilities()?;
+        let preempt_offered = capabilities.iter().any(|c| c == PREEMPT);
+        let source_qemu = cookie.source_qemu;
+        if let Some(pc) = cookie.options.postcopy.as_mut() {
+            if pc.preempt && !(preempt_offered && PostCopy::preempt_between(source_qemu, release)) {
+                tracing::info!(
+                    "post-copy without its preempt channel: the source runs QEMU {}, this \
+                     host QEMU {}{}",
+                    source_qemu
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "(unknown)".into()),
+                    release
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "(unknown)".into()),
+                    if preempt_offered {
+                        ""
+                    } else {
+                        " without postcopy-preempt"
+                    }
+                );
+                pc.preempt = false;
+            }
+        }
+        let mut caps = vec![("multifd", multifd > 0), ("postcopy-ram", postcopy)];
+        if preempt_offered {
+            caps.push((PREEMPT, cookie.options.postcopy.is_some_and(|p| p.preempt)));
+        }
         let uri = format!("unix:{}", socket.display());
         qemu.with_qmp(|q| {
-            q.migrate_set_capabilities(&[("multifd", multifd > 0), ("postcopy-ram", postcopy)])?;
+            q.migrate_set_capabilities(&caps)?;
             if multifd > 0 {
                 q.migrate_set_parameters(serde_json::json!({ "multifd-channels": multifd }))?;
             }

@@ -8,8 +8,10 @@
 use super::*;
 
 impl SourceMigration {
+    /// QEMU's connections: the main channel, the multifd channels, and post-copy's
+    /// preempt channel while it is used.
     pub(super) fn streams(&self) -> usize {
-        1 + self.options.multifd as usize
+        1 + self.options.multifd as usize + usize::from(self.preempt.load(Ordering::SeqCst))
     }
 
     pub(super) fn trust(&self, cookie: &Cookie) -> Trust {
@@ -51,6 +53,11 @@ impl SourceMigration {
         *lock(&self.held) = Held::Nothing;
         *lock(&self.reverse_config) = None;
         *lock(&self.peer_pending) = None;
+        // The destination may turn the preempt channel off (its QEMU lacks it, or speaks
+        // another preempt protocol); it never turns it on.
+        if !cookie.options.postcopy.is_some_and(|p| p.preempt) {
+            self.preempt.store(false, Ordering::SeqCst);
+        }
         let n = self.streams();
         let n16 =
             u16::try_from(n).map_err(|_| DaemonError::BadRequest("too many streams".into()))?;

@@ -62,12 +62,16 @@ impl SourceMigration {
         let postcopy = self.options.postcopy.is_some();
         let capped = self.options.max_bandwidth != 0;
         let uri = format!("unix:{}", self.socket_path.display());
+        let mut caps = vec![
+            ("multifd", multifd > 0),
+            ("auto-converge", auto_converge.is_some()),
+            ("postcopy-ram", postcopy),
+        ];
+        if self.preempt_offered {
+            caps.push((PREEMPT, self.preempt.load(Ordering::SeqCst)));
+        }
         self.qemu.with_qmp(|q| {
-            q.migrate_set_capabilities(&[
-                ("multifd", multifd > 0),
-                ("auto-converge", auto_converge.is_some()),
-                ("postcopy-ram", postcopy),
-            ])?;
+            q.migrate_set_capabilities(&caps)?;
             let mut params = serde_json::json!({ "max-bandwidth": bandwidth });
             if postcopy {
                 // The operator's cap is the link's: it holds for post-copy too, which QEMU

@@ -16,7 +16,7 @@ mod unattended;
 use super::channel::{self, DataConn, Slots, Trust};
 use super::lease::Lease;
 use super::peer::{PeerEvent, PeerLink};
-use super::{QemuHandle, UNLIMITED_BANDWIDTH};
+use super::{QemuHandle, PREEMPT, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
 use crate::state::Daemon;
 use crate::vms::lock;
@@ -122,6 +122,11 @@ pub struct SourceMigration {
     /// Set while a broken post-copy makes its channel again (reverse connections are
     /// taken again then).
     recovering: AtomicBool,
+    /// Whether post-copy's preempt channel is used: as `begin` offered it, until the
+    /// destination's cookie turns it off.
+    preempt: AtomicBool,
+    /// Whether this QEMU has the postcopy-preempt capability at all.
+    preempt_offered: bool,
     /// Which channel the pumps belong to: a pump of a channel that recovery replaced
     /// must not report its (expected) end as a failure of the new one.
     generation: std::sync::atomic::AtomicU32,
@@ -155,6 +160,13 @@ impl SourceMigration {
             options.postcopy.is_some(),
             options.multifd,
         )?;
+        // Post-copy's preempt channel where this QEMU has it; the destination keeps it
+        // only if its QEMU can take it (prepare).
+        let (release, capabilities) = qemu.release_and_capabilities()?;
+        let preempt_offered = capabilities.iter().any(|c| c == PREEMPT);
+        if let Some(pc) = options.postcopy.as_mut() {
+            pc.preempt = preempt_offered;
+        }
         let active = qemu.with_qmp(|q| q.query_migrate())?;
         if active.status.is_active() {
             return Err(DaemonError::Exists(format!(
@@ -187,6 +199,7 @@ impl SourceMigration {
                 }
             }),
             peer_link: false,
+            source_qemu: release,
         };
         let socket_path = daemon
             .config
@@ -222,6 +235,8 @@ impl SourceMigration {
             tunnel_stop: Mutex::new(None),
             performed: Mutex::new(None),
             recovering: AtomicBool::new(false),
+            preempt: AtomicBool::new(cookie.options.postcopy.is_some_and(|p| p.preempt)),
+            preempt_offered,
             generation: std::sync::atomic::AtomicU32::new(0),
             tunnel_keep: Mutex::new(None),
         };
