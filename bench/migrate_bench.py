@@ -788,17 +788,22 @@ def memchecks(path):
 
 def plain_postcopy_migrate(env, src, dst):
     """Plain QEMU post-copy over TCP, the way vmferry's daemons drive it: postcopy-ram on
-    both QEMUs, max-bandwidth and max-postcopy-bandwidth = the cap on the source, and
-    migrate-start-postcopy once the first full pass is done (dirty-sync-count >= 2),
-    the source polled every 5 ms. Times run from the migrate command."""
+    both QEMUs (and postcopy-preempt where both have it, as vmferry does), max-bandwidth
+    and max-postcopy-bandwidth = the cap on the source, and migrate-start-postcopy once
+    the first full pass is done (dirty-sync-count >= 2), the source polled every 5 ms.
+    Times run from the migrate command."""
     a = env.args
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     with Qmp(dst.qmp) as qd, Qmp(src.qmp) as qs:
+        offered = [{c["capability"] for c in q.cmd("query-migrate-capabilities")} for q in (qd, qs)]
+        preempt = all("postcopy-preempt" in o for o in offered)
         for q in (qd, qs):
-            q.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": "multifd", "state": False},
-                {"capability": "postcopy-ram", "state": True}])
+            caps = [{"capability": "multifd", "state": False},
+                    {"capability": "postcopy-ram", "state": True}]
+            if preempt:
+                caps.append({"capability": "postcopy-preempt", "state": True})
+            q.cmd("migrate-set-capabilities", capabilities=caps)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": a.busy_cap,
                                             "max-postcopy-bandwidth": a.busy_cap})
         qd.cmd("migrate-incoming", uri=uri)
