@@ -49,6 +49,7 @@ command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
 # package  command it provides (a package counts as present if either check passes)
 WANT=(
     "qemu-system-x86 qemu-system-x86_64"
+    "qemu-utils qemu-img"
     "nftables nft"
     "iproute2 ip"
     "tcpdump tcpdump"
@@ -85,7 +86,7 @@ else
     fi
 fi
 
-for cmd in qemu-system-x86_64 nft ip tcpdump socat python3; do
+for cmd in qemu-system-x86_64 qemu-img nft ip tcpdump socat python3; do
     command -v "$cmd" >/dev/null || die "$cmd still missing after installing packages"
 done
 

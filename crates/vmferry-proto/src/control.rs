@@ -401,6 +401,9 @@ pub struct MigrationStatus {
     /// QEMU's estimate of the pause at the switch-over, while pre-copy runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_downtime_ms: Option<u64>,
+    /// Each copied disk's progress (disk copy only), in the cookie's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskProgress>,
 }
 
 impl MigrationStatus {

@@ -203,6 +203,9 @@ pub struct MigrationOptions {
     /// or after `after_ms` of pre-copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostCopy>,
+    /// Copy the guest's writable disks too (local storage on both hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_storage: Option<crate::disk::CopyStorage>,
 }
 
 impl MigrationOptions {
@@ -373,6 +376,10 @@ pub struct Cookie {
     /// The source QEMU's release, where it announced one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_qemu: Option<QemuRelease>,
+    /// With `copy_storage`: the disks the source copies, in stream order (disk k is NBD
+    /// stream k).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskShape>,
 }
 
 /// What a destination QEMU must match for the source's state to load into it.
@@ -474,6 +481,12 @@ impl Cookie {
         if let Some(vm) = &self.vm {
             vm.check()?;
         }
+        if self.disks.len() > crate::disk::MAX_DISKS {
+            return Err(CookieError::Disks(self.disks.len()));
+        }
+        if !self.disks.is_empty() && self.options.copy_storage.is_none() {
+            return Err(CookieError::DisksWithoutCopy);
+        }
         Ok(())
     }
 }
@@ -492,6 +505,10 @@ pub enum CookieError {
     Vm(#[from] SpecError),
     #[error(transparent)]
     Throttle(#[from] ThrottleError),
+    #[error("{0} disks to copy; at most {max}", max = crate::disk::MAX_DISKS)]
+    Disks(usize),
+    #[error("the cookie lists disks to copy but the migration does not copy storage")]
+    DisksWithoutCopy,
 }
 
 #[cfg(test)]
@@ -515,6 +532,7 @@ mod tests {
             source_machine: None,
             peer_link: false,
             source_qemu: None,
+            disks: vec![],
         };
         assert_eq!(c.streams(), 1);
         c.options.multifd = 4;

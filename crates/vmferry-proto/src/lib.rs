@@ -33,6 +33,7 @@
 
 pub mod control;
 pub mod cookie;
+pub mod disk;
 pub mod error;
 pub mod names;
 pub mod peer;
@@ -42,6 +43,7 @@ pub mod tunnel_frame;
 
 pub use control::*;
 pub use cookie::*;
+pub use disk::{CopyMode, CopyStorage, DiskProgress, DiskShape, StorageMode};
 pub use error::*;
 pub use names::*;
 pub use phase::{

@@ -21,6 +21,9 @@ pub enum StreamKind {
     /// The peer link: the two daemons' own messages about the migration
     /// ([`crate::peer::PeerMessage`]), one per migration, beside the QEMU streams.
     Peer,
+    /// One disk's NBD connection (disk copy): `stream` is the disk's index in the
+    /// cookie's disks, `streams` their number.
+    Nbd,
 }
 
 impl StreamKind {
@@ -28,6 +31,7 @@ impl StreamKind {
         match self {
             StreamKind::Qemu => 0,
             StreamKind::Peer => 1,
+            StreamKind::Nbd => 2,
         }
     }
 
@@ -35,6 +39,7 @@ impl StreamKind {
         match c {
             0 => Some(StreamKind::Qemu),
             1 => Some(StreamKind::Peer),
+            2 => Some(StreamKind::Nbd),
             _ => None,
         }
     }
@@ -106,7 +111,7 @@ mod tests {
     #[test]
     fn a_preamble_round_trips() {
         for transport in Transport::AUTO_ORDER {
-            for kind in [StreamKind::Qemu, StreamKind::Peer] {
+            for kind in [StreamKind::Qemu, StreamKind::Peer, StreamKind::Nbd] {
                 let p = Preamble {
                     transport,
                     stream: 3,

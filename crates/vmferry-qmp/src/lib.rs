@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+mod block;
 mod client;
 mod commands;
 mod error;
@@ -41,6 +42,7 @@ mod machine;
 mod types;
 mod wire;
 
+pub use block::{BlockDisk, BlockJob};
 pub use client::{Qmp, DEFAULT_TIMEOUT, MAX_QUEUED_EVENTS};
 pub use error::QmpError;
 pub use machine::MachineFacts;

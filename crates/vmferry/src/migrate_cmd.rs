@@ -108,6 +108,22 @@ pub struct MigrateArgs {
     /// With --postcopy: switch after this many seconds of pre-copy instead.
     #[arg(long, requires = "postcopy")]
     pub postcopy_after: Option<u64>,
+    /// Copy the guest's writable disks too, over the same channel (disks on local
+    /// storage): `all` copies each whole disk, `inc` only its top image (the destination
+    /// has the same backing file). The destination QEMU needs a disk of the same format,
+    /// at least the same size, on a device of the same id.
+    #[arg(long, value_name = "all|inc")]
+    pub copy_storage: Option<vmferry_proto::StorageMode>,
+    /// With --copy-storage: `background` (the default) copies the guest's writes after
+    /// the fact; `write-blocking` makes each write wait until it reached the destination,
+    /// for guests that write faster than the link carries.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "background",
+        requires = "copy_storage"
+    )]
+    pub storage_copy_mode: vmferry_proto::CopyMode,
     /// Hand the migration to the daemons once it is under way and return at once;
     /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
     #[arg(long)]
@@ -187,6 +203,10 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                     initial: a.throttle_initial,
                     increment: a.throttle_increment,
                 }),
+            copy_storage: a.copy_storage.map(|mode| vmferry_proto::CopyStorage {
+                mode,
+                copy_mode: a.storage_copy_mode,
+            }),
             postcopy: a.postcopy.then_some(vmferry_proto::cookie::PostCopy {
                 after_ms: a.postcopy_after.map(|s| s.saturating_mul(1000)),
                 preempt: false, // the daemons decide, by what their QEMUs can

@@ -124,8 +124,10 @@ impl DestinationMigration {
         pre: Preamble,
         c: DataConn,
     ) -> Result<()> {
-        if pre.kind == StreamKind::Peer {
-            return self.start_peer(daemon, c);
+        match pre.kind {
+            StreamKind::Peer => return self.start_peer(daemon, c),
+            StreamKind::Nbd => return self.carry_nbd(&pre, c),
+            StreamKind::Qemu => {}
         }
         match pre.transport {
             Transport::Direct => {
@@ -183,14 +185,21 @@ impl DestinationMigration {
         }
         let socket = lock(&self.incoming_socket).clone();
         let n = self.n_streams;
+        let nbd = self.nbd_socket.clone();
+        let disks = self.n_disks;
         // Streams arrive in the order the source opened them, main channel first, which
-        // is the order QEMU must see them in.
+        // is the order QEMU must see them in. Streams n.. are the disks' NBD connections.
         let accept = Box::new(
             move |k: u16| -> std::result::Result<UnixStream, AcceptError> {
-                if usize::from(k) >= n {
-                    return Err(StreamRefused::NoSuchStream { k, n }.into());
-                }
-                UnixStream::connect(&socket).map_err(|source| {
+                let k_ = usize::from(k);
+                let socket = match &nbd {
+                    Some(nbd) if (n..n + disks).contains(&k_) => nbd,
+                    _ if k_ >= n => {
+                        return Err(StreamRefused::NoSuchStream { k, n: n + disks }.into())
+                    }
+                    _ => &socket,
+                };
+                UnixStream::connect(socket).map_err(|source| {
                     StreamRefused::QemuUnreachable {
                         socket: socket.clone(),
                         source,
@@ -254,6 +263,19 @@ impl DestinationMigration {
             };
             let link = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
             self.start_peer(daemon, link)?;
+        }
+        // The disks' NBD streams before the RAM streams, as the source dials them.
+        let d16 = u16::try_from(self.n_disks)
+            .map_err(|_| DaemonError::BadRequest("too many disks".into()))?;
+        for k in 0..d16 {
+            let pre = Preamble {
+                transport: Transport::Reverse,
+                stream: k,
+                streams: d16,
+                kind: StreamKind::Nbd,
+            };
+            let c = channel::dial(&self.id, &addr, cfg.clone(), pre, timeout)?;
+            self.carry_nbd(&pre, c)?;
         }
         let mut conns = Vec::with_capacity(self.n_streams);
         for k in 0..n16 {

@@ -159,8 +159,12 @@ impl DestinationMigration {
                     return Err(DaemonError::Channel(e.clone()));
                 }
             }
+            // The disk copy counts as movement: it runs before the RAM moves.
             let now = (
-                self.meter.forward() + self.meter.backward(),
+                self.meter.forward()
+                    + self.meter.backward()
+                    + self.disk_meter.forward()
+                    + self.disk_meter.backward(),
                 info.status.as_str().to_string(),
             );
             if now != seen {
@@ -265,6 +269,8 @@ impl DestinationMigration {
         for s in lock(&self.stops).iter() {
             s.stop();
         }
+        // The copied disks are the guest's own now: no export may stay.
+        self.stop_nbd();
         let status = self.qemu.with_qmp(|q| q.query_status())?;
         if self.source_running && !status.running {
             self.qemu.with_qmp(|q| q.cont())?;

@@ -9,6 +9,7 @@
 //! QEMU.
 
 mod accept;
+mod disks;
 mod load;
 mod recover;
 
@@ -114,6 +115,13 @@ pub struct DestinationMigration {
     recovery_running: AtomicBool,
     /// For reverse: the cookie to dial the source with again after a broken post-copy.
     reverse_cookie: Mutex<Option<Cookie>>,
+    /// With --copy-storage: how many disks, and QEMU's NBD server socket.
+    n_disks: usize,
+    nbd_socket: Option<PathBuf>,
+    /// The NBD streams taken so far.
+    nbd_taken: Mutex<Vec<usize>>,
+    /// Bytes the disk copy carried (kept apart from the RAM's).
+    disk_meter: Arc<Meter>,
 }
 
 impl DestinationMigration {
@@ -154,7 +162,11 @@ impl DestinationMigration {
             .config
             .state_dir
             .join(format!("migrate-in-{id}.sock"));
-        let setup = Self::ready_qemu(&qemu, &mut cookie, &incoming_socket);
+        let nbd_socket = cookie
+            .options
+            .copy_storage
+            .map(|_| daemon.config.state_dir.join(format!("nbd-in-{id}.sock")));
+        let setup = Self::ready_qemu(&qemu, &mut cookie, &incoming_socket, nbd_socket.as_deref());
         if let Err(e) = setup {
             if let (QemuHandle::Managed(v), Some(n)) = (&qemu, &vm_name) {
                 v.kill();
@@ -198,6 +210,10 @@ impl DestinationMigration {
             recovering: AtomicBool::new(false),
             recovery_running: AtomicBool::new(false),
             reverse_cookie: Mutex::new(None),
+            n_disks: cookie.disks.len(),
+            nbd_socket,
+            nbd_taken: Mutex::new(Vec::new()),
+            disk_meter: Arc::new(Meter::default()),
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
         cookie.data_address = daemon.config.data_address();
@@ -206,7 +222,12 @@ impl DestinationMigration {
         Ok(cookie)
     }
 
-    fn ready_qemu(qemu: &QemuHandle, cookie: &mut Cookie, socket: &std::path::Path) -> Result<()> {
+    fn ready_qemu(
+        qemu: &QemuHandle,
+        cookie: &mut Cookie,
+        socket: &std::path::Path,
+        nbd_socket: Option<&std::path::Path>,
+    ) -> Result<()> {
         let status = qemu.with_qmp(|q| q.query_status())?;
         if status.status != "inmigrate" {
             return Err(DaemonError::Qemu(format!(
@@ -265,15 +286,21 @@ impl DestinationMigration {
         if preempt_offered {
             caps.push((PREEMPT, cookie.options.postcopy.is_some_and(|p| p.preempt)));
         }
+        if let Some(nbd) = nbd_socket {
+            disks::export_disks(qemu, cookie, nbd)?;
+        }
         let uri = format!("unix:{}", socket.display());
-        qemu.with_qmp(|q| {
+        let listening = qemu.with_qmp(|q| {
             q.migrate_set_capabilities(&caps)?;
             if multifd > 0 {
                 q.migrate_set_parameters(serde_json::json!({ "multifd-channels": multifd }))?;
             }
             q.migrate_incoming(&uri)
-        })?;
-        Ok(())
+        });
+        if listening.is_err() && nbd_socket.is_some() {
+            let _ = qemu.with_qmp(|q| q.nbd_server_stop());
+        }
+        listening
     }
 
     /// The TLS configuration for a data connection that names this migration, or `None`
@@ -370,6 +397,10 @@ impl DestinationMigration {
         tracing::warn!(migration = %self.id, "aborting on the destination: {reason}");
         // Let the peer link carry the cause out before the streams go.
         std::thread::sleep(Duration::from_millis(20));
+        if self.vm_name.is_none() {
+            // An attached QEMU is left as it was before the migration: no exports.
+            self.stop_nbd();
+        }
         for s in lock(&self.stops).iter() {
             s.stop();
         }

@@ -53,6 +53,8 @@ impl SourceMigration {
         *lock(&self.held) = Held::Nothing;
         *lock(&self.reverse_config) = None;
         *lock(&self.peer_pending) = None;
+        lock(&self.nbd_conns).clear();
+        *lock(&self.nbd_slots) = Slots::default();
         // The destination may turn the preempt channel off (its QEMU lacks it, or speaks
         // another preempt protocol); it never turns it on.
         if !cookie.options.postcopy.is_some_and(|p| p.preempt) {
@@ -73,6 +75,9 @@ impl SourceMigration {
                 // The peer link first: a destination recovering a post-copy closes its door
                 // once the streams are in.
                 self.dial_peer(cookie, &addr, cfg.clone(), transport, n16, timeout)?;
+                // The disks before the RAM streams: the destination's door closes once
+                // those are complete.
+                self.dial_disks(&addr, &cfg, transport, timeout)?;
                 let mut slots = Slots::default();
                 for k in 0..n16 {
                     let pre = Preamble {
@@ -145,6 +150,39 @@ impl SourceMigration {
         Ok(())
     }
 
+    /// Dials one NBD stream per copied disk (direct), held until QEMU's NBD clients
+    /// connect.
+    fn dial_disks(
+        &self,
+        addr: &str,
+        cfg: &Arc<rustls::ClientConfig>,
+        transport: Transport,
+        timeout: Duration,
+    ) -> Result<()> {
+        let n = u16::try_from(self.disks.len())
+            .map_err(|_| DaemonError::BadRequest("too many disks".into()))?;
+        let mut conns = Vec::with_capacity(self.disks.len());
+        for k in 0..n {
+            let pre = Preamble {
+                transport,
+                stream: k,
+                streams: n,
+                kind: StreamKind::Nbd,
+            };
+            conns.push(channel::dial(&self.id, addr, cfg.clone(), pre, timeout)?);
+        }
+        *lock(&self.nbd_conns) = conns;
+        Ok(())
+    }
+
+    /// Whether every disk's NBD connection is here: dialed (direct), or dialed by the
+    /// destination (reverse).
+    fn disks_arrived(&self) -> bool {
+        self.disks.is_empty()
+            || lock(&self.nbd_conns).len() == self.disks.len()
+            || lock(&self.nbd_slots).complete()
+    }
+
     /// The TLS configuration for a reverse data connection naming this migration, or
     /// `None` when none is expected.
     pub fn data_config(&self) -> Option<Arc<rustls::ServerConfig>> {
@@ -154,7 +192,11 @@ impl SourceMigration {
         }
         let cfg = lock(&self.reverse_config).clone()?;
         match &*lock(&self.held) {
-            Held::Conns(s) if !s.complete() || lock(&self.peer_pending).is_none() => Some(cfg),
+            Held::Conns(s)
+                if !s.complete() || lock(&self.peer_pending).is_none() || !self.disks_arrived() =>
+            {
+                Some(cfg)
+            }
             _ => None,
         }
     }
@@ -170,6 +212,9 @@ impl SourceMigration {
         let n = self.streams();
         let mut held = lock(&self.held);
         match &mut *held {
+            Held::Conns(_) if pre.kind == StreamKind::Nbd => {
+                lock(&self.nbd_slots).put(Transport::Reverse, &pre, self.disks.len(), c)?
+            }
             Held::Conns(_) if pre.kind == StreamKind::Peer => {
                 let mut p = lock(&self.peer_pending);
                 if p.is_some() {
@@ -208,9 +253,14 @@ impl SourceMigration {
             match std::mem::take(&mut *held) {
                 Held::Tunnel(t) => return Ok((Transport::Tunnel, Carrier::Tunnel(t))),
                 Held::Conns(mut slots) => {
-                    if let Some((t, conns)) = slots.take_complete() {
-                        *lock(&self.reverse_config) = None;
-                        return Ok((t, Carrier::Conns(conns)));
+                    if slots.complete() && self.disks_arrived() {
+                        if let Some((t, conns)) = slots.take_complete() {
+                            *lock(&self.reverse_config) = None;
+                            if let Some((_, nbd)) = lock(&self.nbd_slots).take_complete() {
+                                *lock(&self.nbd_conns) = nbd;
+                            }
+                            return Ok((t, Carrier::Conns(conns)));
+                        }
                     }
                     *held = Held::Conns(slots);
                 }

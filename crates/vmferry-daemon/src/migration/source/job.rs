@@ -51,6 +51,42 @@ impl SourceMigration {
             ))
         })?;
 
+        let me = self.clone();
+        let d = daemon.clone();
+        if self.disks.is_empty() {
+            self.start_qemu()?;
+            std::thread::Builder::new()
+                .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
+                .spawn(move || me.run(&d, listener, carrier))
+                .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
+            return Ok(());
+        }
+        // The disks first (minutes, perhaps): in the background, as the RAM migration.
+        std::thread::Builder::new()
+            .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
+            .spawn(move || {
+                let copied = me.copy_disks(&carrier).and_then(|()| me.start_qemu());
+                match copied {
+                    Ok(()) => me.run(&d, listener, carrier),
+                    Err(e) => {
+                        if let Carrier::Tunnel(t) = &carrier {
+                            t.stop();
+                        }
+                        drop(listener);
+                        let _ = std::fs::remove_file(&me.socket_path);
+                        me.fail(&e.to_string());
+                        if me.lease.unattended() {
+                            me.end(&d);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
+        Ok(())
+    }
+
+    /// Sets QEMU's capabilities and parameters and starts its migration into our socket.
+    fn start_qemu(&self) -> Result<()> {
         let multifd = self.options.multifd;
         let bandwidth = if self.options.max_bandwidth == 0 {
             UNLIMITED_BANDWIDTH
@@ -70,6 +106,9 @@ impl SourceMigration {
         if self.preempt_offered {
             caps.push((PREEMPT, self.preempt.load(Ordering::SeqCst)));
         }
+        // A disk copy ends its mirrors at the switch-over (QEMU 2.11+); set either way,
+        // so an earlier migration's setting does not linger in an attached QEMU.
+        caps.push(("pause-before-switchover", !self.disks.is_empty()));
         self.qemu.with_qmp(|q| {
             q.migrate_set_capabilities(&caps)?;
             let mut params = serde_json::json!({ "max-bandwidth": bandwidth });
@@ -94,13 +133,6 @@ impl SourceMigration {
         })?;
         self.started_qemu.store(true, Ordering::SeqCst);
         lock(&self.status).qemu_status = "setup".into();
-
-        let me = self.clone();
-        let d = daemon.clone();
-        std::thread::Builder::new()
-            .name(format!("migrate-src-{}", &self.id.as_str()[..8]))
-            .spawn(move || me.run(&d, listener, carrier))
-            .map_err(|e| DaemonError::Internal(format!("cannot start migration job: {e}")))?;
         Ok(())
     }
 
@@ -146,6 +178,9 @@ impl SourceMigration {
         let _ = std::fs::remove_file(&self.socket_path);
         match outcome {
             Ok(running) => {
+                // The mirrors ended at the switch-over; their NBD nodes go now, which
+                // ends the NBD streams before the channel drains.
+                self.clean_disks(false);
                 // QEMU has sent everything into our sockets; wait for the channel to hand
                 // it all to the destination before calling it complete.
                 // QEMU says it sent everything. Whether it all arrived is the destination
@@ -201,7 +236,7 @@ impl SourceMigration {
                 std::thread::sleep(Duration::from_millis(5));
             },
             Running::Tunnel(t) => {
-                let r = t.wait_for_streams(self.streams(), TUNNEL_DRAIN);
+                let r = t.wait_for_streams(self.streams() + self.disks.len(), TUNNEL_DRAIN);
                 *lock(&self.tunnel_keep) = Some(t);
                 Ok(r?)
             }
@@ -320,6 +355,7 @@ impl SourceMigration {
         let mut moved = Instant::now();
         let started = Instant::now();
         let mut postcopy_asked = false;
+        let mut switched_disks = false;
         loop {
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
                 let mut pe = lock(&self.pump_error);
@@ -393,6 +429,10 @@ impl SourceMigration {
                     postcopy_asked = true;
                     tracing::info!(migration = %self.id, "switching to post-copy");
                 }
+            }
+            if info.status == QemuMigrationStatus::PreSwitchover && !switched_disks {
+                switched_disks = true;
+                self.switch_over_disks()?;
             }
             if info.status == QemuMigrationStatus::PostcopyActive
                 && self.state() == SourceState::Performing

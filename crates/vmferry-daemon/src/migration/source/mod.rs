@@ -9,6 +9,7 @@
 //! and resumed only once the destination has aborted.
 
 mod connect;
+mod disks;
 mod job;
 mod recover;
 mod unattended;
@@ -132,6 +133,20 @@ pub struct SourceMigration {
     generation: std::sync::atomic::AtomicU32,
     /// The tunnel, kept open after QEMU completed until `confirm`.
     tunnel_keep: Mutex<Option<Tunnel>>,
+    /// With --copy-storage: the disks copied, in stream order.
+    disks: Vec<vmferry_qmp::BlockDisk>,
+    /// Their NBD connections once the channel is made (direct, reverse), in disk order.
+    nbd_conns: Mutex<Vec<DataConn>>,
+    /// For reverse: the destination's NBD connections as they arrive.
+    nbd_slots: Mutex<Slots>,
+    /// The mirrors and NBD nodes the disk copy added to QEMU.
+    disk_jobs: Mutex<disks::DiskJobs>,
+    /// Our unix sockets QEMU's NBD clients connect to.
+    disk_sockets: Mutex<Vec<PathBuf>>,
+    /// Bytes the disk copy carried (kept apart from the RAM's).
+    disk_meter: Arc<Meter>,
+    /// The first NBD stream failure, in words.
+    disk_error: Mutex<Option<String>>,
 }
 
 impl SourceMigration {
@@ -167,6 +182,18 @@ impl SourceMigration {
         if let Some(pc) = options.postcopy.as_mut() {
             pc.preempt = preempt_offered;
         }
+        if options.copy_storage.is_some() && options.postcopy.is_some() {
+            return Err(DaemonError::BadRequest(
+                "--copy-storage with --postcopy is not supported yet: the disks are copied \
+                 before the RAM, and post-copy would switch over before the mirrors end; \
+                 use --auto-converge for a busy guest with local disks"
+                    .into(),
+            ));
+        }
+        let disks = match options.copy_storage {
+            Some(_) => disks::disks_to_copy(&qemu)?,
+            None => Vec::new(),
+        };
         let active = qemu.with_qmp(|q| q.query_migrate())?;
         if active.status.is_active() {
             return Err(DaemonError::Exists(format!(
@@ -200,6 +227,7 @@ impl SourceMigration {
             }),
             peer_link: false,
             source_qemu: release,
+            disks: disks.iter().map(disks::shape).collect(),
         };
         let socket_path = daemon
             .config
@@ -239,6 +267,13 @@ impl SourceMigration {
             preempt_offered,
             generation: std::sync::atomic::AtomicU32::new(0),
             tunnel_keep: Mutex::new(None),
+            disks,
+            nbd_conns: Mutex::new(Vec::new()),
+            nbd_slots: Mutex::new(Slots::default()),
+            disk_jobs: Mutex::new(disks::DiskJobs::default()),
+            disk_sockets: Mutex::new(Vec::new()),
+            disk_meter: Arc::new(Meter::default()),
+            disk_error: Mutex::new(None),
         };
         // Checked and taken under one lock: of two begins for one QEMU, one wins.
         let mut sources = lock(&daemon.migrations.sources);
@@ -316,6 +351,10 @@ impl SourceMigration {
         };
         let why = why.as_str();
         tracing::warn!(migration = %self.id, "migration failed: {why}");
+        if exited.is_none() {
+            // Before the streams are cut: a mirror whose target vanishes fails loudly.
+            self.clean_disks(true);
+        }
         for s in lock(&self.stops).iter() {
             s.stop();
         }
