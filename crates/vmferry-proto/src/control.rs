@@ -420,6 +420,25 @@ impl MigrationStatus {
             .then(|| self.dirty_rate.saturating_mul(2) < self.link_rate())
     }
 
+    /// The disks whose copy had not caught up, in words ("disk copy not finished: disk
+    /// vd0: 12 MiB of 48 MiB"); `None` when every disk is in sync (or none is copied).
+    pub fn disks_unfinished(&self) -> Option<String> {
+        let behind: Vec<String> = self
+            .disks
+            .iter()
+            .filter(|d| !d.ready)
+            .map(|d| {
+                format!(
+                    "disk {}: {} MiB of {} MiB",
+                    d.device,
+                    d.copied >> 20,
+                    d.total >> 20
+                )
+            })
+            .collect();
+        (!behind.is_empty()).then(|| format!("disk copy not finished: {}", behind.join(", ")))
+    }
+
     /// Why a pre-copy that did not finish in time could not, in words an operator can
     /// act on; `None` when it was converging (or there was nothing to judge).
     pub fn not_converging(&self) -> Option<String> {

@@ -184,7 +184,7 @@ impl Qmp {
     /// Starts mirroring `device` (a node name) to `target` (`blockdev-mirror`): `sync`
     /// is "full" or "top", `copy_mode` "background" or "write-blocking". The job stays
     /// listed once it ended (`auto-dismiss` off), so its error can be read; end it with
-    /// [`Qmp::job_dismiss`].
+    /// [`Qmp::job_dismiss`]. `speed` caps it in bytes per second (0: no cap).
     pub fn blockdev_mirror(
         &mut self,
         job: &str,
@@ -192,11 +192,15 @@ impl Qmp {
         target: &str,
         sync: &str,
         copy_mode: &str,
+        speed: u64,
     ) -> Result<(), QmpError> {
         let mut args = json!({
             "job-id": job, "device": device, "target": target, "sync": sync,
             "auto-dismiss": false
         });
+        if speed > 0 {
+            args["speed"] = Value::from(speed);
+        }
         // Sent only when asked for, so a QEMU without the option is not refused for it.
         if copy_mode != "background" {
             args["copy-mode"] = Value::from(copy_mode);
@@ -307,6 +311,12 @@ mod tests {
                     "errors stay readable"
                 );
                 assert_eq!(c["arguments"]["copy-mode"].as_str(), want, "{c}");
+                let speed = want.map(|_| 1 << 20);
+                assert_eq!(
+                    c["arguments"]["speed"].as_u64(),
+                    speed,
+                    "a cap only when given"
+                );
                 reply(
                     &mut w,
                     &format!("{{\"return\": {{}}, \"id\": {}}}", c["id"]),
@@ -314,9 +324,9 @@ mod tests {
             }
         });
         let mut q = connect(&p);
-        q.blockdev_mirror("j", "fmt0", "nbd0", "full", "background")
+        q.blockdev_mirror("j", "fmt0", "nbd0", "full", "background", 0)
             .expect("background");
-        q.blockdev_mirror("j", "fmt0", "nbd0", "full", "write-blocking")
+        q.blockdev_mirror("j", "fmt0", "nbd0", "full", "write-blocking", 1 << 20)
             .expect("write-blocking");
         drop(q);
         h.join().expect("server");

@@ -437,6 +437,15 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
                 crate::units::human_bytes(st.ram_total),
                 crate::units::human_bytes(st.channel_bytes)
             );
+            for d in &st.disks {
+                println!(
+                    "  disk {:<6} {} of {}{}",
+                    d.device,
+                    crate::units::human_bytes(d.copied),
+                    crate::units::human_bytes(d.total),
+                    if d.ready { " (in sync)" } else { "" }
+                );
+            }
             if !st.compression.is_empty() && st.compression != "none" {
                 println!(
                     "  compressed  {} on the wire ({})",

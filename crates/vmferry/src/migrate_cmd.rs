@@ -278,9 +278,22 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     };
     let json = a.json;
     let progress = |st: &MigrationStatus| {
+        // Disks first (they are copied before the RAM moves), then the RAM.
+        let disks_copying = !st.disks.is_empty() && st.ram_total == 0;
         if let Some(b) = &bar {
-            b.set_length(st.ram_total.max(1));
-            b.set_position(st.ram_transferred.min(st.ram_total));
+            if disks_copying {
+                let total: u64 = st.disks.iter().map(|d| d.total).sum();
+                let copied: u64 = st.disks.iter().map(|d| d.copied).sum();
+                b.set_length(total.max(1));
+                b.set_position(copied.min(total));
+                let ready = st.disks.iter().filter(|d| d.ready).count();
+                b.set_message(format!("disks {ready}/{} in sync", st.disks.len()));
+            } else {
+                b.set_length(st.ram_total.max(1));
+                b.set_position(st.ram_transferred.min(st.ram_total));
+            }
+        }
+        if let (Some(b), false) = (&bar, disks_copying) {
             let mut msg = st.qemu_status.clone();
             if st.pass > 1 {
                 msg.push_str(&format!(
@@ -314,6 +327,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                 "throttle_pct": st.throttle_pct,
                 "expected_downtime_ms": st.expected_downtime_ms,
                 "converging": st.converging(),
+                "disks": st.disks,
             });
             println!("{line}");
         }

@@ -238,3 +238,104 @@ fn a_destination_whose_disks_do_not_fit_is_refused_before_anything_is_copied() -
     assert!(text(&o).contains("no writable disk"), "{}", text(&o));
     Ok(())
 }
+
+/// The source QEMU is back as it was: reachable, no job or node of vmferry's (checked
+/// for a while: the source cleans up as the controller reports the failure).
+fn source_as_it_was(src: &QemuProcess) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match nothing_left(src) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+fn a_copy_that_fails_midway_leaves_the_source_running_on_its_own_images() -> Result<()> {
+    require::command("nft");
+    let s = setup("diskfault")?;
+    let dir = s.tmp.path();
+    // The daemon's kill comes last: the other faults need it.
+    for (n, fault) in ["qemu", "link", "daemon"].into_iter().enumerate() {
+        let src_img = image(dir, &format!("src{n}"), "qcow2", 48, Some(0xfa + n as u64))?;
+        let pristine = dir.join(format!("pristine{n}.qcow2"));
+        std::fs::copy(&src_img, &pristine)?;
+        let dst_img = image(dir, &format!("dst{n}"), "qcow2", 48, None)?;
+        let src = qemu(
+            dir,
+            &format!("fsrc{n}"),
+            &[("vd0", &src_img, "qcow2")],
+            false,
+        )?;
+        let dst = qemu(
+            dir,
+            &format!("fdst{n}"),
+            &[("vd0", &dst_img, "qcow2")],
+            true,
+        )?;
+        // 48 MiB at 4 MiB/s: the copy is still running when the fault comes.
+        let mut c = s.hosts.a.command(BIN);
+        c.args([
+            "migrate",
+            "--from",
+            &s.a_addr,
+            "--to",
+            &s.b_addr,
+            "--src-qmp",
+        ])
+        .arg(&src.qmp)
+        .arg("--dst-qmp")
+        .arg(&dst.qmp)
+        .arg("--certs")
+        .arg(&s.ctl)
+        .args(["--copy-storage", "all", "--max-bandwidth", "4M"]);
+        if fault == "link" {
+            c.args(["--timeout", "10"]);
+        }
+        let child = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(4));
+        let mut dst = Some(dst);
+        match fault {
+            "qemu" => drop(dst.take()),
+            "link" => s.hosts.b.nft(
+                "table inet vmferry_cut {
+                   chain input { type filter hook input priority -10; policy drop; }
+                   chain output { type filter hook output priority -10; policy drop; }
+                 }",
+            )?,
+            _ => {
+                let pid = s.db.child.id();
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )?;
+            }
+        }
+        let o = child.wait_with_output()?;
+        if fault == "link" {
+            s.hosts.b.nft("delete table inet vmferry_cut")?;
+        }
+        assert!(!o.status.success(), "{fault}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(err.contains("disk vd0"), "{fault}: names the disk: {err}");
+        assert!(
+            err.contains("the source VM keeps running"),
+            "{fault}: {err}"
+        );
+        source_as_it_was(&src).with_context(|| {
+            format!(
+                "after the {fault} fault; source daemon:\n{}",
+                s.da.log_text()
+            )
+        })?;
+        quit(src)?;
+        identical(&src_img, &pristine).with_context(|| format!("after the {fault} fault"))?;
+        drop(dst);
+    }
+    Ok(())
+}

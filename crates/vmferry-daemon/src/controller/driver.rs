@@ -303,7 +303,11 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             }
             if let (Some(t), false) = (self.plan.timeout, in_postcopy) {
                 if self.started.elapsed() > t {
-                    return Err(PhaseError::Timeout(t, self.last.not_converging()));
+                    let why = self
+                        .last
+                        .disks_unfinished()
+                        .or_else(|| self.last.not_converging());
+                    return Err(PhaseError::Timeout(t, why));
                 }
             }
             let st = self.status(Role::Source, POLL)?;

@@ -141,9 +141,18 @@ impl SourceMigration {
                 StorageMode::All => "full",
                 StorageMode::Inc => "top",
             };
+            // The operator's cap holds for the disks too.
+            let speed = self.options.max_bandwidth;
             self.qemu
                 .with_qmp(|q| {
-                    q.blockdev_mirror(&job, &disk.node_name, &node, sync, copy.copy_mode.as_str())
+                    q.blockdev_mirror(
+                        &job,
+                        &disk.node_name,
+                        &node,
+                        sync,
+                        copy.copy_mode.as_str(),
+                        speed,
+                    )
                 })
                 .map_err(|e| disk_error(disk, &format!("cannot start the mirror: {e}")))?;
             lock(&self.disk_jobs).jobs.push(job);
@@ -158,11 +167,13 @@ impl SourceMigration {
         let mut seen = 0u64;
         loop {
             if self.cancel.load(Ordering::SeqCst) {
-                return Err(DaemonError::Cancelled(
-                    lock(&self.peer_failure)
-                        .clone()
-                        .unwrap_or_else(|| "cancelled while the disks were copied".into()),
-                ));
+                let cause = lock(&self.peer_failure)
+                    .clone()
+                    .unwrap_or_else(|| "cancelled".into());
+                return Err(DaemonError::Cancelled(format!(
+                    "the disk copy stopped ({}): {cause}",
+                    self.disks_so_far()
+                )));
             }
             let progress = self.disk_progress()?;
             let copied: u64 = progress.iter().map(|p| p.copied).sum();
@@ -190,6 +201,24 @@ impl SourceMigration {
             }
             std::thread::sleep(DISK_POLL);
         }
+    }
+
+    /// How far each disk got, in words: "disk vd0: 12 MiB of 48 MiB".
+    pub(super) fn disks_so_far(&self) -> String {
+        let mib = |b: u64| b >> 20;
+        lock(&self.status)
+            .disks
+            .iter()
+            .map(|p| {
+                format!(
+                    "disk {}: {} MiB of {} MiB",
+                    p.device,
+                    mib(p.copied),
+                    mib(p.total)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Each disk's copy as QEMU's mirror reports it; a mirror that ended with an error
@@ -269,9 +298,15 @@ impl SourceMigration {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let states: Vec<String> = jobs
+                    .iter()
+                    .filter(|j| ours.contains(&j.id))
+                    .map(|j| format!("{} {} at {} of {}", j.id, j.status, j.offset, j.len))
+                    .collect();
                 return Err(DaemonError::Timeout(format!(
-                    "the disk mirrors did not end within {} s",
-                    JOB_END.as_secs()
+                    "the disk mirrors did not end within {} s ({})",
+                    JOB_END.as_secs(),
+                    states.join(", ")
                 )));
             }
             std::thread::sleep(DISK_POLL);
@@ -285,7 +320,13 @@ impl SourceMigration {
         if self.disks.is_empty() {
             return;
         }
+        // Closed, not only shut down: QEMU's NBD client waits to write into a full
+        // socket and is woken only once our end is gone (a shut-down end still holds
+        // the unread bytes). Its requests then fail at once and the mirror can end.
         if failed {
+            for stop in lock(&self.nbd_stops).drain(..) {
+                stop.stop();
+            }
             let jobs = lock(&self.disk_jobs).jobs.clone();
             for job in &jobs {
                 let _ = self.qemu.with_qmp(|q| q.block_job_cancel(job, true));
@@ -300,6 +341,10 @@ impl SourceMigration {
                 tracing::warn!(migration = %self.id, "cannot remove {node}: {e}");
             }
         }
+        // On success the NBD clients said goodbye with blockdev-del; their streams go now.
+        for stop in lock(&self.nbd_stops).drain(..) {
+            stop.stop();
+        }
         for path in lock(&self.disk_sockets).drain(..) {
             let _ = std::fs::remove_file(path);
         }
@@ -310,7 +355,7 @@ impl SourceMigration {
         let DataConn { conn, sock, peer } = c;
         let stop = StopHandle::new(&local, &sock)
             .map_err(|e| DaemonError::Internal(format!("stop handle: {e}")))?;
-        lock(&self.stops).push(stop.clone());
+        lock(&self.nbd_stops).push(stop.clone());
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("pump-nbd-{k}"))

@@ -143,6 +143,8 @@ pub struct SourceMigration {
     disk_jobs: Mutex<disks::DiskJobs>,
     /// Our unix sockets QEMU's NBD clients connect to.
     disk_sockets: Mutex<Vec<PathBuf>>,
+    /// The NBD pumps (direct, reverse), stopped and dropped when the disk copy ends.
+    nbd_stops: Mutex<Vec<StopHandle>>,
     /// Bytes the disk copy carried (kept apart from the RAM's).
     disk_meter: Arc<Meter>,
     /// The first NBD stream failure, in words.
@@ -272,6 +274,7 @@ impl SourceMigration {
             nbd_slots: Mutex::new(Slots::default()),
             disk_jobs: Mutex::new(disks::DiskJobs::default()),
             disk_sockets: Mutex::new(Vec::new()),
+            nbd_stops: Mutex::new(Vec::new()),
             disk_meter: Arc::new(Meter::default()),
             disk_error: Mutex::new(None),
         };
@@ -343,6 +346,15 @@ impl SourceMigration {
             Some(p) if self.state() != SourceState::PostCopy => p,
             _ => why.to_string(),
         };
+        // A failure while the disks were copied says how far each got.
+        let why = if !self.disks.is_empty()
+            && !self.started_qemu.load(Ordering::SeqCst)
+            && !why.contains("disk copy stopped")
+        {
+            format!("the disk copy stopped ({}): {why}", self.disks_so_far())
+        } else {
+            why
+        };
         // A source QEMU that died is the cause, whatever it looked like from here.
         let exited = self.qemu.exit_reason();
         let why = match &exited {
@@ -351,15 +363,16 @@ impl SourceMigration {
         };
         let why = why.as_str();
         tracing::warn!(migration = %self.id, "migration failed: {why}");
-        if exited.is_none() {
-            // Before the streams are cut: a mirror whose target vanishes fails loudly.
-            self.clean_disks(true);
-        }
         for s in lock(&self.stops).iter() {
             s.stop();
         }
         if let Some(t) = lock(&self.tunnel_stop).as_ref() {
             t.stop();
+        }
+        if exited.is_none() {
+            // After the streams are cut: NBD requests still in flight then fail at once,
+            // rather than hold the cancelled mirrors until the link times out.
+            self.clean_disks(true);
         }
         *lock(&self.held) = Held::Nothing;
         let _ = std::fs::remove_file(&self.socket_path);
