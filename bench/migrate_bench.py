@@ -946,7 +946,17 @@ def run_busy(env, route, guest):
         r["boot_s"] = boot_s
         last_src = heartbeats(src.serial)[-1]
         src.stop()  # its CPU is the destination's from here on
-        hb = wait_heartbeat(dst.serial, 0, 60, dst)
+        try:
+            hb = wait_heartbeat(dst.serial, 0, 60, dst)
+        except RuntimeError as e:
+            # Say whether QEMU ran the guest at all: a guest that stopped counting and a
+            # destination left paused are different failures.
+            try:
+                with Qmp(dst.qmp) as q:
+                    st = q.cmd("query-status")
+                raise RuntimeError(f"{e} (destination QEMU: {st.get('status')})") from None
+            except OSError:
+                raise e from None
         r["heartbeat"] = (last_src, hb[0])
         next_check = (hb[-1] // 20 + 1) * 20
         r["guest_ok"] = False

@@ -6,7 +6,10 @@ Usage: mkinitramfs.py BUSYBOX OUT KERNEL_MODULES_DIR
 The guest prints "vmferry-guest: booted" once. If it has a virtio disk (/dev/vda; the
 virtio modules come from the kernel package's KERNEL_MODULES_DIR), it prints the disk's
 first line as "vmferry-disk: LINE" and writes each heartbeat's number into the disk's
-second 512-byte sector, synchronously, so a test can see which host last wrote it. Then it forever rewrites 16 MiB of a tmpfs file
+second 512-byte sector, synchronously, so a test can see which host last wrote it; before
+each write it reads the sector back past the page cache and prints "vmferry-diskcheck BAD
+N" if it does not hold the previous number ("vmferry-diskcheck ok N" every 10th time).
+Then it forever rewrites 16 MiB of a tmpfs file
 in place (so memory keeps getting dirtied during a live migration) and prints
 "vmferry-heartbeat N" on the console, N counting up from 1, about every 0.5 s. With
 "vmferry.busy=MIB" on the kernel command line it also rewrites MIB MiB more of tmpfs in a
@@ -76,6 +79,17 @@ while true; do
     dd if=/tmp/pattern of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null
     echo "$n" >/tmp/counter
     if [ $disk = yes ]; then
+        # Read back (past the page cache) what the last heartbeat wrote: after a migration
+        # that copied the disk, the destination's disk must hold the source's last write.
+        if [ $n -gt 1 ]; then
+            echo 1 >/proc/sys/vm/drop_caches
+            prev=$(dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | { read -r l; echo "$l"; })
+            if [ "$prev" != "$((n - 1))" ]; then
+                echo "vmferry-diskcheck BAD $n (read '$prev')"
+            elif [ $((n % 10)) -eq 0 ]; then
+                echo "vmferry-diskcheck ok $n"
+            fi
+        fi
         echo "$n" | dd of=/dev/vda bs=512 seek=1 conv=notrunc,fsync 2>/dev/null
     fi
     echo "vmferry-heartbeat $n"

@@ -12,10 +12,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use vmferry_testkit::capture::{file_contains, Capture};
 use vmferry_testkit::qemu::{start_qemu, QemuOpts, QemuProcess};
 use vmferry_testkit::require;
 
 const DISK_MIB: u64 = 24;
+/// Written into a source disk: it must never cross the wire in clear.
+const MARKER: &[u8] = b"vmferry-disk-marker-never-in-clear";
+
+/// Writes `MARKER` over 64 KiB at 1 MiB into a raw image.
+fn put_marker(raw: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new().write(true).open(raw)?;
+    f.seek(SeekFrom::Start(1 << 20))?;
+    let region: Vec<u8> = MARKER.iter().copied().cycle().take(64 << 10).collect();
+    f.write_all(&region)?;
+    f.sync_all()?;
+    Ok(())
+}
 
 /// A disk image: `format` qcow2 or raw, `mib` MiB, filled with pseudo-random data (and a
 /// marker) when `seed` is given, blank otherwise.
@@ -97,6 +111,50 @@ fn qemu(
     start_qemu(&o)
 }
 
+/// A running TCG guest (the test guest) with one disk vd0 (/dev/vda): it writes each
+/// heartbeat's number into the disk's second sector, synchronously.
+fn guest(dir: &Path, tag: &str, disk: &Path, incoming: bool) -> Result<QemuProcess> {
+    require::qemu();
+    let img = vmferry_testkit::guest::guest_image()?;
+    let mut o = QemuOpts::new(
+        dir.join(format!("{tag}.qmp")),
+        dir.join(format!("{tag}.serial")),
+    );
+    o.memory_mib = 128;
+    o.kernel = Some(img.kernel);
+    o.initrd = Some(img.initrd);
+    o.append = Some(img.append);
+    o.incoming = incoming.then(|| "defer".to_string());
+    o.extra_args = disk_args(&[("vd0", disk, "qcow2")]);
+    start_qemu(&o)
+}
+
+/// A qcow2 image's guest-visible bytes.
+fn raw_bytes(dir: &Path, img: &Path) -> Result<Vec<u8>> {
+    let out = dir.join("flat.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(img)
+        .arg(&out)
+        .output()?;
+    if !o.status.success() {
+        bail!("qemu-img convert: {}", text(&o));
+    }
+    let b = std::fs::read(&out)?;
+    std::fs::remove_file(&out)?;
+    Ok(b)
+}
+
+/// The heartbeat number a guest last wrote into its disk's second sector.
+fn sector_counter(bytes: &[u8]) -> u64 {
+    let s = &bytes[512..1024];
+    let end = s.iter().position(|b| !b.is_ascii_digit()).unwrap_or(0);
+    std::str::from_utf8(&s[..end])
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
 fn migrate(
     s: &Setup,
     src: &QemuProcess,
@@ -171,6 +229,7 @@ fn disks_are_copied_over_every_transport_and_arrive_identical() -> Result<()> {
         let seed = 0xd15c + n as u64;
         let src_q = image(dir, &format!("src{n}-vd0"), "qcow2", DISK_MIB, Some(seed))?;
         let src_r = image(dir, &format!("src{n}-vd1"), "raw", 8, Some(seed + 1))?;
+        put_marker(&src_r)?;
         let dst_q = image(dir, &format!("dst{n}-vd0"), "qcow2", DISK_MIB, None)?;
         let dst_r = image(dir, &format!("dst{n}-vd1"), "raw", 8, None)?;
         let src = qemu(
@@ -185,13 +244,33 @@ fn disks_are_copied_over_every_transport_and_arrive_identical() -> Result<()> {
             &[("vd0", &dst_q, "qcow2"), ("vd1", &dst_r, "raw")],
             true,
         )?;
+        let cap = Capture::start(
+            &s.hosts.b,
+            &s.hosts.b.iface,
+            "tcp",
+            &dir.join(format!("{transport}.pcap")),
+        )?;
         let o = migrate(
             &s,
             &src,
             &dst,
             &["--copy-storage", "all", "--transport", transport, "--json"],
         );
+        let pcap = cap.stop()?;
         assert!(o.status.success(), "over {transport}: {}", text(&o));
+        let size = std::fs::metadata(&pcap)?.len();
+        assert!(
+            size > (DISK_MIB + 8) << 20,
+            "{transport}: capture too small ({size} bytes) to have seen the copy"
+        );
+        assert!(
+            file_contains(&src_r, MARKER)?,
+            "the marker is in the source disk"
+        );
+        assert!(
+            !file_contains(&pcap, MARKER)?,
+            "disk contents crossed the wire in clear over {transport}"
+        );
         nothing_left(&src).with_context(|| format!("after {transport}"))?;
         let synced = s.da.log_text().matches("every disk is in sync").count();
         assert_eq!(synced, n + 1, "the mirrors ran over {transport}");
@@ -337,5 +416,66 @@ fn a_copy_that_fails_midway_leaves_the_source_running_on_its_own_images() -> Res
         identical(&src_img, &pristine).with_context(|| format!("after the {fault} fault"))?;
         drop(dst);
     }
+    Ok(())
+}
+
+#[test]
+fn a_guest_that_writes_to_its_disk_during_the_copy_keeps_every_write() -> Result<()> {
+    let s = setup("diskw")?;
+    let dir = s.tmp.path();
+    let src_img = image(dir, "src", "qcow2", 96, Some(0x3117e))?;
+    let dst_img = image(dir, "dst", "qcow2", 96, None)?;
+    let src = guest(dir, "wsrc", &src_img, false)?;
+    let dst = guest(dir, "wdst", &dst_img, true)?;
+    let beat =
+        vmferry_testkit::serial::wait_for_heartbeat(&src.serial, 2, Duration::from_secs(90))?;
+    // Not capped: the guest dirties its RAM faster than a cap would let pre-copy
+    // converge. The disk is large enough for the guest to write during its copy.
+    let o = migrate(&s, &src, &dst, &["--copy-storage", "all"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let on_src =
+        vmferry_testkit::serial::wait_for_heartbeat(&src.serial, 0, Duration::from_secs(1))?;
+    // At least one write while the mirror ran (it runs until the switch-over).
+    assert!(
+        on_src > beat,
+        "the guest wrote during the migration ({beat} .. {on_src})"
+    );
+    // The guest runs on, on the destination, reading back what it wrote on the source
+    // (its first read there must find the source's last write) and writing to the copy.
+    let on_dst = vmferry_testkit::serial::wait_for_heartbeat(
+        &dst.serial,
+        on_src + 11,
+        Duration::from_secs(60),
+    )?;
+    let console = std::fs::read_to_string(&dst.serial)?;
+    assert!(
+        !console.contains("vmferry-diskcheck BAD"),
+        "the destination's disk lost a write: {console}"
+    );
+    assert!(
+        console.contains("vmferry-diskcheck ok"),
+        "the guest checked its disk on the destination: {console}"
+    );
+    nothing_left(&src)?;
+    quit(src)?;
+    quit(dst)?;
+    let (a, b) = (raw_bytes(dir, &src_img)?, raw_bytes(dir, &dst_img)?);
+    assert_eq!(a.len(), b.len());
+    // Everything but the heartbeat sector is the source's, byte for byte ...
+    assert!(
+        a[..512] == b[..512] && a[1024..] == b[1024..],
+        "the copy differs"
+    );
+    // ... and that sector holds what the guest wrote last: on the source up to the
+    // switch-over, then on the destination.
+    let (last_src, last_dst) = (sector_counter(&a), sector_counter(&b));
+    assert!(
+        last_src >= on_src,
+        "the source's last write ({last_src}, heartbeat {on_src})"
+    );
+    assert!(
+        last_dst > last_src && last_dst >= on_dst,
+        "the destination's writes ({last_dst}) follow the source's ({last_src})"
+    );
     Ok(())
 }
