@@ -313,6 +313,64 @@ impl DestinationMigration {
         if !recovered {
             self.advance(DestinationEvent::Attach)?;
         }
+        if self.n_disks > 0 && !recovered {
+            // The source QEMU starts only once the disks are copied, perhaps minutes from
+            // now. QEMU 7.2 peeks each new migration connection's first bytes from its
+            // main loop (measured: with multifd, its monitor and NBD server stood still
+            // until then, so the disk copy could never finish): hand the streams over
+            // once the source's first bytes are here.
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name(format!("ram-wait-{}", &self.id.as_str()[..8]))
+                .spawn(move || {
+                    let handed = me
+                        .wait_first_bytes(&conns)
+                        .and_then(|()| me.hand_to_qemu(conns, false));
+                    if let Err(e) = handed {
+                        if !me.state().is_final() {
+                            me.record_end(Err(&e));
+                        }
+                    }
+                })
+                .map_err(|e| DaemonError::Internal(format!("cannot start a thread: {e}")))?;
+        } else {
+            self.hand_to_qemu(conns, recovered)?;
+        }
+        if recovered {
+            return Ok(());
+        }
+        self.spawn_watcher(daemon)
+    }
+
+    /// Waits until the first stream (QEMU's main channel) has bytes from the source, or
+    /// the migration ended.
+    fn wait_first_bytes(&self, conns: &[DataConn]) -> Result<()> {
+        let Some(first) = conns.first() else {
+            return Ok(());
+        };
+        loop {
+            if self.state().is_final() {
+                return Err(DaemonError::Cancelled("the migration ended".into()));
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&first.sock),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(250u16)) {
+                Ok(0) => continue,
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(DaemonError::Channel(format!(
+                        "waiting for the source's first bytes: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Connects every stream to QEMU, main channel first, and starts a pump for each.
+    fn hand_to_qemu(self: &Arc<Self>, conns: Vec<DataConn>, recovered: bool) -> Result<()> {
         for (k, c) in conns.into_iter().enumerate() {
             let socket = lock(&self.incoming_socket).clone();
             let local = UnixStream::connect(&socket).map_err(|e| {
@@ -355,10 +413,7 @@ impl DestinationMigration {
             }
         }
         tracing::info!(migration = %self.id, streams = self.n_streams, "data streams reached QEMU");
-        if recovered {
-            return Ok(());
-        }
-        self.spawn_watcher(daemon)
+        Ok(())
     }
 
     /// Counts a stream that ended; the first failure is kept, in words, for the status.
