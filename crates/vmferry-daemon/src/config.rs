@@ -38,6 +38,10 @@ pub struct DaemonConfig {
     pub transport: TransportChoice,
     /// Where sockets, VM directories and logs live.
     pub state_dir: PathBuf,
+    /// Where a destination creates the disk images of a migration that copies storage
+    /// (default: `STATE_DIR/images`).
+    #[serde(default)]
+    pub images_dir: Option<PathBuf>,
     /// A certs dir: `ca.pem`, `cert.pem`, `key.pem` (see `vmferry certs`).
     pub certs: Option<PathBuf>,
     /// The QEMU binary to run.
@@ -101,12 +105,20 @@ fn default_credential_ttl() -> u64 {
 }
 
 impl DaemonConfig {
+    /// Where copied disk images are created.
+    pub fn images_dir(&self) -> PathBuf {
+        self.images_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("images"))
+    }
+
     pub fn new(state_dir: PathBuf) -> Self {
         DaemonConfig {
             listen: None,
             data_listen: None,
             transport: TransportChoice::Auto,
             state_dir,
+            images_dir: None,
             certs: None,
             qemu: default_qemu(),
             accel: Accel::Auto,

@@ -10,6 +10,7 @@
 
 mod accept;
 mod disks;
+mod images;
 mod load;
 mod recover;
 
@@ -122,6 +123,8 @@ pub struct DestinationMigration {
     nbd_taken: Mutex<Vec<usize>>,
     /// Bytes the disk copy carried (kept apart from the RAM's).
     disk_meter: Arc<Meter>,
+    /// Images this daemon created for the copy (managed VMs): removed if it fails.
+    created_images: Vec<PathBuf>,
 }
 
 impl DestinationMigration {
@@ -141,6 +144,7 @@ impl DestinationMigration {
         };
         let server_config = trust.server_config(daemon, &identity, "source", None)?;
 
+        let mut created_images = Vec::new();
         let (qemu, vm_name) = match &vm {
             VmRef::Managed { name } => {
                 let mut spec = cookie.vm.clone().ok_or_else(|| {
@@ -153,7 +157,15 @@ impl DestinationMigration {
                     )));
                 }
                 spec.name = name.clone();
-                let v = daemon.vms.start(spec, true)?;
+                let images = images::create_images(daemon, &id, &mut spec, &cookie)?;
+                let v = match daemon.vms.start(spec, true) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        images::remove_images(&images);
+                        return Err(e);
+                    }
+                };
+                created_images = images;
                 (QemuHandle::Managed(v), Some(name.clone()))
             }
             VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None),
@@ -172,6 +184,7 @@ impl DestinationMigration {
                 v.kill();
                 daemon.vms.forget(n);
             }
+            images::remove_images(&created_images);
             return Err(e);
         }
         let streams = cookie.streams() as usize;
@@ -214,6 +227,7 @@ impl DestinationMigration {
             nbd_socket,
             nbd_taken: Mutex::new(Vec::new()),
             disk_meter: Arc::new(Meter::default()),
+            created_images,
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
         cookie.data_address = daemon.config.data_address();
@@ -410,6 +424,7 @@ impl DestinationMigration {
         if let (QemuHandle::Managed(v), Some(n)) = (&self.qemu, &self.vm_name) {
             v.kill();
             daemon.vms.forget(n);
+            images::remove_images(&self.created_images);
         }
         self.end(daemon);
     }

@@ -181,6 +181,13 @@ impl SourceMigration {
                 // The mirrors ended at the switch-over; their NBD nodes go now, which
                 // ends the NBD streams before the channel drains.
                 self.clean_disks(false);
+                if !self.disks.is_empty() {
+                    *lock(&self.note) = Some(format!(
+                        "{} disk(s) copied; the source's images stay where they were on this \
+                         host",
+                        self.disks.len()
+                    ));
+                }
                 // QEMU has sent everything into our sockets; wait for the channel to hand
                 // it all to the destination before calling it complete.
                 // QEMU says it sent everything. Whether it all arrived is the destination
