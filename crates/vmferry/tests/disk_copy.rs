@@ -584,6 +584,48 @@ fn a_managed_vm_with_a_local_disk_moves_with_it() -> Result<()> {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("disk disk0"), "{}", text(&o));
     assert!(made().is_empty(), "images left behind: {:?}", made());
+    // The destination QEMU killed while the disk is copied: the images it was given go,
+    // the guest keeps running on the source.
+    let mut c = s.hosts.a.command(BIN);
+    c.args([
+        "migrate", "g1", "--from", &s.a_addr, "--to", &s.b_addr, "--certs",
+    ])
+    .arg(&s.ctl)
+    .args(["--copy-storage", "all", "--max-bandwidth", "4M"])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = c.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        let o = run({
+            let mut c = s.hosts.b.command(BIN);
+            c.args(["vm", "list", "--json", "--daemon", &s.b_addr, "--certs"])
+                .arg(&s.ctl);
+            c
+        });
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        match v[0]["pid"].as_u64() {
+            Some(p) if !made().is_empty() => break p,
+            _ if std::time::Instant::now() > deadline => bail!("no destination VM: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let o = child.wait_with_output()?;
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("disk disk0"), "{}", text(&o));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !made().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(made().is_empty(), "images left behind: {:?}", made());
+    let beat = vmferry_testkit::serial::wait_for_heartbeat(&a_log, 0, Duration::from_secs(1))?;
+    vmferry_testkit::serial::wait_for_heartbeat(&a_log, beat + 2, Duration::from_secs(30))
+        .context("the guest counts on on the source")?;
     // all: the disk moves with the guest.
     let o = migrate(&["--copy-storage", "all"]);
     assert!(o.status.success(), "{}", text(&o));
