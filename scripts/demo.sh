@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, in one command: set this machine up, then live-migrate a real, running
 # Linux guest between two hosts (two network namespaces joined by a veth pair, each with
-# its own vmferry daemon) over vmferry's authenticated, encrypted channel, and show the
-# guest's heartbeat carrying on at the destination. Needs root. Cleans up after itself.
+# its own vmferry daemon) over vmferry's authenticated, encrypted channel, with its local
+# disk copied beside its memory, and show the guest's heartbeat (and its reads of the copied
+# disk) carrying on at the destination. Needs root. Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,9 +56,15 @@ for s in a b; do
 done
 
 CTL=(--certs "$WORK/controller")
+echo "== a local disk for the guest on hosta (not shared with hostb: it is copied)"
+mkdir -p "$WORK/a-disks"
+DISK=$WORK/a-disks/demo.raw
+printf 'demo disk, made on hosta\n' >"$DISK"
+truncate -s 64M "$DISK"
 echo "== starting guest 'demo' on hosta (accel auto: KVM if it really runs a guest here, else TCG)"
 ip netns exec $A $BIN vm start demo --daemon $IPA:4700 "${CTL[@]}" --memory 256M --cpus 1 \
-    --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.img" --append "console=ttyS0 quiet panic=-1"
+    --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.img" --append "console=ttyS0 quiet panic=-1" \
+    --disk "$DISK"
 SRC_LOG=$WORK/a/vms/demo/serial.log
 DST_LOG=$WORK/b/vms/demo/serial.log
 last_beat() { { grep -ao 'vmferry-heartbeat [0-9]*' "$1" 2>/dev/null || true; } | tail -1 | awk '{print $2}'; }
@@ -67,15 +74,17 @@ for _ in $(seq 600); do
 done
 echo "   guest is up on hosta, heartbeat $(last_beat "$SRC_LOG")"
 
-echo "== migrating 'demo' hosta -> hostb (the controller talks to both daemons over mutual TLS;"
-echo "   the guest's memory goes over TLS 1.3 with per-migration pinned identities)"
-ip netns exec $A $BIN migrate demo --from $IPA:4700 --to $IPB:4700 "${CTL[@]}"
+echo "== migrating 'demo' hosta -> hostb with its disk (the controller talks to both daemons over"
+echo "   mutual TLS; the guest's disk and memory go over TLS 1.3 with per-migration pinned identities)"
+ip netns exec $A $BIN migrate demo --from $IPA:4700 --to $IPB:4700 "${CTL[@]}" --copy-storage all
 SRC_END=$(last_beat "$SRC_LOG")
-sleep 3
+sleep 6
 echo "== after migration"
 echo "   last heartbeat printed on hosta:      $SRC_END"
 echo "   first heartbeat printed on hostb:     $(first_beat "$DST_LOG")"
 echo "   latest heartbeat on hostb:            $(last_beat "$DST_LOG")"
 echo "   VMs on hosta:"; ip netns exec $A $BIN vm list --daemon $IPA:4700 "${CTL[@]}" | sed 's/^/     /'
 echo "   VMs on hostb:"; ip netns exec $B $BIN vm list --daemon $IPB:4700 "${CTL[@]}" | sed 's/^/     /'
+echo "   the disk hostb made for the copy:     $(ls "$WORK/b/images")"
+echo "   the guest reading its disk on hostb:  $({ grep -a 'vmferry-diskcheck' "$DST_LOG" || echo 'no check yet'; } | tail -1)"
 echo "== demo done: the guest kept counting on hostb; cleaning up"
