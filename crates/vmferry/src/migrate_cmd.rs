@@ -396,6 +396,9 @@ fn print_report(r: &MigrationReport, json: bool) {
             .unwrap_or_else(|| "n/a".into())
     );
     println!("  data        {}", human_bytes(r.bytes));
+    for d in &r.disks {
+        println!("  disk {:<7}{} copied", d.device, human_bytes(d.total));
+    }
     if !r.compression.is_empty() && r.compression != "none" {
         let ratio = r.bytes as f64 / r.wire_bytes.max(1) as f64;
         println!(

@@ -272,6 +272,27 @@ fn disks_are_copied_over_every_transport_and_arrive_identical() -> Result<()> {
             text(&o),
             s.db.log_text()
         );
+        // The result says what was copied, disk by disk.
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))?;
+        let disks = result["disks"].as_array().cloned().unwrap_or_default();
+        let totals: Vec<(String, u64)> = disks
+            .iter()
+            .map(|d| {
+                (
+                    d["device"].as_str().unwrap_or("").to_string(),
+                    d["total"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            totals,
+            vec![
+                ("vd0".to_string(), DISK_MIB << 20),
+                ("vd1".to_string(), 8 << 20)
+            ],
+            "{result}"
+        );
         let size = std::fs::metadata(&pcap)?.len();
         assert!(
             size > (DISK_MIB + 8) << 20,

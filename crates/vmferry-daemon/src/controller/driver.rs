@@ -460,6 +460,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             wire_bytes: last.wire_bytes,
             compression: last.compression.clone(),
             throughput_mbps: last.channel_bytes as f64 * 8.0 / 1e6 / secs,
+            disks: last.disks.clone(),
         }
     }
 

@@ -67,6 +67,9 @@ pub struct MigrationReport {
     pub wire_bytes: u64,
     pub compression: String,
     pub throughput_mbps: f64,
+    /// The disks copied (`--copy-storage`), as the source last reported them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<vmferry_proto::DiskProgress>,
 }
 
 /// Where the controller was when it failed.
