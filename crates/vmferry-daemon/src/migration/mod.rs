@@ -168,6 +168,23 @@ impl QemuHandle {
         })
     }
 
+    /// `cont`, waiting at most `wait` for the reply: `false` when QEMU did not answer by
+    /// then (during post-copy its main loop may be held by a vCPU waiting for a page; the
+    /// command stays queued in QEMU and runs once the loop is free).
+    pub fn cont_within(&self, wait: Duration) -> Result<bool> {
+        self.with_qmp(|q| {
+            let usual = q.timeout();
+            q.set_timeout(wait);
+            let r = q.cont();
+            q.set_timeout(usual);
+            match r {
+                Ok(()) => Ok(true),
+                Err(QmpError::Timeout { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
     /// Whether both handles reach the same QEMU.
     pub fn same_qemu(&self, other: &QemuHandle) -> bool {
         match (self, other) {

@@ -129,8 +129,12 @@ impl DestinationMigration {
                 *lock(&self.note) = Some("post-copy: the guest runs here".into());
                 if self.source_running {
                     // During an incoming migration `cont` only says "run once you can":
-                    // QEMU starts the guest as soon as post-copy lets it.
-                    self.qemu.with_qmp(|q| q.cont())?;
+                    // QEMU starts the guest as soon as post-copy lets it. A busy main loop
+                    // (a vCPU waiting for a page) answers later: never a reason to give
+                    // the guest up.
+                    if !self.qemu.cont_within(BUSY_WAIT)? {
+                        tracing::info!(migration = %self.id, "post-copy: cont is queued behind QEMU's busy main loop");
+                    }
                 }
                 tracing::info!(migration = %self.id, "post-copy: the guest runs on the destination");
             }
