@@ -155,12 +155,8 @@ fn sector_counter(bytes: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-fn migrate(
-    s: &Setup,
-    src: &QemuProcess,
-    dst: &QemuProcess,
-    extra: &[&str],
-) -> std::process::Output {
+/// `vmferry migrate` in attach mode from host a, with `extra` flags.
+fn migrate_cmd(s: &Setup, src: &QemuProcess, dst: &QemuProcess, extra: &[&str]) -> Command {
     let mut c = s.hosts.a.command(BIN);
     c.args([
         "migrate",
@@ -176,7 +172,16 @@ fn migrate(
     .arg("--certs")
     .arg(&s.ctl)
     .args(extra);
-    run(c)
+    c
+}
+
+fn migrate(
+    s: &Setup,
+    src: &QemuProcess,
+    dst: &QemuProcess,
+    extra: &[&str],
+) -> std::process::Output {
+    run(migrate_cmd(s, src, dst, extra))
 }
 
 /// Ends QEMU with `quit` (a killed QEMU could leave qcow2 metadata unwritten) and waits
@@ -390,21 +395,12 @@ fn a_copy_that_fails_midway_leaves_the_source_running_on_its_own_images() -> Res
             true,
         )?;
         // 48 MiB at 4 MiB/s: the copy is still running when the fault comes.
-        let mut c = s.hosts.a.command(BIN);
-        c.args([
-            "migrate",
-            "--from",
-            &s.a_addr,
-            "--to",
-            &s.b_addr,
-            "--src-qmp",
-        ])
-        .arg(&src.qmp)
-        .arg("--dst-qmp")
-        .arg(&dst.qmp)
-        .arg("--certs")
-        .arg(&s.ctl)
-        .args(["--copy-storage", "all", "--max-bandwidth", "4M"]);
+        let mut c = migrate_cmd(
+            &s,
+            &src,
+            &dst,
+            &["--copy-storage", "all", "--max-bandwidth", "4M"],
+        );
         if fault == "link" {
             c.args(["--timeout", "10"]);
         }

@@ -22,6 +22,18 @@ use vmferry_qmp::{Qmp, QmpError};
 pub use destination::DestinationMigration;
 pub use source::SourceMigration;
 
+/// What a disk copy compares of a disk, as QEMU shows it: both halves describe their
+/// disks this way.
+pub(crate) fn disk_shape(d: &vmferry_qmp::BlockDisk) -> vmferry_proto::DiskShape {
+    vmferry_proto::DiskShape {
+        device: d.device.clone(),
+        format: d.format.clone(),
+        virtual_size: d.virtual_size,
+        backing: d.backing.clone(),
+        read_only: d.read_only,
+    }
+}
+
 /// QEMU's capability for post-copy's preempt channel.
 pub(crate) const PREEMPT: &str = "postcopy-preempt";
 

@@ -25,16 +25,7 @@ pub(super) fn export_disks(
         return Ok(());
     };
     let ours = qemu.with_qmp(|q| q.block_disks())?;
-    let shapes: Vec<vmferry_proto::DiskShape> = ours
-        .iter()
-        .map(|d| vmferry_proto::DiskShape {
-            device: d.device.clone(),
-            format: d.format.clone(),
-            virtual_size: d.virtual_size,
-            backing: d.backing.clone(),
-            read_only: d.read_only,
-        })
-        .collect();
+    let shapes: Vec<vmferry_proto::DiskShape> = ours.iter().map(super::super::disk_shape).collect();
     let pairs = match_disks(&cookie.disks, &shapes, copy.mode).map_err(|why| {
         DaemonError::BadRequest(format!("{} cannot receive this VM: {why}", qemu.describe()))
     })?;

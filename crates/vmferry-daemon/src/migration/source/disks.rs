@@ -57,17 +57,6 @@ pub(super) fn disks_to_copy(qemu: &QemuHandle) -> Result<Vec<BlockDisk>> {
     Ok(writable)
 }
 
-/// What the cookie says of a disk.
-pub(super) fn shape(d: &BlockDisk) -> vmferry_proto::DiskShape {
-    vmferry_proto::DiskShape {
-        device: d.device.clone(),
-        format: d.format.clone(),
-        virtual_size: d.virtual_size,
-        backing: d.backing.clone(),
-        read_only: d.read_only,
-    }
-}
-
 impl SourceMigration {
     fn copy(&self) -> Option<CopyStorage> {
         self.options.copy_storage

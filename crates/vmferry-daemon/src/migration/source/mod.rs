@@ -229,7 +229,7 @@ impl SourceMigration {
             }),
             peer_link: false,
             source_qemu: release,
-            disks: disks.iter().map(disks::shape).collect(),
+            disks: disks.iter().map(super::disk_shape).collect(),
         };
         let socket_path = daemon
             .config
