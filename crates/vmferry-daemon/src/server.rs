@@ -49,6 +49,23 @@ impl Server {
         // Others may traverse (to reach control.sock, where peer credentials decide) but
         // not list; QEMU's own sockets inside are not writable by others.
         let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711));
+        let audit = AuditLog::open(&config.state_dir);
+        // Before any socket is bound: a previous run killed mid-migration left a
+        // receiving QEMU and half-copied images behind; the source kept the guest, so
+        // they are undone.
+        for line in crate::migration::destination::roll_back_interrupted(&config.state_dir) {
+            tracing::warn!("{line}");
+            audit.record(&Event {
+                what: "migration",
+                who: "-",
+                from: "restart",
+                scheme: "-",
+                op: "roll_back",
+                subject: "",
+                outcome: "ok",
+                detail: &line,
+            });
+        }
         let policy =
             AuthPolicy::from_config(&config).map_err(|e| DaemonError::BadRequest(e.to_string()))?;
         let (creds, control_tls) = load_tls(&config, &policy)?;
@@ -88,7 +105,6 @@ impl Server {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
         let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
-        let audit = AuditLog::open(&config.state_dir);
         let data_path = match vmferry_channel::transport::kernel_tls_available() {
             Ok(()) => "userspace TLS 1.3 (rustls on aws-lc-rs, AES-128-GCM preferred); the \
                        kernel offers TLS offload, which this build does not use yet"

@@ -168,6 +168,11 @@ impl VmRegistry {
         }
     }
 
+    /// The QMP socket a VM of this name has (its QEMU's command line names it).
+    pub fn qmp_path(&self, name: &VmName) -> PathBuf {
+        self.dir.join(name.as_str()).join("qmp.sock")
+    }
+
     /// Starts a VM. `incoming` starts it paused waiting for a migration, and then the
     /// spec's accelerator is used as given (the source already resolved it).
     pub fn start(&self, mut spec: VmSpec, incoming: bool) -> Result<Arc<ManagedVm>> {
@@ -200,7 +205,7 @@ impl VmRegistry {
         };
         let AccelChoice { accel, reason } = self.accel.resolve(requested, &self.qemu, spec, &dir);
         spec.accel = accel;
-        let qmp_path = dir.join("qmp.sock");
+        let qmp_path = self.qmp_path(&spec.name);
         let serial_log = dir.join("serial.log");
         let qemu_log = dir.join("qemu.log");
         let disk_cache = spec

@@ -86,6 +86,8 @@ pub struct DaemonProc {
     pub addr: String,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    certs: PathBuf,
+    extra: Vec<String>,
 }
 
 impl DaemonProc {
@@ -100,7 +102,46 @@ impl DaemonProc {
     ) -> Result<DaemonProc> {
         std::fs::create_dir_all(state_dir)?;
         let log = state_dir.with_extension("log");
-        let logf = std::fs::File::create(&log)?;
+        let child = Self::spawn(host, addr, state_dir, certs, extra, &log)?;
+        let mut d = DaemonProc {
+            child,
+            addr: addr.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            log,
+            certs: certs.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon again after it was killed, on the same state dir and flags; the
+    /// QEMUs it had started are left alone (they outlive it by design).
+    pub fn restart(&mut self, host: Option<&Host>) -> Result<()> {
+        self.kill();
+        let _ = std::fs::remove_file(self.state_dir.join("control.sock"));
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(
+            host,
+            &self.addr,
+            &self.state_dir,
+            &self.certs,
+            &extra,
+            &self.log.with_extension("restarted.log"),
+        )?;
+        self.log = self.log.with_extension("restarted.log");
+        self.wait_ready()
+    }
+
+    fn spawn(
+        host: Option<&Host>,
+        addr: &str,
+        state_dir: &Path,
+        certs: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<Child> {
+        let logf = std::fs::File::create(log)?;
         let mut c = match host {
             Some(h) => h.command(BIN),
             None => Command::new(BIN),
@@ -114,24 +155,21 @@ impl DaemonProc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf);
-        let child = c.spawn().context("spawn vmferry serve")?;
-        let mut d = DaemonProc {
-            child,
-            addr: addr.to_string(),
-            state_dir: state_dir.to_path_buf(),
-            log,
-        };
+        c.spawn().context("spawn vmferry serve")
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while !d.state_dir.join("control.sock").exists() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                bail!("daemon exited ({st}): {}", d.log_text());
+        while !self.state_dir.join("control.sock").exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                bail!("daemon exited ({st}): {}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("daemon did not start: {}", d.log_text());
+                bail!("daemon did not start: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(d)
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -5,17 +5,20 @@
 //!
 //! It only ever removes images it created itself, and only for a migration that failed.
 
+use super::journal::Journal;
 use super::*;
 use std::process::Command;
 use vmferry_proto::disk::StorageMode;
 use vmferry_proto::VmSpec;
 
 /// Creates the images and points `spec` at them; on failure nothing created is left.
+/// Each image is in `journal` before it exists.
 pub(super) fn create_images(
     daemon: &Daemon,
     id: &MigrationId,
     spec: &mut VmSpec,
     cookie: &Cookie,
+    journal: &Journal,
 ) -> Result<Vec<PathBuf>> {
     let Some(copy) = cookie.options.copy_storage else {
         return Ok(Vec::new());
@@ -46,6 +49,17 @@ pub(super) fn create_images(
                     spec.name,
                     &id.as_str()[..8]
                 ));
+                // Never journalled unless it is ours to make: a restart removes what
+                // the journal names.
+                if path.exists() {
+                    return Err(DaemonError::Exists(format!(
+                        "disk {device}: {} already exists; not overwritten",
+                        path.display()
+                    )));
+                }
+                journal.image(&path).map_err(|e| {
+                    DaemonError::Internal(format!("cannot write the incoming journal: {e}"))
+                })?;
                 create_one(&path, shape, copy.mode).map(|()| path)
             });
         match made {
@@ -68,12 +82,6 @@ fn create_one(
     mode: StorageMode,
 ) -> Result<()> {
     let d = &shape.device;
-    if path.exists() {
-        return Err(DaemonError::Exists(format!(
-            "disk {d}: {} already exists; not overwritten",
-            path.display()
-        )));
-    }
     let mut c = Command::new("qemu-img");
     c.args(["create", "-q", "-f", &shape.format]);
     if mode == StorageMode::Inc {

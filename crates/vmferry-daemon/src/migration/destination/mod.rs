@@ -11,6 +11,8 @@
 mod accept;
 mod disks;
 mod images;
+mod journal;
+pub use journal::roll_back_interrupted;
 mod load;
 mod recover;
 
@@ -125,6 +127,8 @@ pub struct DestinationMigration {
     disk_meter: Arc<Meter>,
     /// Images this daemon created for the copy (managed VMs): removed if it fails.
     created_images: Vec<PathBuf>,
+    /// What this daemon made for a managed VM, for a restart to undo.
+    journal: Option<journal::Journal>,
 }
 
 impl DestinationMigration {
@@ -145,6 +149,7 @@ impl DestinationMigration {
         let server_config = trust.server_config(daemon, &identity, "source", None)?;
 
         let mut created_images = Vec::new();
+        let mut journal = None;
         let (qemu, vm_name) = match &vm {
             VmRef::Managed { name } => {
                 let mut spec = cookie.vm.clone().ok_or_else(|| {
@@ -157,15 +162,33 @@ impl DestinationMigration {
                     )));
                 }
                 spec.name = name.clone();
-                let images = images::create_images(daemon, &id, &mut spec, &cookie)?;
-                let v = match daemon.vms.start(spec, true) {
-                    Ok(v) => v,
+                let j =
+                    journal::Journal::open(&daemon.config.state_dir, id.as_str(), name.as_str())
+                        .map_err(|e| {
+                            DaemonError::Internal(format!("cannot write the incoming journal: {e}"))
+                        })?;
+                let started =
+                    images::create_images(daemon, &id, &mut spec, &cookie, &j).and_then(|images| {
+                        j.qemu(&daemon.vms.qmp_path(name)).map_err(|e| {
+                            DaemonError::Internal(format!("cannot write the incoming journal: {e}"))
+                        })?;
+                        match daemon.vms.start(spec, true) {
+                            Ok(v) => Ok((v, images)),
+                            Err(e) => {
+                                images::remove_images(&images);
+                                Err(e)
+                            }
+                        }
+                    });
+                let (v, images) = match started {
+                    Ok(s) => s,
                     Err(e) => {
-                        images::remove_images(&images);
+                        j.close();
                         return Err(e);
                     }
                 };
                 created_images = images;
+                journal = Some(j);
                 (QemuHandle::Managed(v), Some(name.clone()))
             }
             VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None),
@@ -185,6 +208,9 @@ impl DestinationMigration {
                 daemon.vms.forget(n);
             }
             images::remove_images(&created_images);
+            if let Some(j) = &journal {
+                j.close();
+            }
             return Err(e);
         }
         let streams = cookie.streams() as usize;
@@ -228,6 +254,7 @@ impl DestinationMigration {
             nbd_taken: Mutex::new(Vec::new()),
             disk_meter: Arc::new(Meter::default()),
             created_images,
+            journal,
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
         cookie.data_address = daemon.config.data_address();
@@ -359,6 +386,10 @@ impl DestinationMigration {
     /// (the final state) and closes.
     fn end(&self, daemon: &Daemon) {
         let _ = std::fs::remove_file(&*lock(&self.incoming_socket));
+        // Completed, or undone above: nothing is left for a restart to roll back.
+        if let Some(j) = &self.journal {
+            j.close();
+        }
         if let Some(p) = lock(&self.peer).take() {
             p.stop();
         }
