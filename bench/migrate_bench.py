@@ -55,12 +55,18 @@ post-copy, whether the guest counts on at the destination with its memory check 
 the ratios to plain post-copy (goal: vmferry post-copy <= 1.3x the total time, downtime
 within 20 ms).
 
+With --disk (off by default) or --disk-only, a paused guest with a local raw disk
+(--disk-mib, 1 GiB of random data) and --disk-ram-mib (256) MiB of RAM migrates with its
+disk copied: plain NBD (the baseline), QEMU NBD+TLS, vmferry --copy-storage all over direct
+and tunnel (--disk-routes); see bench/disk_routes.py.
+
 Last, a Markdown table to paste into the README. This machine is shared and noisy (2
 cores): trust the ratios and the CPU numbers more than the absolute times.
 
 Example: python3 bench/migrate_bench.py                    # everything, 5 runs, 1 GiB
          python3 bench/migrate_bench.py --ram-mib 128 --runs 1 --routes plain,direct
          python3 bench/migrate_bench.py --busy-only --runs 3       # the busy guest alone
+         python3 bench/migrate_bench.py --disk-only --runs 3       # disk copy alone
 Needs: qemu-system-x86_64, openssl, a release build of vmferry (cargo build --release -p
 vmferry); installs stunnel4 with apt-get if it is missing (as root). Everything it starts is
 killed and its files (also in /dev/shm) removed on exit, failure or Ctrl-C. Exits 1 if any
@@ -83,6 +89,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import disk_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMFERRY = os.environ.get("VMFERRY", os.path.join(ROOT, "target", "release", "vmferry"))
@@ -238,7 +246,7 @@ class Qmp:
 
 class Qemu:
     def __init__(self, work, tag, ram_path, ram_mib, incoming, prealloc, paused=True, guest=None,
-                 append=GUEST_APPEND):
+                 append=GUEST_APPEND, extra=()):
         self.tag = tag
         self.qmp = os.path.join(work, f"{tag}.qmp")
         self.serial = os.path.join(work, f"{tag}.serial")
@@ -253,6 +261,7 @@ class Qemu:
                 "-qmp", f"unix:{self.qmp},server=on,wait=off"]
         if guest:
             args += ["-kernel", guest[0], "-initrd", guest[1], "-append", append]
+        args += list(extra)
         if paused:
             args.append("-S")
         if incoming:
@@ -1278,6 +1287,15 @@ def main():
                          " untouched pages as a few bytes: quicker) or random (every page is carried)")
     ap.add_argument("--busy-timeout", type=int, default=300,
                     help="seconds one busy-guest migration may take (pre-copy; post-copy runs out)")
+    ap.add_argument("--disk", action=argparse.BooleanOptionalAction, default=False,
+                    help="also migrate a paused guest with a local disk copied (--copy-storage all)"
+                         " over plain NBD, QEMU NBD+TLS and vmferry (off by default)")
+    ap.add_argument("--disk-only", action="store_true",
+                    help="run only the disk-copy scenario (implies --disk)")
+    ap.add_argument("--disk-routes", default=disk_routes.DEFAULT_DISK_ROUTES,
+                    help="disk-copy routes, from: " + ",".join(disk_routes.DISK_ROUTES))
+    ap.add_argument("--disk-mib", type=int, default=1024, help="the disk's size, MiB of random data")
+    ap.add_argument("--disk-ram-mib", type=int, default=256, help="RAM of the guest with the disk, MiB")
     ap.add_argument("--timeout", type=int, default=90, help="seconds one migration may take")
     ap.add_argument("--stall", type=int, default=10,
                     help="QEMU routes: fail a migration whose source sent nothing for this many seconds")
@@ -1298,6 +1316,12 @@ def main():
     if a.busy_only:
         a.busy, a.live = True, False
         routes = []
+    if a.disk_only:
+        a.disk, a.live, a.busy = True, False, False
+        routes = []
+    disk_list = parse_list(a.disk_routes, disk_routes.DISK_ROUTES) if a.disk else []
+    if disk_list and (a.disk_mib < 1 or a.disk_ram_mib < 16):
+        sys.exit("need --disk-mib >= 1 and --disk-ram-mib >= 16")
     live_routes = parse_list(a.live_routes, ALL_ROUTES) if a.live else []
     busy_routes = parse_list(a.busy_routes, BUSY_ROUTES) if a.busy else []
     if busy_routes and (a.busy_ram_mib < 128 or a.busy_mib < 1 or a.busy_mib + 160 > a.busy_ram_mib
@@ -1310,7 +1334,8 @@ def main():
         sys.exit("need --runs >= 1, --ram-mib >= 16, --multifd >= 0, and --live-ram-mib >= 128"
                  " (the guest's kernel must fit)")
     need_vmferry = (any(r in VMFERRY_ROUTES for r in routes + live_routes)
-                    or any(r != "plain-postcopy" for r in busy_routes))
+                    or any(r != "plain-postcopy" for r in busy_routes)
+                    or any(r in VMFERRY_ROUTES for r in disk_list))
     if need_vmferry and not os.access(VMFERRY, os.X_OK):
         sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
     if not shutil.which(QEMU):
@@ -1342,7 +1367,8 @@ def main():
                                  capture_output=True, text=True).stdout.strip()
             built = datetime.datetime.fromtimestamp(os.path.getmtime(VMFERRY)).strftime("%Y-%m-%d %H:%M")
             print(f"vmferry {VMFERRY} (built {built}; the tree is now at {rev or '?'})", flush=True)
-        if "qemu-tls" in routes + live_routes or "stunnel" in routes + live_routes:
+        if ("qemu-tls" in routes + live_routes or "stunnel" in routes + live_routes
+                or "nbd-tls" in disk_list):
             env.x509 = os.path.join(work, "x509")
             make_x509(env.x509)
         if "stunnel" in routes + live_routes:
@@ -1410,6 +1436,13 @@ def main():
         rows = summarize(cells, results, failures, gib)
         if rows:
             print_paused(rows, a)
+
+        disk_rows, disk_load = [], None
+        if disk_list:
+            disk_start = loadavg()
+            disk_rows = disk_routes.run_all(sys.modules[__name__], env, disk_list)
+            disk_load = (disk_start.split()[0], loadavg().split()[0])
+            disk_routes.print_rows(disk_rows, a)
 
         live_rows = []
         if live_routes:
@@ -1491,11 +1524,14 @@ def main():
         print_markdown(rows, live_rows, a, machine_header(load_start))
         if busy_summary:
             print_busy_markdown(busy_summary, a, busy_load)
+        if disk_rows:
+            disk_routes.print_markdown(disk_rows, a, disk_load)
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump({"args": vars(a), "runs": all_runs,
                            "summary": [{k: v for k, v in row.items()} for row in rows]}, f, indent=1)
         if (any(failures.values()) or any(err for *_, err in live_rows)
+                or any(row["failed"] for row in disk_rows)
                 or any(err or not r.get("guest_ok") for _, r, err in busy_rows)):
             sys.exit(1)
     except KeyboardInterrupt:

@@ -397,7 +397,19 @@ fn print_report(r: &MigrationReport, json: bool) {
     );
     println!("  data        {}", human_bytes(r.bytes));
     for d in &r.disks {
-        println!("  disk {:<7}{} copied", d.device, human_bytes(d.total));
+        let pace = match d.in_sync_ms {
+            Some(ms) if ms > 0 => format!(
+                ", in sync after {:.1} s ({:.0} MiB/s)",
+                ms as f64 / 1000.0,
+                d.total as f64 / (1u64 << 20) as f64 / (ms as f64 / 1000.0)
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  disk {:<7}{} copied{pace}",
+            d.device,
+            human_bytes(d.total)
+        );
     }
     if !r.compression.is_empty() && r.compression != "none" {
         let ratio = r.bytes as f64 / r.wire_bytes.max(1) as f64;

@@ -298,6 +298,10 @@ fn disks_are_copied_over_every_transport_and_arrive_identical() -> Result<()> {
             ],
             "{result}"
         );
+        assert!(
+            disks.iter().all(|d| d["in_sync_ms"].as_u64().is_some()),
+            "each disk says when it was in sync: {result}"
+        );
         let size = std::fs::metadata(&pcap)?.len();
         assert!(
             size > (DISK_MIB + 8) << 20,
@@ -672,5 +676,132 @@ fn a_managed_vm_with_a_local_disk_moves_with_it() -> Result<()> {
         a[..512] == b[..512] && a[1024..] == b[1024..],
         "the copy differs"
     );
+    Ok(())
+}
+
+#[test]
+fn a_managed_copy_cut_short_leaves_no_image_and_no_qemu_on_the_destination() -> Result<()> {
+    require::command("nft");
+    let mut s = setup("diskcut")?;
+    let dir = s.tmp.path().to_path_buf();
+    let img = image(&dir, "g2-local", "qcow2", DISK_MIB, Some(0xc07))?;
+    let disk = img.display().to_string();
+    let (_pid, a_log) = start_guest_with(&s, "g2", &["--disk", &disk])?;
+    vmferry_testkit::serial::wait_for_heartbeat(&a_log, 2, Duration::from_secs(90))?;
+    let b_state = s.db.state_dir.clone();
+    let images = b_state.join("images");
+    let made = || -> Vec<PathBuf> {
+        std::fs::read_dir(&images)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let b_qemus = || -> usize {
+        let needle = b_state.display().to_string();
+        std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        std::fs::read(e.path().join("cmdline"))
+                            .map(|c| {
+                                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                                c.contains("qemu-system") && c.contains(&needle)
+                            })
+                            .unwrap_or(false)
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    for fault in ["link", "daemon"] {
+        // 24 MiB at 4 MiB/s: the copy runs for seconds after the images appear.
+        let mut c = s.hosts.a.command(BIN);
+        c.args([
+            "migrate", "g2", "--from", &s.a_addr, "--to", &s.b_addr, "--certs",
+        ])
+        .arg(&s.ctl)
+        .args(["--copy-storage", "all", "--max-bandwidth", "4M"])
+        .args(["--timeout", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let child = c.spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while made().is_empty() {
+            if std::time::Instant::now() > deadline {
+                bail!("{fault}: no image made on b:\n{}", s.db.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        match fault {
+            "link" => s.hosts.b.nft(
+                "table inet vmferry_cut {
+                   chain input { type filter hook input priority -10; policy drop; }
+                   chain output { type filter hook output priority -10; policy drop; }
+                 }",
+            )?,
+            _ => {
+                let pid = s.db.child.id();
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )?;
+            }
+        }
+        let o = child.wait_with_output()?;
+        assert!(!o.status.success(), "{fault}: {}", text(&o));
+        assert!(
+            text(&o).contains("the source VM keeps running"),
+            "{fault}: {}",
+            text(&o)
+        );
+        match fault {
+            "link" => {
+                // The destination, alone, gives up and undoes what it made.
+                s.hosts.b.nft("delete table inet vmferry_cut")?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(40);
+                while (!made().is_empty() || b_qemus() > 0) && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            _ => {
+                // Killed, it could undo nothing: its restart does.
+                assert!(
+                    !made().is_empty(),
+                    "the half copy is there before the restart"
+                );
+                s.db.restart(Some(&s.hosts.b))?;
+                assert!(
+                    s.db.log_text().contains("is rolled back"),
+                    "{}",
+                    s.db.log_text()
+                );
+            }
+        }
+        assert!(
+            made().is_empty(),
+            "{fault}: images left behind: {:?}",
+            made()
+        );
+        assert_eq!(
+            b_qemus(),
+            0,
+            "{fault}: a QEMU left on b:\n{}",
+            s.db.log_text()
+        );
+        let beat = vmferry_testkit::serial::wait_for_heartbeat(&a_log, 0, Duration::from_secs(1))?;
+        vmferry_testkit::serial::wait_for_heartbeat(&a_log, beat + 2, Duration::from_secs(30))
+            .with_context(|| format!("{fault}: the guest counts on on the source"))?;
+    }
+    // After the restart, the same VM moves with its disk.
+    let mut c = s.hosts.a.command(BIN);
+    c.args([
+        "migrate", "g2", "--from", &s.a_addr, "--to", &s.b_addr, "--certs",
+    ])
+    .arg(&s.ctl)
+    .args(["--copy-storage", "all"]);
+    let o = run(c);
+    assert!(o.status.success(), "{}\n{}", text(&o), s.db.log_text());
+    assert_eq!(made().len(), 1, "{:?}", made());
     Ok(())
 }

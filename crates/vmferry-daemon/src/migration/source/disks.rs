@@ -69,6 +69,7 @@ impl SourceMigration {
             return Ok(());
         };
         let mut conns = std::mem::take(&mut *lock(&self.nbd_conns)).into_iter();
+        *lock(&self.disk_copy_started) = Some(Instant::now());
         for (k, disk) in self.disks.iter().enumerate() {
             let path = self.socket_path.with_extension(format!("nbd{k}.sock"));
             let _ = std::fs::remove_file(&path);
@@ -232,11 +233,23 @@ impl SourceMigration {
                     ),
                 ));
             }
+            // The first poll that sees it READY dates it; later polls keep that date.
+            let in_sync_ms = lock(&self.status)
+                .disks
+                .iter()
+                .find(|p| p.device == disk.device)
+                .and_then(|p| p.in_sync_ms)
+                .or_else(|| {
+                    let started = (*lock(&self.disk_copy_started))?;
+                    j.ready
+                        .then(|| u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
+                });
             out.push(vmferry_proto::DiskProgress {
                 device: disk.device.clone(),
                 copied: j.offset,
                 total: j.len,
                 ready: j.ready,
+                in_sync_ms,
             });
         }
         Ok(out)

@@ -149,6 +149,8 @@ pub struct SourceMigration {
     disk_meter: Arc<Meter>,
     /// The first NBD stream failure, in words.
     disk_error: Mutex<Option<String>>,
+    /// When the first mirror started: each disk's time to READY counts from here.
+    disk_copy_started: Mutex<Option<Instant>>,
 }
 
 impl SourceMigration {
@@ -277,6 +279,7 @@ impl SourceMigration {
             nbd_stops: Mutex::new(Vec::new()),
             disk_meter: Arc::new(Meter::default()),
             disk_error: Mutex::new(None),
+            disk_copy_started: Mutex::new(None),
         };
         // Checked and taken under one lock: of two begins for one QEMU, one wins.
         let mut sources = lock(&daemon.migrations.sources);
