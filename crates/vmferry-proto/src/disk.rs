@@ -146,7 +146,7 @@ pub struct DiskProgress {
     /// Source and destination are in sync; the guest's writes are mirrored from now on.
     pub ready: bool,
     /// How long the copy took to get in sync, from the start of the first disk's mirror
-    /// (to within the source's poll, 100 ms).
+    /// (to within the source's poll, 20 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_sync_ms: Option<u64>,
 }

@@ -15,8 +15,9 @@ use vmferry_qmp::BlockDisk;
 
 /// How long QEMU gets to connect each NBD client node to our socket.
 const NBD_CONNECT: Duration = Duration::from_secs(30);
-/// How often the mirrors are polled.
-const DISK_POLL: Duration = Duration::from_millis(100);
+/// How often the mirrors are polled while they copy: the RAM starts at most this late
+/// after the last disk is in sync.
+const DISK_POLL: Duration = Duration::from_millis(20);
 /// How long a cancelled mirror gets to end.
 const JOB_END: Duration = Duration::from_secs(30);
 
@@ -311,7 +312,8 @@ impl SourceMigration {
                     states.join(", ")
                 )));
             }
-            std::thread::sleep(DISK_POLL);
+            // At switch-over the guest is paused until the mirrors end: poll closely.
+            std::thread::sleep(super::POLL);
         }
     }
 
