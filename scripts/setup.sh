@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine, as root and without a terminal (CI):
 # the Rust components the checks use (rustfmt, clippy), the system packages vmferry and
-# its end-to-end tests use, then the test guest image. Installs only what is missing and
+# its end-to-end tests use, then the test guest image and QEMU 10.0 (cross-version tests). Installs only what is missing and
 # runs `apt-get update` at most once.
 #
 #   scripts/setup.sh               # everything
@@ -92,4 +92,7 @@ done
 
 say "guest image"
 "$ROOT/scripts/guest-image.sh" || die "building the guest image failed"
+
+say "QEMU 10.0 for the cross-version tests"
+"$ROOT/scripts/qemu10.sh" >/dev/null || die "fetching QEMU 10.0 (scripts/qemu10.sh) failed"
 say "machine ready"

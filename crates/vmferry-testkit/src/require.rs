@@ -81,6 +81,34 @@ pub fn qemu() {
     command("qemu-system-x86_64");
 }
 
+/// QEMU 10.0 beside the system's 7.2, for the cross-version tests: its binary's path.
+/// `scripts/qemu10.sh` fetches it from bookworm-backports into `.cache/qemu10` once (the
+/// set-up script does so too); a machine that cannot get it fails the test.
+#[track_caller]
+pub fn qemu10() -> std::path::PathBuf {
+    static FOUND: OnceLock<Result<std::path::PathBuf, String>> = OnceLock::new();
+    let found = FOUND.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/qemu10.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || said.is_empty() {
+            return Err(format!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(std::path::PathBuf::from(said))
+    });
+    match found {
+        Ok(p) => p.clone(),
+        Err(why) => unmet("QEMU 10.0 (scripts/qemu10.sh)", why),
+    }
+}
+
 fn find_in_path(program: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
