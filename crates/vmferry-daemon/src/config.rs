@@ -45,7 +45,7 @@ pub struct DaemonConfig {
     /// A certs dir: `ca.pem`, `cert.pem`, `key.pem` (see `vmferry certs`).
     pub certs: Option<PathBuf>,
     /// The QEMU binary to run.
-    #[serde(default = "default_qemu")]
+    #[serde(default = "default_qemu", alias = "qemu_binary")]
     pub qemu: String,
     /// Accelerator for VMs started without one.
     #[serde(default)]

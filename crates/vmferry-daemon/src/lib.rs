@@ -14,6 +14,7 @@ pub mod control;
 pub mod controller;
 pub mod error;
 pub mod migration;
+pub mod qemu_binary;
 pub mod qemu_cmd;
 pub mod server;
 pub mod state;

@@ -48,7 +48,7 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths<'_>, incoming: bool) -> Vec<Stri
         "-name".into(),
         format!("guest={},debug-threads=on", spec.name),
         "-machine".into(),
-        format!("q35,accel={accel}"),
+        format!("{},accel={accel}", spec.machine.as_deref().unwrap_or("q35")),
         "-m".into(),
         format!("{}M", spec.memory_mib),
         "-smp".into(),
@@ -115,6 +115,7 @@ mod tests {
             append: Some("console=ttyS0 quiet".into()),
             disks: vec!["/d.qcow2".into()],
             accel: Accel::Tcg,
+            machine: Some("pc-q35-7.2".into()),
         };
         let p = VmPaths {
             qmp: Path::new("/s/qmp.sock"),
@@ -125,7 +126,7 @@ mod tests {
         let joined = a.join(" ");
         assert!(joined.contains("-incoming defer"), "{joined}");
         assert!(joined.contains("-S"));
-        assert!(joined.contains("accel=tcg"));
+        assert!(joined.contains("-machine pc-q35-7.2,accel=tcg"), "{joined}");
         assert!(
             joined.contains("file=/d.qcow2,if=virtio,format=qcow2,cache=writeback,id=disk0"),
             "{joined}"

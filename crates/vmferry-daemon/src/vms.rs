@@ -154,6 +154,8 @@ pub struct VmRegistry {
     qemu: String,
     default_accel: Accel,
     accel: AccelResolver,
+    /// The QEMU binary's release and machine types, probed once when first needed.
+    pub binary: crate::qemu_binary::QemuBinary,
 }
 
 impl VmRegistry {
@@ -162,6 +164,7 @@ impl VmRegistry {
             vms: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashSet::new()),
             dir: state_dir.join("vms"),
+            binary: crate::qemu_binary::QemuBinary::new(&qemu),
             qemu,
             default_accel,
             accel: AccelResolver::default(),
@@ -177,6 +180,9 @@ impl VmRegistry {
     /// spec's accelerator is used as given (the source already resolved it).
     pub fn start(&self, mut spec: VmSpec, incoming: bool) -> Result<Arc<ManagedVm>> {
         spec.check()?;
+        if let Some(m) = &spec.machine {
+            self.binary.check_machine(m, "this host's")?;
+        }
         let name = spec.name.clone();
         {
             let vms = lock(&self.vms);
@@ -235,7 +241,7 @@ impl VmRegistry {
             .stderr(stderr)
             .spawn()
             .map_err(|e| DaemonError::Qemu(format!("cannot run '{}': {e}", self.qemu)))?;
-        let vm = ManagedVm {
+        let mut vm = ManagedVm {
             spec: spec.clone(),
             dir,
             qmp_path,
@@ -252,7 +258,15 @@ impl VmRegistry {
             }
             if vm.qmp_path.exists() {
                 match Qmp::connect(&vm.qmp_path, Duration::from_secs(2)) {
-                    Ok(q) => {
+                    Ok(mut q) => {
+                        // The spec keeps the versioned type an alias stood for: a
+                        // destination with a newer QEMU must build the same machine.
+                        match q.machine_type() {
+                            Ok(m) => vm.spec.machine = Some(m),
+                            Err(e) => {
+                                tracing::warn!(vm = %spec.name, "cannot read the machine type: {e}")
+                            }
+                        }
                         *lock(&vm.qmp) = Some(q);
                         return Ok(vm);
                     }

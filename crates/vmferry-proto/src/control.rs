@@ -287,6 +287,11 @@ pub struct VmSpec {
     /// because a destination must use the accelerator the source uses.
     #[serde(default)]
     pub accel: Accel,
+    /// QEMU's machine type. `None` or an alias (`q35`) in a start request; a running VM's
+    /// spec holds the versioned type its QEMU resolved it to (`pc-q35-7.2`), because a
+    /// newer QEMU's `q35` is another machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 /// Limits that keep a peer's VM spec from asking for absurd resources.
@@ -305,6 +310,8 @@ pub enum SpecError {
     Disks(usize),
     #[error("path {0:?} must be absolute and must not contain ','")]
     Path(String),
+    #[error("machine type {0:?} is not a QEMU machine type name (letters, digits, '.', '_', '-')")]
+    Machine(String),
 }
 
 impl VmSpec {
@@ -327,6 +334,16 @@ impl VmSpec {
         for p in paths {
             if !p.starts_with('/') || p.contains(',') {
                 return Err(SpecError::Path(p.clone()));
+            }
+        }
+        // It goes onto QEMU's command line: nothing that could add an option there.
+        if let Some(m) = &self.machine {
+            let name_like = !m.is_empty()
+                && m.len() <= 64
+                && m.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !name_like {
+                return Err(SpecError::Machine(m.clone()));
             }
         }
         Ok(())
@@ -404,6 +421,12 @@ pub struct MigrationStatus {
     /// Each copied disk's progress (disk copy only), in the cookie's order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::disk::DiskProgress>,
+    /// The QEMU releases on both sides (`7.2.22`), where known: a migration between
+    /// versions says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_qemu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_qemu: Option<String>,
 }
 
 impl MigrationStatus {
@@ -481,6 +504,7 @@ mod tests {
             append: None,
             disks: vec![],
             accel: Accel::Tcg,
+            machine: None,
         }
     }
 
@@ -512,7 +536,15 @@ mod tests {
 
     #[test]
     fn vm_specs_with_absurd_or_unsafe_values_are_refused() {
+        let s = spec();
+        assert!(s.check().is_ok());
+        for bad in ["q35,accel=kvm", "", "pc q35", &"x".repeat(65)] {
+            let mut s = spec();
+            s.machine = Some(bad.to_string());
+            assert!(s.check().is_err(), "{bad:?} passed");
+        }
         let mut s = spec();
+        s.machine = Some("pc-q35-7.2".into());
         assert!(s.check().is_ok());
         s.memory_mib = 1 << 30;
         assert!(s.check().is_err());

@@ -376,6 +376,9 @@ pub struct Cookie {
     /// The source QEMU's release, where it announced one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_qemu: Option<QemuRelease>,
+    /// The destination QEMU's release (prepare fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_qemu: Option<QemuRelease>,
     /// With `copy_storage`: the disks the source copies, in stream order (disk k is NBD
     /// stream k).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -532,6 +535,7 @@ mod tests {
             source_machine: None,
             peer_link: false,
             source_qemu: None,
+            destination_qemu: None,
             disks: vec![],
         };
         assert_eq!(c.streams(), 1);

@@ -33,12 +33,26 @@ struct MemorySummary {
 }
 
 impl Qmp {
-    /// The RAM size and machine type of this QEMU.
-    pub fn machine_facts(&mut self) -> Result<MachineFacts, QmpError> {
-        let mem = self.execute("query-memory-size-summary", None)?;
-        let mem: MemorySummary = serde_json::from_value(mem).map_err(|e| {
-            QmpError::Protocol(format!("the reply to query-memory-size-summary: {e}"))
+    /// Every machine type this QEMU can build (`query-machines`): names and aliases.
+    pub fn machine_types(&mut self) -> Result<Vec<String>, QmpError> {
+        let list = self.execute("query-machines", None)?;
+        let list = list.as_array().ok_or_else(|| {
+            QmpError::Protocol(format!("query-machines answered {list}, not a list"))
         })?;
+        let mut names = Vec::new();
+        for m in list {
+            for key in ["name", "alias"] {
+                if let Some(n) = m[key].as_str() {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// The versioned machine type this QEMU runs (`pc-q35-7.2`), whatever alias (`q35`)
+    /// started it.
+    pub fn machine_type(&mut self) -> Result<String, QmpError> {
         let ty = self.execute(
             "qom-get",
             Some(json!({ "path": "/machine", "property": "type" })),
@@ -46,6 +60,16 @@ impl Qmp {
         let ty = ty.as_str().ok_or_else(|| {
             QmpError::Protocol(format!("qom-get /machine type answered {ty}, not a name"))
         })?;
+        Ok(machine_name(ty).to_string())
+    }
+
+    /// The RAM size and machine type of this QEMU.
+    pub fn machine_facts(&mut self) -> Result<MachineFacts, QmpError> {
+        let mem = self.execute("query-memory-size-summary", None)?;
+        let mem: MemorySummary = serde_json::from_value(mem).map_err(|e| {
+            QmpError::Protocol(format!("the reply to query-memory-size-summary: {e}"))
+        })?;
+        let machine = self.machine_type()?;
         let blocks = self
             .execute(
                 "human-monitor-command",
@@ -65,7 +89,7 @@ impl Qmp {
         devices.sort();
         Ok(MachineFacts {
             ram_bytes: mem.base_memory,
-            machine: machine_name(ty).to_string(),
+            machine,
             ram_blocks: blocks,
             devices,
         })

@@ -208,11 +208,17 @@ pub enum VmCommand {
         initrd: Option<PathBuf>,
         #[arg(long)]
         append: Option<String>,
-        /// A disk image on shared storage (repeatable).
+        /// A disk image, qcow2 or raw (repeatable): on shared storage, or local and
+        /// copied by `migrate --copy-storage`.
         #[arg(long = "disk")]
         disks: Vec<PathBuf>,
         #[arg(long, default_value = "auto")]
         accel: Accel,
+        /// QEMU machine type (default q35, pinned to the versioned type this host's QEMU
+        /// gives it, e.g. pc-q35-7.2). Pin an older one to migrate to hosts with an older
+        /// QEMU: a QEMU 10.0 VM started as q35 is pc-q35-10.0, unknown to QEMU 7.2.
+        #[arg(long)]
+        machine: Option<String>,
     },
     /// List the daemon's VMs.
     List {
@@ -422,6 +428,14 @@ fn status_cmd(migration: Option<String>, daemon: &DaemonArgs, json: bool) -> Res
             if let Some(n) = &st.note {
                 println!("  note        {n}");
             }
+            if st.source_qemu.is_some() || st.destination_qemu.is_some() {
+                let v = |r: &Option<String>| r.clone().unwrap_or_else(|| "?".into());
+                println!(
+                    "  QEMU        {} → {}",
+                    v(&st.source_qemu),
+                    v(&st.destination_qemu)
+                );
+            }
             println!(
                 "  transport   {} ({} stream{})",
                 st.transport.map(|t| t.as_str()).unwrap_or("not chosen yet"),
@@ -522,6 +536,7 @@ fn vm_cmd(v: VmCommand) -> Result<()> {
             append,
             disks,
             accel,
+            machine,
         } => {
             let abs = |p: PathBuf| -> Result<String> {
                 let p = std::fs::canonicalize(&p)
@@ -537,16 +552,18 @@ fn vm_cmd(v: VmCommand) -> Result<()> {
                 append,
                 disks: disks.into_iter().map(abs).collect::<Result<_>>()?,
                 accel,
+                machine,
             };
             spec.check().map_err(|e| anyhow!(e))?;
             let mut c = connect(&daemon)?;
             match c.call(RequestBody::VmStart { spec }, VM_TIMEOUT)? {
                 ResponseBody::Vm { vm } => {
                     println!(
-                        "VM '{}' started on {} (accel {}, pid {}, state {}, serial log {})",
+                        "VM '{}' started on {} (accel {}, machine {}, pid {}, state {}, serial log {})",
                         vm.spec.name,
                         c.peer(),
                         vm.spec.accel,
+                        vm.spec.machine.as_deref().unwrap_or("q35"),
                         vm.pid.map(|p| p.to_string()).unwrap_or_default(),
                         vm.state,
                         vm.serial_log

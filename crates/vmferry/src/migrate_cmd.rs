@@ -396,6 +396,9 @@ fn print_report(r: &MigrationReport, json: bool) {
             .unwrap_or_else(|| "n/a".into())
     );
     println!("  data        {}", human_bytes(r.bytes));
+    if let (Some(s), Some(d)) = (&r.source_qemu, &r.destination_qemu) {
+        println!("  QEMU        {s} → {d}");
+    }
     for d in &r.disks {
         let pace = match d.in_sync_ms {
             Some(ms) if ms > 0 => format!(

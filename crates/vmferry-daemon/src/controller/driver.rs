@@ -461,6 +461,8 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             compression: last.compression.clone(),
             throughput_mbps: last.channel_bytes as f64 * 8.0 / 1e6 / secs,
             disks: last.disks.clone(),
+            source_qemu: last.source_qemu.clone(),
+            destination_qemu: last.destination_qemu.clone(),
         }
     }
 

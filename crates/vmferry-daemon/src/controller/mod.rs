@@ -70,6 +70,11 @@ pub struct MigrationReport {
     /// The disks copied (`--copy-storage`), as the source last reported them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<vmferry_proto::DiskProgress>,
+    /// Both sides' QEMU releases, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_qemu: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_qemu: Option<String>,
 }
 
 /// Where the controller was when it failed.

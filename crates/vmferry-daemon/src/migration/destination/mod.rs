@@ -162,6 +162,10 @@ impl DestinationMigration {
                     )));
                 }
                 spec.name = name.clone();
+                // A machine type this QEMU cannot build is refused before anything starts.
+                if let Some(m) = &spec.machine {
+                    daemon.vms.binary.check_machine(m, "destination")?;
+                }
                 let j =
                     journal::Journal::open(&daemon.config.state_dir, id.as_str(), name.as_str())
                         .map_err(|e| {
@@ -287,6 +291,24 @@ impl DestinationMigration {
                     devices: f.devices,
                 };
                 if let Some(why) = src.mismatch(&dst) {
+                    // A machine type this QEMU cannot build at all is the source's to change.
+                    let buildable = qemu.with_qmp(|q| q.machine_types()).ok();
+                    if let Some(names) = buildable.filter(|n| !n.contains(&src.machine)) {
+                        let release = qemu
+                            .with_qmp(|q| Ok(q.version().cloned()))
+                            .ok()
+                            .flatten()
+                            .map(|v| format!(" {}.{}", v.major, v.minor))
+                            .unwrap_or_default();
+                        return Err(DaemonError::BadRequest(format!(
+                            "destination QEMU{release} has no machine type {}: start the source \
+                             VM with an older machine type it has (e.g. -machine {}), or migrate \
+                             to a host with a newer QEMU",
+                            src.machine,
+                            crate::qemu_binary::newest_of_family(&names, &src.machine)
+                                .unwrap_or(dst.machine.as_str())
+                        )));
+                    }
                     return Err(DaemonError::BadRequest(format!(
                         "{} cannot receive this VM: {why}",
                         qemu.describe()
@@ -301,6 +323,7 @@ impl DestinationMigration {
         // Post-copy's preempt channel only where both QEMUs have it and speak the same
         // preempt protocol; otherwise it is turned off here, for both halves.
         let (release, capabilities) = qemu.release_and_capabilities()?;
+        cookie.destination_qemu = release;
         let preempt_offered = capabilities.iter().any(|c| c == PREEMPT);
         let source_qemu = cookie.source_qemu;
         if let Some(pc) = cookie.options.postcopy.as_mut() {

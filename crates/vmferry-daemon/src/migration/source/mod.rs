@@ -208,6 +208,23 @@ impl SourceMigration {
         }
         let identity = EphemeralIdentity::generate(&format!("vmferry-source-{id}"))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let source_machine =
+            qemu.with_qmp(|q| q.machine_facts())
+                .ok()
+                .map(|f| vmferry_proto::MachineShape {
+                    ram_bytes: f.ram_bytes,
+                    machine: f.machine,
+                    ram_blocks: f.ram_blocks,
+                    devices: f.devices,
+                });
+        // The destination builds the machine this QEMU runs, by its versioned name (a VM
+        // started before specs kept it has none).
+        let spec = spec.map(|mut s| {
+            if let Some(m) = &source_machine {
+                s.machine = Some(m.machine.clone());
+            }
+            s
+        });
         let cookie = Cookie {
             migration: id.clone(),
             options: options.clone(),
@@ -221,16 +238,10 @@ impl SourceMigration {
             transport: None,
             transport_notes: vec![],
             // An old QEMU that cannot say is not refused for it; the load will tell.
-            source_machine: qemu.with_qmp(|q| q.machine_facts()).ok().map(|f| {
-                vmferry_proto::MachineShape {
-                    ram_bytes: f.ram_bytes,
-                    machine: f.machine,
-                    ram_blocks: f.ram_blocks,
-                    devices: f.devices,
-                }
-            }),
+            source_machine,
             peer_link: false,
             source_qemu: release,
+            destination_qemu: None,
             disks: disks.iter().map(super::disk_shape).collect(),
         };
         let socket_path = daemon
@@ -252,6 +263,7 @@ impl SourceMigration {
             note: Mutex::new(None),
             status: Mutex::new(MigrationStatus {
                 qemu_status: "none".into(),
+                source_qemu: release.map(|r| r.to_string()),
                 ..Default::default()
             }),
             finished: std::sync::Condvar::new(),
@@ -305,6 +317,7 @@ impl SourceMigration {
     /// job pumping and watching QEMU. Returns once the migration is under way.
     pub fn perform(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
         self.advance(SourceEvent::Perform)?;
+        lock(&self.status).destination_qemu = cookie.destination_qemu.map(|r| r.to_string());
         let result = self.start(daemon, cookie);
         if let Err(e) = &result {
             self.fail(&e.to_string());
