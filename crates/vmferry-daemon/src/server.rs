@@ -34,6 +34,8 @@ pub struct Server {
     tcp: Option<TcpListener>,
     /// The optional data-only port.
     data: Option<TcpListener>,
+    /// The optional metrics port (plain HTTP).
+    metrics: Option<TcpListener>,
     unix: UnixListener,
     shutdown: Arc<AtomicBool>,
 }
@@ -78,6 +80,12 @@ impl Server {
             }
             None => None,
         };
+        let metrics = match &config.metrics {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
+                DaemonError::BadRequest(format!("cannot serve metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
         let sock = config.control_socket();
         let _ = std::fs::remove_file(&sock);
         let unix = UnixListener::bind(&sock).map_err(|e| {
@@ -108,11 +116,13 @@ impl Server {
                 control_tls: RwLock::new(control_tls),
                 policy: RwLock::new(Arc::new(policy)),
                 audit,
+                metrics: crate::metrics::Metrics::new(),
                 hostname,
                 data_path,
             }),
             tcp,
             data,
+            metrics,
             unix,
             shutdown: Arc::new(AtomicBool::new(false)),
         })
@@ -120,6 +130,11 @@ impl Server {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn daemon(&self) -> Arc<Daemon> {
@@ -143,6 +158,20 @@ impl Server {
                 .spawn(move || accept_tcp(d4, data, shutdown, Port::DataOnly))
                 .map_err(|e| DaemonError::Internal(e.to_string()))?;
         }
+        if let Some(listener) = self.metrics {
+            let d6 = daemon.clone();
+            let render: crate::metrics::http::Render = Arc::new(move || d6.render_metrics());
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || {
+                    crate::metrics::http::serve(
+                        listener,
+                        render,
+                        crate::metrics::http::REQUEST_TIMEOUT,
+                    )
+                })
+                .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        }
         let d5 = daemon.clone();
         let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
             .map_err(|e| DaemonError::Internal(format!("cannot handle SIGHUP: {e}")))?;
@@ -163,6 +192,7 @@ impl Server {
                         subject: "",
                         outcome,
                         detail: &detail,
+                        ..Default::default()
                     });
                 }
             })
@@ -258,6 +288,7 @@ fn audit_connection(
         subject: "",
         outcome,
         detail,
+        ..Default::default()
     });
 }
 
@@ -351,6 +382,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 subject: "",
                 outcome: "refused",
                 detail: &e.to_string(),
+                ..Default::default()
             });
             return;
         }
@@ -437,6 +469,7 @@ fn audit_data(daemon: &Daemon, from: &str, migration: &str, outcome: &str, detai
         subject: migration,
         outcome,
         detail,
+        ..Default::default()
     });
 }
 
