@@ -543,7 +543,9 @@ impl SourceMigration {
             self.advance(SourceEvent::Confirm)?;
         } else {
             self.cancel.store(true, Ordering::SeqCst);
-            self.fail("cancelled by the controller");
+            // Not "cancelled": a controller rolls back after a failure elsewhere just as
+            // after its operator's cancel, and `confirm` does not say which.
+            self.fail("rolled back by the controller");
         }
         self.end(daemon);
         Ok(())
