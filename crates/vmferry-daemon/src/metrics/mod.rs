@@ -175,10 +175,10 @@ impl Metrics {
                     transport,
                 };
                 for family in [&started, &completed, &failed, &cancelled, &bytes] {
-                    family.get_or_create(&labels);
+                    let _ = family.get_or_create(&labels);
                 }
             }
-            failed.get_or_create(&MigrationLabels {
+            let _ = failed.get_or_create(&MigrationLabels {
                 role: role.as_str(),
                 transport: NO_TRANSPORT,
             });
