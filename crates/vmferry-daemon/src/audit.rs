@@ -1,6 +1,7 @@
 //! The audit log: one line for every accepted and refused connection, every change a
 //! client asks for, and every migration phase — who, from where, by which scheme, what,
-//! and the outcome.
+//! and the outcome — and one summary line for each half of a migration that ended here
+//! (`migration::record`).
 //!
 //! Lines are JSON, appended to `STATE_DIR/audit.log` (mode 0600) and also emitted as
 //! `tracing` events with target `audit`. Writing the log must never fail a request, and

@@ -61,7 +61,7 @@ pub fn serve(listener: TcpListener, render: Render, timeout: Duration) {
 }
 
 /// Answers one connection and closes it.
-pub fn handle(mut conn: TcpStream, render: &(dyn Fn() -> String + Send + Sync), timeout: Duration) {
+fn handle(mut conn: TcpStream, render: &(dyn Fn() -> String + Send + Sync), timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let _ = conn.set_write_timeout(Some(timeout));
     let reply = match read_request(&mut conn, deadline) {
