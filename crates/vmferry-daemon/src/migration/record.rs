@@ -69,8 +69,10 @@ impl Outcome {
             Some(MigrationState::Source(SourceState::RolledBack))
             | Some(MigrationState::Destination(DestinationState::Aborted)) => {
                 let cause = cause();
-                // A controller's cancel (or its rollback after the operator cancelled)
-                // reaches both halves as a cause that says so; a failure never does.
+                // A cancel says so in its cause: `vmferry cancel` on the source ("cancelled
+                // by WHO", which the destination hears too), a controller's operator in
+                // the destination's abort reason ("cancelled by the operator"). The
+                // source's rollback by a controller carries no reason: counted as failed.
                 if cause.contains("cancelled by") {
                     Outcome::Cancelled(cause)
                 } else {
