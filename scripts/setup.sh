@@ -55,6 +55,7 @@ WANT=(
     "tcpdump tcpdump"
     "socat socat"
     "python3 python3"
+    "systemd systemd-analyze"
 )
 need=()
 for entry in "${WANT[@]}"; do
@@ -86,7 +87,7 @@ else
     fi
 fi
 
-for cmd in qemu-system-x86_64 qemu-img nft ip tcpdump socat python3; do
+for cmd in qemu-system-x86_64 qemu-img nft ip tcpdump socat python3 systemd-analyze; do
     command -v "$cmd" >/dev/null || die "$cmd still missing after installing packages"
 done
 

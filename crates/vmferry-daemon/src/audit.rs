@@ -1,6 +1,7 @@
 //! The audit log: one line for every accepted and refused connection, every change a
 //! client asks for, and every migration phase — who, from where, by which scheme, what,
-//! and the outcome.
+//! and the outcome — and one summary line for each half of a migration that ended here
+//! (`migration::record`).
 //!
 //! Lines are JSON, appended to `STATE_DIR/audit.log` (mode 0600) and also emitted as
 //! `tracing` events with target `audit`. Writing the log must never fail a request, and
@@ -19,13 +20,14 @@ pub struct AuditLog {
 }
 
 /// One audit line.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Event<'a> {
     /// `connection`, `request`, `migration`, `credentials`.
     pub what: &'a str,
     /// The client as authenticated (`CN=...`, `user NAME`, `uid N`), or `-` before that.
     pub who: &'a str,
-    /// Peer address, or `local` for the unix socket.
+    /// Peer address, or `local` for the unix socket; for a `migration` line, the source
+    /// host.
     pub from: &'a str,
     /// `x509`, `scram-sha-256`, `unix`, `pinned`, ...
     pub scheme: &'a str,
@@ -38,7 +40,22 @@ pub struct Event<'a> {
     pub outcome: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     pub detail: &'a str,
+    /// `migration` lines: this daemon's half (`source`, `destination`) ...
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub role: &'a str,
+    /// ... the VM (its name, or its QMP socket in attach mode) ...
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub vm: &'a str,
+    /// ... the destination host ...
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub to: &'a str,
+    /// ... and the transport that carried it (`none` if it ended before one was made).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub transport: &'a str,
 }
+
+/// The outcomes that are logged as information rather than warnings.
+const GOOD: [&str; 2] = ["ok", "completed"];
 
 impl AuditLog {
     pub fn open(state_dir: &Path) -> AuditLog {
@@ -69,7 +86,7 @@ impl AuditLog {
         let mut v = serde_json::to_value(e).unwrap_or_default();
         v["unix_ms"] = ms.into();
         let line = v.to_string();
-        if e.outcome == "ok" {
+        if GOOD.contains(&e.outcome) {
             tracing::info!(target: "audit", "{line}");
         } else {
             tracing::warn!(target: "audit", "{line}");

@@ -86,6 +86,11 @@ pub struct DaemonConfig {
     /// Seconds an unused prepared migration (its one-time identities) stays valid.
     #[serde(default = "default_credential_ttl")]
     pub credential_ttl_secs: u64,
+    /// `host:port` for the Prometheus metrics endpoint (plain HTTP, `GET /metrics`);
+    /// none by default. It shows only counts, but bind it to loopback or a management
+    /// network all the same.
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// The newest control protocol version this daemon speaks (default: this build's).
     /// Only for tests that stand in for the previous release; never lower it in service.
     #[serde(default)]
@@ -133,6 +138,7 @@ impl DaemonConfig {
             readonly_uids: Vec::new(),
             readonly_gids: Vec::new(),
             credential_ttl_secs: default_credential_ttl(),
+            metrics: None,
             danger_protocol_version: None,
         }
     }
@@ -204,6 +210,14 @@ mod tests {
         assert_eq!(c.qemu, "qemu-system-x86_64");
         assert_eq!(c.accel, Accel::Auto);
         assert_eq!(c.credential_ttl_secs, 300);
+        assert_eq!(c.metrics, None);
+    }
+
+    #[test]
+    fn the_metrics_address_comes_from_the_config_file() {
+        let c: DaemonConfig =
+            toml::from_str("state_dir = \"/s\"\nmetrics = \"127.0.0.1:9464\"\n").expect("parses");
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use crate::audit::Event;
 use crate::auth::{Identity, Role, SCRAM};
 use crate::error::{DaemonError, Result};
+use crate::migration::record::Parties;
 use crate::migration::{DestinationMigration, SourceMigration};
 use crate::state::Daemon;
 use std::io::{Read, Write};
@@ -34,6 +35,14 @@ pub struct Caller {
 impl Caller {
     pub fn new(from: String, identity: Option<Identity>) -> Caller {
         Caller { from, identity }
+    }
+
+    /// Who asks for a migration, for its audit line.
+    fn parties(&self) -> Parties {
+        match &self.identity {
+            Some(i) => Parties::new(&i.name, i.scheme),
+            None => Parties::new("-", "-"),
+        }
     }
 
     fn who(&self) -> String {
@@ -224,6 +233,7 @@ fn audit_request(
         subject,
         outcome,
         detail,
+        ..Default::default()
     });
 }
 
@@ -249,6 +259,7 @@ fn scram_exchange<S: Read + Write>(
             subject: "",
             outcome: "refused",
             detail,
+            ..Default::default()
         });
         reply_error(
             stream,
@@ -335,6 +346,7 @@ fn scram_exchange<S: Read + Write>(
                 subject: "",
                 outcome: "ok",
                 detail: role.as_str(),
+                ..Default::default()
             });
             let reply = Response {
                 id: next.id,
@@ -394,10 +406,10 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             vm,
             options,
         } => ResponseBody::Cookie {
-            cookie: SourceMigration::begin(daemon, migration, vm, options)?,
+            cookie: SourceMigration::begin(daemon, migration, vm, options, caller.parties())?,
         },
         RequestBody::Prepare { cookie, vm } => ResponseBody::Cookie {
-            cookie: DestinationMigration::prepare(daemon, cookie, vm)?,
+            cookie: DestinationMigration::prepare(daemon, cookie, vm, caller.parties())?,
         },
         RequestBody::Connect {
             cookie,

@@ -34,6 +34,8 @@ pub struct Server {
     tcp: Option<TcpListener>,
     /// The optional data-only port.
     data: Option<TcpListener>,
+    /// The optional metrics port (plain HTTP).
+    metrics: Option<TcpListener>,
     unix: UnixListener,
     shutdown: Arc<AtomicBool>,
 }
@@ -64,6 +66,8 @@ impl Server {
                 subject: "",
                 outcome: "ok",
                 detail: &line,
+                role: "destination",
+                ..Default::default()
             });
         }
         let policy =
@@ -95,6 +99,12 @@ impl Server {
             }
             None => None,
         };
+        let metrics = match &config.metrics {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
+                DaemonError::BadRequest(format!("cannot serve metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
         let sock = config.control_socket();
         let _ = std::fs::remove_file(&sock);
         let unix = UnixListener::bind(&sock).map_err(|e| {
@@ -124,11 +134,13 @@ impl Server {
                 control_tls: RwLock::new(control_tls),
                 policy: RwLock::new(Arc::new(policy)),
                 audit,
+                metrics: crate::metrics::Metrics::new(),
                 hostname,
                 data_path,
             }),
             tcp,
             data,
+            metrics,
             unix,
             shutdown: Arc::new(AtomicBool::new(false)),
         })
@@ -136,6 +148,11 @@ impl Server {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn daemon(&self) -> Arc<Daemon> {
@@ -159,6 +176,20 @@ impl Server {
                 .spawn(move || accept_tcp(d4, data, shutdown, Port::DataOnly))
                 .map_err(|e| DaemonError::Internal(e.to_string()))?;
         }
+        if let Some(listener) = self.metrics {
+            let d6 = daemon.clone();
+            let render: crate::metrics::http::Render = Arc::new(move || d6.render_metrics());
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || {
+                    crate::metrics::http::serve(
+                        listener,
+                        render,
+                        crate::metrics::http::REQUEST_TIMEOUT,
+                    )
+                })
+                .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        }
         let d5 = daemon.clone();
         let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
             .map_err(|e| DaemonError::Internal(format!("cannot handle SIGHUP: {e}")))?;
@@ -179,6 +210,7 @@ impl Server {
                         subject: "",
                         outcome,
                         detail: &detail,
+                        ..Default::default()
                     });
                 }
             })
@@ -274,6 +306,7 @@ fn audit_connection(
         subject: "",
         outcome,
         detail,
+        ..Default::default()
     });
 }
 
@@ -367,6 +400,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 subject: "",
                 outcome: "refused",
                 detail: &e.to_string(),
+                ..Default::default()
             });
             return;
         }
@@ -453,6 +487,7 @@ fn audit_data(daemon: &Daemon, from: &str, migration: &str, outcome: &str, detai
         subject: migration,
         outcome,
         detail,
+        ..Default::default()
     });
 }
 

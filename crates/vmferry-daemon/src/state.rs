@@ -1,5 +1,6 @@
 //! The daemon's shared state: its configuration, the VMs and migrations it holds, its
-//! credentials and authorization policy (both replaced on SIGHUP), its audit log.
+//! credentials and authorization policy (both replaced on SIGHUP), its audit log and its
+//! metrics.
 //!
 //! Every connection's thread and every migration's job sees the daemon through this one
 //! type. It holds state and answers questions about it; it never listens, accepts or
@@ -9,6 +10,7 @@ use crate::audit::AuditLog;
 use crate::auth::AuthPolicy;
 use crate::config::DaemonConfig;
 use crate::error::{DaemonError, Result};
+use crate::metrics::Metrics;
 use crate::migration::Migrations;
 use crate::vms::VmRegistry;
 use std::sync::{Arc, RwLock};
@@ -26,6 +28,8 @@ pub struct Daemon {
     pub(crate) control_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     pub(crate) policy: RwLock<Arc<AuthPolicy>>,
     pub audit: AuditLog,
+    /// Counters of migrations started and ended here, for `--metrics`.
+    pub metrics: Metrics,
     pub hostname: String,
     /// How migration bytes are protected here, for status and results.
     pub data_path: String,
@@ -41,6 +45,11 @@ impl Daemon {
 
     pub fn policy(&self) -> Arc<AuthPolicy> {
         read(&self.policy).clone()
+    }
+
+    /// The metrics page as a scrape gets it.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.migrations.in_flight())
     }
 
     pub(crate) fn control_tls(&self) -> Option<Arc<rustls::ServerConfig>> {

@@ -37,6 +37,24 @@ impl Cli {
             _ => "warn",
         }
     }
+
+    /// How log lines are written: only the daemon can be told (`serve --log-format`).
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            Command::Serve(a) => a.log_format,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// The shape of log lines on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, as a terminal shows it.
+    #[default]
+    Text,
+    /// For log collectors: one JSON object per line (timestamp, level, target, fields).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +140,13 @@ pub struct ServeArgs {
     /// Seconds a prepared migration's one-time credentials stay valid (default 300).
     #[arg(long)]
     pub credential_ttl: Option<u64>,
+    /// Serve Prometheus metrics over plain HTTP on host:port (GET /metrics). Counts only
+    /// (no VM, host or identity), but bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Log lines as text (default) or as JSON objects, one per line, for a log collector.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,12 +327,18 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(t) = a.credential_ttl {
         config.credential_ttl_secs = t;
     }
+    if a.metrics.is_some() {
+        config.metrics = a.metrics;
+    }
     let server = Server::bind(config.clone()).context("cannot start the daemon")?;
     tracing::info!(
         listen = ?server.local_addr(),
         socket = %config.control_socket().display(),
         "vmferry daemon serving"
     );
+    if let Some(a) = server.metrics_addr() {
+        tracing::info!(metrics = %a, "Prometheus metrics at http://{a}/metrics");
+    }
     server.run().context("daemon stopped")?;
     Ok(())
 }

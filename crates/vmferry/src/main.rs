@@ -18,12 +18,22 @@ fn main() {
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.default_log_level()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    match args.log_format() {
+        cli::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init(),
+        // The target stays: a collector tells audit lines (target "audit") from the rest.
+        cli::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_target(true)
+            .init(),
+    }
     if let Err(e) = cli::run(args) {
         // The whole cause chain on one line, so an operator sees why at a glance.
         let mut msg = format!("{e}");

@@ -8,6 +8,7 @@ pub mod channel;
 pub mod destination;
 pub mod lease;
 pub mod peer;
+pub mod record;
 pub mod source;
 
 use crate::error::{DaemonError, Result};
@@ -324,6 +325,14 @@ impl Migrations {
             v.push(m.summary());
         }
         v
+    }
+
+    /// How many migrations of each role this daemon holds that have not ended.
+    pub fn in_flight(&self) -> [(Role, usize); 2] {
+        [
+            (Role::Source, lock(&self.sources).len()),
+            (Role::Destination, lock(&self.destinations).len()),
+        ]
     }
 
     pub fn source(&self, id: &MigrationId) -> Result<Arc<SourceMigration>> {

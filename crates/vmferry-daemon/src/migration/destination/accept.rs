@@ -127,7 +127,7 @@ impl DestinationMigration {
         match pre.kind {
             StreamKind::Peer => return self.start_peer(daemon, c),
             StreamKind::Nbd => return self.carry_nbd(&pre, c),
-            StreamKind::Qemu => {}
+            StreamKind::Qemu => self.learn_source(&c.peer, true),
         }
         match pre.transport {
             Transport::Direct => {
@@ -182,6 +182,7 @@ impl DestinationMigration {
         let recovered = self.recovering.swap(false, Ordering::SeqCst);
         if !recovered {
             self.advance(DestinationEvent::Attach)?;
+            self.count_start(daemon, Transport::Tunnel);
         }
         let socket = lock(&self.incoming_socket).clone();
         let n = self.n_streams;
@@ -237,6 +238,7 @@ impl DestinationMigration {
         let addr = cookie.source_data_address.clone().ok_or_else(|| {
             DaemonError::BadRequest("the cookie names no data address for the source".into())
         })?;
+        self.learn_source(&addr, false);
         {
             let mut st = lock(&self.streams);
             if st.attached {
@@ -312,6 +314,7 @@ impl DestinationMigration {
         let recovered = self.recovering.swap(false, Ordering::SeqCst);
         if !recovered {
             self.advance(DestinationEvent::Attach)?;
+            self.count_start(daemon, transport);
         }
         if self.n_disks > 0 && !recovered {
             // The source QEMU starts only once the disks are copied, perhaps minutes from

@@ -19,6 +19,7 @@ mod recover;
 use super::channel::{self, DataConn, Slots, Trust};
 use super::lease::Lease;
 use super::peer::{PeerEvent, PeerLink};
+use super::record::{self, Parties};
 use super::{QemuHandle, PREEMPT};
 use crate::error::{DaemonError, Result};
 use crate::state::Daemon;
@@ -129,12 +130,20 @@ pub struct DestinationMigration {
     created_images: Vec<PathBuf>,
     /// What this daemon made for a managed VM, for a restart to undo.
     journal: Option<journal::Journal>,
+    /// Who asked for the migration, and the hosts: for its audit line.
+    parties: Mutex<Parties>,
 }
 
 impl DestinationMigration {
     /// `prepare`: readies a QEMU to receive, makes this migration's identity, opens the
-    /// door for exactly `cookie.streams()` data connections.
-    pub fn prepare(daemon: &Daemon, mut cookie: Cookie, vm: VmRef) -> Result<Cookie> {
+    /// door for exactly `cookie.streams()` data connections. `parties` says who asked
+    /// (for the audit line when it ends).
+    pub fn prepare(
+        daemon: &Daemon,
+        mut cookie: Cookie,
+        vm: VmRef,
+        mut parties: Parties,
+    ) -> Result<Cookie> {
         cookie.check()?;
         let id = cookie.migration.clone();
         // Claimed before anything is started, so two prepares of one id cannot both
@@ -259,6 +268,11 @@ impl DestinationMigration {
             disk_meter: Arc::new(Meter::default()),
             created_images,
             journal,
+            parties: Mutex::new({
+                parties.source = cookie.source_data_address.clone();
+                parties.destination = Some(record::own_address(daemon));
+                parties
+            }),
         };
         cookie.destination_fingerprint = Some(m.identity.fingerprint().to_string());
         cookie.data_address = daemon.config.data_address();
@@ -416,8 +430,33 @@ impl DestinationMigration {
         if let Some(p) = lock(&self.peer).take() {
             p.stop();
         }
-        lock(&daemon.migrations.destinations).remove(&self.id);
-        daemon.migrations.remember(self.summary());
+        let removed = lock(&daemon.migrations.destinations).remove(&self.id);
+        let summary = self.summary();
+        daemon.migrations.remember(summary.clone());
+        // Counted and logged once: only by the call that removed it.
+        if removed.is_some() {
+            let parties = lock(&self.parties).clone();
+            record::ended(daemon, &summary, &parties);
+        }
+    }
+
+    /// The source host, when the cookie did not name it at `prepare`: the address the
+    /// controller filled in, or else the one its (pinned, authenticated) streams came from.
+    fn learn_source(&self, address: &str, from_connection: bool) {
+        let mut p = lock(&self.parties);
+        if from_connection && p.source.is_some() {
+            return;
+        }
+        // A connection's address names the host, not the port it happened to dial from.
+        p.source = Some(match address.parse::<std::net::SocketAddr>() {
+            Ok(a) if from_connection => a.ip().to_string(),
+            _ => address.to_string(),
+        });
+    }
+
+    /// The streams reached QEMU for the first time: counted once per migration.
+    fn count_start(&self, daemon: &Daemon, transport: Transport) {
+        record::started(daemon, Role::Destination, transport);
     }
 
     pub fn status(&self) -> MigrationStatus {

@@ -32,6 +32,7 @@ impl SourceMigration {
         timeout: Duration,
     ) -> Result<()> {
         cookie.check()?;
+        self.learn_destination(cookie);
         if !matches!(self.state(), SourceState::Begun | SourceState::Connected) {
             return Err(DaemonError::BadRequest(format!(
                 "migration {} is already under way; its channel is fixed",

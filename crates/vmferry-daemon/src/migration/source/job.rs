@@ -33,6 +33,7 @@ impl SourceMigration {
         cookie.check()?;
         let (transport, carrier) = self.take_carrier(daemon, cookie)?;
         *lock(&self.performed) = Some((cookie.clone(), transport));
+        record::started(daemon, Role::Source, transport);
         self.start_peer(daemon)?;
         {
             let mut st = lock(&self.status);

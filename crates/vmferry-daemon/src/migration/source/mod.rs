@@ -17,6 +17,7 @@ mod unattended;
 use super::channel::{self, DataConn, Slots, Trust};
 use super::lease::Lease;
 use super::peer::{PeerEvent, PeerLink};
+use super::record::{self, Parties};
 use super::{QemuHandle, PREEMPT, UNLIMITED_BANDWIDTH};
 use crate::error::{DaemonError, Result};
 use crate::state::Daemon;
@@ -151,15 +152,19 @@ pub struct SourceMigration {
     disk_error: Mutex<Option<String>>,
     /// When the first mirror started: each disk's time to READY counts from here.
     disk_copy_started: Mutex<Option<Instant>>,
+    /// Who asked for the migration, and the hosts: for its audit line.
+    parties: Mutex<Parties>,
 }
 
 impl SourceMigration {
     /// `begin`: describes the VM, makes this migration's identity, returns the first cookie.
+    /// `parties` says who asked (for the audit line when it ends).
     pub fn begin(
         daemon: &Daemon,
         id: MigrationId,
         vm: VmRef,
         mut options: MigrationOptions,
+        mut parties: Parties,
     ) -> Result<Cookie> {
         if options.transport.is_none() {
             options.transport = Some(daemon.config.transport);
@@ -292,6 +297,10 @@ impl SourceMigration {
             disk_meter: Arc::new(Meter::default()),
             disk_error: Mutex::new(None),
             disk_copy_started: Mutex::new(None),
+            parties: Mutex::new({
+                parties.source = Some(record::own_address(daemon));
+                parties
+            }),
         };
         // Checked and taken under one lock: of two begins for one QEMU, one wins.
         let mut sources = lock(&daemon.migrations.sources);
@@ -316,6 +325,7 @@ impl SourceMigration {
     /// `perform`: dials every data stream, points QEMU at our unix socket, and leaves a
     /// job pumping and watching QEMU. Returns once the migration is under way.
     pub fn perform(self: &Arc<Self>, daemon: &Arc<Daemon>, cookie: &Cookie) -> Result<()> {
+        self.learn_destination(cookie);
         self.advance(SourceEvent::Perform)?;
         lock(&self.status).destination_qemu = cookie.destination_qemu.map(|r| r.to_string());
         let result = self.start(daemon, cookie);
@@ -343,14 +353,30 @@ impl SourceMigration {
         Ok(next)
     }
 
-    /// Leaves the in-flight table for the recent one.
+    /// The destination host, as the cookie names it (its data address, which the
+    /// controller fills in when the destination could not name itself).
+    fn learn_destination(&self, cookie: &Cookie) {
+        let to = cookie
+            .data_address
+            .clone()
+            .or_else(|| cookie.destination_control_address.clone());
+        if to.is_some() {
+            lock(&self.parties).destination = to;
+        }
+    }
+
+    /// Leaves the in-flight table for the recent one; counts the migration and writes its
+    /// audit line (once: only the call that removed it).
     fn end(&self, daemon: &Daemon) {
         if let Some(p) = lock(&self.peer).take() {
             p.stop();
         }
         let removed = lock(&daemon.migrations.sources).remove(&self.id);
         if removed.is_some() {
-            daemon.migrations.remember(self.summary());
+            let summary = self.summary();
+            daemon.migrations.remember(summary.clone());
+            let parties = lock(&self.parties).clone();
+            record::ended(daemon, &summary, &parties);
         }
     }
 
@@ -533,7 +559,9 @@ impl SourceMigration {
             self.advance(SourceEvent::Confirm)?;
         } else {
             self.cancel.store(true, Ordering::SeqCst);
-            self.fail("cancelled by the controller");
+            // Not "cancelled": a controller rolls back after a failure elsewhere just as
+            // after its operator's cancel, and `confirm` does not say which.
+            self.fail("rolled back by the controller");
         }
         self.end(daemon);
         Ok(())
