@@ -19,6 +19,7 @@ pub mod qemu_binary;
 pub mod qemu_cmd;
 pub mod server;
 pub mod state;
+pub mod vm_process;
 pub mod vms;
 
 pub use client::{ClientAuth, ControlClient, ControlTarget};

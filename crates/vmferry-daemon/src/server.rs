@@ -70,6 +70,27 @@ impl Server {
                 ..Default::default()
             });
         }
+        let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
+        // The VMs a previous run started still run: adopted, with whatever migration the
+        // restart interrupted undone.
+        let (adopted, mut said) = vms.adopt();
+        for vm in &adopted {
+            said.extend(crate::migration::source::restart::undo_interrupted(vm));
+        }
+        for line in said {
+            tracing::warn!("{line}");
+            audit.record(&Event {
+                what: "vm",
+                who: "-",
+                from: "restart",
+                scheme: "-",
+                op: "adopt",
+                subject: "",
+                outcome: "ok",
+                detail: &line,
+                ..Default::default()
+            });
+        }
         let policy =
             AuthPolicy::from_config(&config).map_err(|e| DaemonError::BadRequest(e.to_string()))?;
         let (creds, control_tls) = load_tls(&config, &policy)?;
@@ -114,7 +135,6 @@ impl Server {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
-        let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
         let data_path = match vmferry_channel::transport::kernel_tls_available() {
             Ok(()) => "userspace TLS 1.3 (rustls on aws-lc-rs, AES-128-GCM preferred); the \
                        kernel offers TLS offload, which this build does not use yet"

@@ -8,11 +8,13 @@
 use crate::accel::{AccelChoice, AccelResolver};
 use crate::error::{DaemonError, Result};
 use crate::qemu_cmd::{qemu_args, DiskCache, VmPaths};
+use crate::vm_process::QemuProcess;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmferry_proto::{Accel, VmInfo, VmName, VmSpec};
@@ -40,8 +42,17 @@ pub struct ManagedVm {
     pub qemu_log: PathBuf,
     /// Why this accelerator, for the operator.
     pub accel_reason: String,
-    child: Mutex<Child>,
+    process: Mutex<QemuProcess>,
     qmp: Mutex<Option<Qmp>>,
+}
+
+/// What `vms/NAME/vm.json` keeps of a running VM, for a restarted daemon to adopt it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct VmRecord {
+    spec: VmSpec,
+    pid: u32,
+    #[serde(default)]
+    accel_reason: String,
 }
 
 impl ManagedVm {
@@ -75,12 +86,38 @@ impl ManagedVm {
     }
 
     pub fn pid(&self) -> u32 {
-        lock(&self.child).id()
+        lock(&self.process).id()
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+
+    /// Writes the record a restarted daemon adopts this VM from.
+    fn write_record(&self) {
+        let rec = VmRecord {
+            spec: self.spec.clone(),
+            pid: self.pid(),
+            accel_reason: self.accel_reason.clone(),
+        };
+        let path = self.record_path();
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&rec)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(vm = %self.spec.name, "cannot write {}: a restart would not adopt it: {e}", path.display());
+        }
+    }
+
+    fn remove_record(&self) {
+        let _ = std::fs::remove_file(self.record_path());
     }
 
     /// `Some(why)` once QEMU has exited, with the end of its stderr.
     pub fn exit_reason(&self) -> Option<String> {
-        let status = lock(&self.child).try_wait().ok().flatten()?;
+        let status = lock(&self.process).exited()?;
         let tail = log_tail(&self.qemu_log, 600);
         Some(if tail.is_empty() {
             format!("QEMU for VM '{}' exited ({status})", self.spec.name)
@@ -115,7 +152,7 @@ impl ManagedVm {
         let _ = self.with_qmp(|q| q.quit());
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if lock(&self.child).try_wait().ok().flatten().is_some() {
+            if lock(&self.process).exited().is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -125,9 +162,7 @@ impl ManagedVm {
 
     /// Kills QEMU at once (an incoming QEMU holds nothing worth saving).
     pub fn kill(&self) {
-        let mut c = lock(&self.child);
-        let _ = c.kill();
-        let _ = c.wait();
+        lock(&self.process).kill();
         *lock(&self.qmp) = None;
         let _ = std::fs::remove_file(&self.qmp_path);
     }
@@ -196,6 +231,10 @@ impl VmRegistry {
         let result = self.launch(&mut spec, incoming);
         lock(&self.starting).remove(&name);
         let vm = Arc::new(result?);
+        // An incoming VM is this host's only once its migration completed (`settled`).
+        if !incoming {
+            vm.write_record();
+        }
         lock(&self.vms).insert(name, vm.clone());
         Ok(vm)
     }
@@ -239,6 +278,9 @@ impl VmRegistry {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
+            // Its own process group: a signal to the daemon's group (Ctrl-C, a service
+            // manager stopping the daemon) does not reach the guest.
+            .process_group(0)
             .spawn()
             .map_err(|e| DaemonError::Qemu(format!("cannot run '{}': {e}", self.qemu)))?;
         let mut vm = ManagedVm {
@@ -248,7 +290,7 @@ impl VmRegistry {
             serial_log,
             qemu_log,
             accel_reason: reason,
-            child: Mutex::new(child),
+            process: Mutex::new(QemuProcess::Child(child)),
             qmp: Mutex::new(None),
         };
         let deadline = Instant::now() + QMP_START_TIMEOUT;
@@ -311,13 +353,88 @@ impl VmRegistry {
         let vm = lock(&self.vms)
             .remove(name)
             .ok_or_else(|| DaemonError::NotFound(format!("no VM named '{name}' on this host")))?;
+        vm.remove_record();
         vm.shutdown(Duration::from_secs(5));
         Ok(())
     }
 
     /// Forgets a VM without touching its process (after it was killed or migrated away).
     pub fn forget(&self, name: &VmName) {
-        lock(&self.vms).remove(name);
+        if let Some(vm) = lock(&self.vms).remove(name) {
+            vm.remove_record();
+        }
+    }
+
+    /// An incoming VM whose migration completed: this host's now, adopted after a restart.
+    pub fn settled(&self, name: &VmName) {
+        if let Some(vm) = lock(&self.vms).get(name) {
+            vm.write_record();
+        }
+    }
+
+    /// Adopts the VMs a previous run of the daemon started that still run (their QEMUs
+    /// outlive the daemon by design); a record whose QEMU is gone is removed. Returns
+    /// the adopted VMs and one line per VM saying what happened.
+    pub fn adopt(&self) -> (Vec<Arc<ManagedVm>>, Vec<String>) {
+        let (mut adopted, mut said) = (Vec::new(), Vec::new());
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return (adopted, said);
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let path = dir.join("vm.json");
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let rec: VmRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(err) => {
+                    said.push(format!(
+                        "{}: unreadable ({err}); left alone",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            let name = rec.spec.name.clone();
+            if dir.file_name() != Some(std::ffi::OsStr::new(name.as_str())) {
+                said.push(format!("{}: names VM '{name}'; left alone", path.display()));
+                continue;
+            }
+            let qmp_path = self.qmp_path(&name);
+            if !crate::vm_process::is_running_qemu_of(rec.pid, &qmp_path) {
+                let _ = std::fs::remove_file(&path);
+                said.push(format!(
+                    "VM '{name}' (pid {}) ended while the daemon was down",
+                    rec.pid
+                ));
+                continue;
+            }
+            let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(5)) {
+                Ok(q) => q,
+                Err(err) => {
+                    said.push(format!("VM '{name}' (pid {}) runs but its QMP does not answer ({err}); not adopted", rec.pid));
+                    continue;
+                }
+            };
+            let vm = Arc::new(ManagedVm {
+                spec: rec.spec,
+                serial_log: dir.join("serial.log"),
+                qemu_log: dir.join("qemu.log"),
+                dir,
+                qmp_path: qmp_path.clone(),
+                accel_reason: rec.accel_reason,
+                process: Mutex::new(QemuProcess::Adopted {
+                    pid: rec.pid,
+                    qmp: qmp_path,
+                }),
+                qmp: Mutex::new(Some(qmp)),
+            });
+            lock(&self.vms).insert(name.clone(), vm.clone());
+            said.push(format!("VM '{name}' (pid {}) adopted", rec.pid));
+            adopted.push(vm);
+        }
+        (adopted, said)
     }
 
     /// Kills every VM (daemon shutdown in tests; production leaves VMs running).

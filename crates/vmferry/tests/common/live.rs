@@ -2,7 +2,7 @@
 //! tests share.
 
 use super::*;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use vmferry_testkit::guest::guest_image;
 use vmferry_testkit::netns::TwoHosts;
 use vmferry_testkit::require;
@@ -122,7 +122,11 @@ pub fn start_guest_with(
     });
     assert!(list.status.success(), "vm list: {}", text(&list));
     let vms: serde_json::Value = serde_json::from_slice(&list.stdout)?;
-    let pid = vms[0]["pid"].as_u64().expect("pid in vm list") as u32;
+    let pid = vms
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["spec"]["name"] == name))
+        .and_then(|v| v["pid"].as_u64())
+        .with_context(|| format!("no pid for {name} in {vms}"))? as u32;
     let log = s.da.state_dir.join("vms").join(name).join("serial.log");
     Ok((pid, log))
 }

@@ -281,6 +281,10 @@ impl DestinationMigration {
         }
         let status = self.qemu.with_qmp(|q| q.query_status())?;
         self.advance(DestinationEvent::Resume)?;
+        // The guest is this host's now: a restarted daemon adopts it.
+        if let Some(n) = &self.vm_name {
+            daemon.vms.settled(n);
+        }
         self.end(daemon);
         tracing::info!(migration = %self.id, state = %status.status, "migration finished on the destination");
         Ok(self.finished_status())

@@ -28,12 +28,16 @@ pub(super) struct DiskJobs {
     jobs: Vec<String>,
 }
 
+/// The names of the NBD client nodes and mirror jobs a disk copy adds to a source QEMU.
+pub(super) const NBD_PREFIX: &str = "vmferry-nbd";
+pub(super) const MIRROR_PREFIX: &str = "vmferry-mirror";
+
 fn nbd_node(k: usize) -> String {
-    format!("vmferry-nbd{k}")
+    format!("{NBD_PREFIX}{k}")
 }
 
 fn mirror_job(k: usize) -> String {
-    format!("vmferry-mirror{k}")
+    format!("{MIRROR_PREFIX}{k}")
 }
 
 /// The writable disks of a source QEMU that `--copy-storage` copies; refused when there

@@ -12,6 +12,7 @@ mod connect;
 mod disks;
 mod job;
 mod recover;
+pub mod restart;
 mod unattended;
 
 use super::channel::{self, DataConn, Slots, Trust};
