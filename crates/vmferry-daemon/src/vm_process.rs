@@ -81,6 +81,17 @@ pub fn is_running_qemu_of(pid: u32, qmp: &std::path::Path) -> bool {
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Waits (2 s at most) until `pid` runs with `qmp` on its command line: spawn returns
+/// once the child's close-on-exec descriptors are closed, a moment before the kernel has
+/// set up the new program's arguments (until then /proc shows the parent's, or none).
+#[cfg(test)]
+pub(crate) fn wait_for_cmdline(pid: u32, qmp: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !is_running_qemu_of(pid, qmp) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +109,7 @@ mod tests {
             .spawn()
             .expect("python3");
         let pid = child.id();
+        wait_for_cmdline(pid, &qmp);
         // Another socket's name: not ours, never signalled.
         let mut other = QemuProcess::Adopted {
             pid,
@@ -118,7 +130,12 @@ mod tests {
         // The test reaps its own child while `kill` waits for it to go.
         let reaper = std::thread::spawn(move || child.wait());
         ours.kill();
-        assert!(reaper.join().is_ok_and(|r| r.is_ok_and(|s| !s.success())));
-        assert!(ours.exited().is_some());
+        let reaped = reaper.join();
+        assert!(
+            ours.exited().is_some(),
+            "{reaped:?} {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
+        assert!(reaped.is_ok_and(|r| r.is_ok_and(|s| !s.success())));
     }
 }

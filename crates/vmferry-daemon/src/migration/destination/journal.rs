@@ -193,6 +193,7 @@ mod tests {
             ])
             .spawn()
             .expect("python3");
+        crate::vm_process::wait_for_cmdline(ours.id(), &qmp);
         let mut stranger = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
