@@ -36,7 +36,7 @@ fn start_busy_guest(s: &Setup) -> Result<std::path::PathBuf> {
     assert!(o.status.success(), "vm start: {}", text(&o));
     let log = s.da.state_dir.join("vms/g1/serial.log");
     wait_for_heartbeat(&log, 2, Duration::from_secs(90))?;
-    let console = std::fs::read_to_string(&log)?;
+    let console = String::from_utf8_lossy(&std::fs::read(&log)?).to_string();
     assert!(console.contains("dirtying 64 MiB"), "{console}");
     Ok(log)
 }
@@ -281,7 +281,7 @@ fn counts_on_intact(log: &std::path::Path) -> Result<()> {
     let next_check = (beat / 20 + 1) * 20;
     wait_for_heartbeat(log, next_check + 1, Duration::from_secs(60))
         .context("the guest counts on")?;
-    let console = std::fs::read_to_string(log)?;
+    let console = String::from_utf8_lossy(&std::fs::read(log)?).to_string();
     assert!(
         console.contains(&format!("vmferry-memcheck ok {next_check}")),
         "the guest checked its memory after post-copy: {console}"

@@ -27,7 +27,8 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
     let disk_arg = disk.to_string_lossy().into_owned();
     let (src_pid, src_log) = start_guest_with(&s, "g1", &["--disk", &disk_arg])?;
     let before = wait_for_heartbeat(&src_log, 3, Duration::from_secs(90))?;
-    let console = std::fs::read_to_string(&src_log)?;
+    // A serial console may carry bytes that are not UTF-8.
+    let console = String::from_utf8_lossy(&std::fs::read(&src_log)?).to_string();
     assert!(
         console.contains("vmferry-disk: vmferry-shared-disk-label"),
         "the guest did not read its disk: {console}"
@@ -56,7 +57,11 @@ fn a_running_guest_migrates_between_two_hosts_and_keeps_counting() -> Result<()>
     let first = *dst_beats.first().expect("heartbeats on the destination");
     assert!(
         first >= before,
-        "destination restarted counting at {first} (source was at {before})"
+        "destination restarted counting at {first} (source was at {before}); destination \
+         console:\n{}\n--- source daemon:\n{}\n--- destination daemon:\n{}",
+        String::from_utf8_lossy(&std::fs::read(&dst_log)?),
+        s.da.log_text(),
+        s.db.log_text()
     );
     // Rising from there: waited for explicitly, since the source may have counted past
     // `before + 3` during the migration, so the line above can be the destination's
