@@ -457,17 +457,42 @@ fn a_copy_that_fails_midway_leaves_the_source_running_on_its_own_images() -> Res
 #[test]
 fn a_guest_that_writes_to_its_disk_during_the_copy_keeps_every_write() -> Result<()> {
     let s = setup("diskw")?;
+    // Pre-copy, and post-copy from the start: the mirrors end at the same pause before
+    // the switch-over, after which the guest writes only to the destination's disk.
+    for (n, mode) in [&[][..], &["--postcopy", "--postcopy-after", "0"][..]]
+        .into_iter()
+        .enumerate()
+    {
+        writes_survive(&s, n, mode).with_context(|| format!("with {mode:?}"))?;
+    }
+    Ok(())
+}
+
+fn writes_survive(s: &Setup, n: usize, mode: &[&str]) -> Result<()> {
     let dir = s.tmp.path();
-    let src_img = image(dir, "src", "qcow2", 96, Some(0x3117e))?;
-    let dst_img = image(dir, "dst", "qcow2", 96, None)?;
-    let src = guest(dir, "wsrc", &src_img, false)?;
-    let dst = guest(dir, "wdst", &dst_img, true)?;
+    let src_img = image(dir, &format!("src{n}"), "qcow2", 96, Some(0x3117e))?;
+    let dst_img = image(dir, &format!("dst{n}"), "qcow2", 96, None)?;
+    let src = guest(dir, &format!("wsrc{n}"), &src_img, false)?;
+    let dst = guest(dir, &format!("wdst{n}"), &dst_img, true)?;
     let beat =
         vmferry_testkit::serial::wait_for_heartbeat(&src.serial, 2, Duration::from_secs(90))?;
-    // Not capped: the guest dirties its RAM faster than a cap would let pre-copy
-    // converge. The disk is large enough for the guest to write during its copy.
-    let o = migrate(&s, &src, &dst, &["--copy-storage", "all"]);
+    // Capped above the rate the guest dirties its RAM (16 MiB a beat, two beats a
+    // second), so pre-copy converges, and low enough that the disk's copy takes beats
+    // (96 MiB at 64 MiB/s): the guest writes to its disk while the mirror runs.
+    let flags = [
+        &["--copy-storage", "all", "--max-bandwidth", "64M"][..],
+        mode,
+    ]
+    .concat();
+    let o = migrate(s, &src, &dst, &flags);
     assert!(o.status.success(), "{}", text(&o));
+    if mode.contains(&"--postcopy") {
+        assert!(
+            s.da.log_text().contains("switching to post-copy"),
+            "no post-copy: {}",
+            s.da.log_text()
+        );
+    }
     let on_src =
         vmferry_testkit::serial::wait_for_heartbeat(&src.serial, 0, Duration::from_secs(1))?;
     // At least one write while the mirror ran (it runs until the switch-over).

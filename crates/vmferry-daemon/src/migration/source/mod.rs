@@ -192,14 +192,9 @@ impl SourceMigration {
         if let Some(pc) = options.postcopy.as_mut() {
             pc.preempt = preempt_offered;
         }
-        if options.copy_storage.is_some() && options.postcopy.is_some() {
-            return Err(DaemonError::BadRequest(
-                "--copy-storage with --postcopy is not supported yet: the disks are copied \
-                 before the RAM, and post-copy would switch over before the mirrors end; \
-                 use --auto-converge for a busy guest with local disks"
-                    .into(),
-            ));
-        }
+        // With --copy-storage and --postcopy the mirrors end at the pause before the
+        // switch-over (pause-before-switchover holds post-copy's start too), so the
+        // destination's guest never runs on a disk the source still writes.
         let disks = match options.copy_storage {
             Some(_) => disks::disks_to_copy(&qemu)?,
             None => Vec::new(),
