@@ -93,15 +93,15 @@ impl View {
             Mode::Table => {
                 let Some(table) = &self.table else { return };
                 let _ = table.println(format!(
-                    "{:<16} {:<26} {:<9} {:<28} RESULT",
+                    "{:<16} {:<26} {:<9} {:<20} RESULT",
                     "VM", "DESTINATION", "TRANSPORT", "PROGRESS"
                 ));
-                let style = ProgressStyle::with_template(
-                    "{prefix} {bar:20} {bytes:>9}/{total_bytes:<9} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                // The bytes go in the message: a bar's own length is 0 (shown full) or
+                // a stand-in until QEMU says how much RAM there is.
+                let style = ProgressStyle::with_template("{prefix} {bar:20} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
                 for j in jobs {
-                    let bar = table.add(ProgressBar::new(0).with_style(style.clone()));
+                    let bar = table.add(ProgressBar::new(1).with_style(style.clone()));
                     bar.set_prefix(self.prefix(&j.vm, j.destination));
                     bar.set_message("waiting");
                     self.bars.insert(j.vm.clone(), bar);
@@ -134,13 +134,20 @@ impl View {
                 Mode::Json => {}
             },
             Event::Progress(j, st) => {
+                if let Some(b) = self.bars.get(&j.vm) {
+                    if st.ram_total > 0 {
+                        b.set_length(st.ram_total);
+                        b.set_position(st.ram_transferred.min(st.ram_total));
+                    }
+                    b.set_message(format!(
+                        "{} of {} {}",
+                        human_bytes(st.ram_transferred),
+                        human_bytes(st.ram_total),
+                        st.qemu_status
+                    ));
+                }
                 let Some(t) = st.transport else { return };
                 if self.transports.contains_key(&j.vm) {
-                    if let Some(b) = self.bars.get(&j.vm) {
-                        b.set_length(st.ram_total.max(1));
-                        b.set_position(st.ram_transferred.min(st.ram_total));
-                        b.set_message(st.qemu_status.clone());
-                    }
                     return;
                 }
                 self.transports.insert(j.vm.clone(), t.as_str().to_string());
@@ -251,7 +258,11 @@ impl View {
 
     /// The summary, once every VM has an outcome. Returns how many were not migrated.
     pub fn summary(&self, source: &str, survey: &[Result<HostInfo, String>]) -> usize {
-        // The table stays on the terminal as it last stood: it is the per-VM account.
+        // The table stays on the terminal as it last stood: it is the per-VM account. Its
+        // last line has no newline of its own.
+        if self.table.is_some() && !self.bars.is_empty() {
+            eprintln!();
+        }
         let migrated = self.outcomes.iter().filter(|o| o.result.is_ok()).count();
         let failed = self.outcomes.len() - migrated;
         if self.mode == Mode::Json {
