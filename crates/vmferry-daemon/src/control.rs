@@ -480,6 +480,9 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
         RequestBody::MigrationList => ResponseBody::Migrations {
             migrations: daemon.migrations.list(),
         },
+        RequestBody::HostInfo => ResponseBody::Host {
+            host: crate::host::host_info(daemon)?,
+        },
         RequestBody::Finish { migration } => {
             let m = daemon.migrations.destination(&migration)?;
             match m.finish(daemon) {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod error;
+pub mod host;
 pub mod metrics;
 pub mod migration;
 pub mod qemu_binary;

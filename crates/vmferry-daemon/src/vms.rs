@@ -348,6 +348,14 @@ impl VmRegistry {
         infos
     }
 
+    /// How many VMs there are (incoming ones too) and the memory their specs give them,
+    /// in MiB. Asks no QEMU anything.
+    pub fn memory_given(&self) -> (u32, u64) {
+        let vms = lock(&self.vms);
+        let mib = vms.values().map(|v| v.spec.memory_mib).sum();
+        (u32::try_from(vms.len()).unwrap_or(u32::MAX), mib)
+    }
+
     /// Stops a VM (quit, then kill) and forgets it.
     pub fn stop(&self, name: &VmName) -> Result<()> {
         let vm = lock(&self.vms)

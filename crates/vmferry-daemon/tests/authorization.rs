@@ -137,6 +137,17 @@ fn only_subjects_on_the_allow_lists_get_in_each_with_its_role() {
     let mut m = connect(&d, &with_cert(client(&d, "monitor", None))).expect("monitor");
     m.call(RequestBody::VmList, T)
         .expect("a read-only client may list");
+    // ... and may ask what the host has room for (`vmferry drain` places guests by it).
+    match m
+        .call(RequestBody::HostInfo, T)
+        .expect("a read-only client may ask")
+    {
+        ResponseBody::Host { host } => {
+            assert!(host.mem_available > 0, "{host:?}");
+            assert_eq!((host.vms, host.vms_memory), (0, 0), "{host:?}");
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
     let e = m.call(begin(), T).expect_err("must be refused").to_string();
     assert!(e.contains("may only read") && e.contains("begin"), "{e}");
     let log = audit_with(&d, r#""op":"begin""#);

@@ -121,6 +121,10 @@ pub enum RequestBody {
     Cancel {
         migration: MigrationId,
     },
+    /// What this host has to offer a migrated guest: its available memory and what its
+    /// managed VMs take (answered with [`ResponseBody::Host`]); `vmferry drain` places
+    /// guests by it. It changes nothing, so a read-only client may ask.
+    HostInfo,
 }
 
 impl RequestBody {
@@ -143,6 +147,7 @@ impl RequestBody {
             RequestBody::Abort { .. } => "abort",
             RequestBody::Detach { .. } => "detach",
             RequestBody::Cancel { .. } => "cancel",
+            RequestBody::HostInfo => "host_info",
         }
     }
 }
@@ -157,6 +162,7 @@ impl RequestBody {
                 | RequestBody::VmList
                 | RequestBody::Status { renew: false, .. }
                 | RequestBody::MigrationList
+                | RequestBody::HostInfo
         )
     }
 }
@@ -194,6 +200,9 @@ pub enum ResponseBody {
     Migrations {
         migrations: Vec<MigrationSummary>,
     },
+    Host {
+        host: HostInfo,
+    },
     /// The daemon's next authentication message; `done` with the identity when accepted.
     Auth {
         message: String,
@@ -203,6 +212,22 @@ pub enum ResponseBody {
     Error {
         error: WireError,
     },
+}
+
+/// A host's room for more guests, as its daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The daemon's host name, for the operator.
+    pub host: String,
+    /// The kernel's estimate of memory available for new work (`MemAvailable` in
+    /// `/proc/meminfo`), in bytes. Memory a running guest has touched is already
+    /// subtracted; memory it was given but never touched is not.
+    pub mem_available: u64,
+    /// The memory its managed VMs were given (their specs, incoming ones included), in
+    /// bytes.
+    pub vms_memory: u64,
+    /// How many VMs it manages, incoming ones included.
+    pub vms: u32,
 }
 
 /// One line of `vmferry status`.
@@ -619,6 +644,29 @@ mod tests {
         };
         assert!(watch.is_read_only());
         assert!(!renew.is_read_only());
+    }
+
+    #[test]
+    fn host_info_is_read_only_and_round_trips() {
+        assert!(RequestBody::HostInfo.is_read_only());
+        let text = serde_json::to_string(&Request {
+            id: 3,
+            body: RequestBody::HostInfo,
+        })
+        .expect("serializes");
+        assert_eq!(text, r#"{"id":3,"op":"host_info"}"#);
+        let answer = ResponseBody::Host {
+            host: HostInfo {
+                host: "hostb".into(),
+                mem_available: 8 << 30,
+                vms_memory: 1 << 30,
+                vms: 2,
+            },
+        };
+        let text = serde_json::to_string(&answer).expect("serializes");
+        assert!(text.contains(r#""reply":"host""#), "{text}");
+        let back: ResponseBody = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back, answer);
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! Everything it creates it removes in `Drop` — processes, namespaces, files — even when a
 //! test panics. It never touches addresses outside its own namespaces or loopback.
 //!
-//! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts), [`capture`] (tcpdump),
-//! [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs), [`process`] (kill-on-drop
-//! children), [`ports`], and [`require`]: what a test needs from the machine — a test that
-//! cannot run here fails, naming what is missing, and never passes by returning early.
+//! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts, or n on a bridge),
+//! [`capture`] (tcpdump), [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs),
+//! [`process`] (kill-on-drop children), [`ports`], and [`require`]: what a test needs
+//! from the machine — a test that cannot run here fails, naming what is missing, and never
+//! passes by returning early.
 #![forbid(unsafe_code)]
 
 pub mod capture;

@@ -1,15 +1,22 @@
-//! Test hosts: two network namespaces joined by a veth pair, each with its own address.
+//! Test hosts: two network namespaces joined by a veth pair ([`TwoHosts`]), or any
+//! number of them on one bridge ([`Hosts`]), each with its own address.
 //!
 //! ```text
 //!   namespace vmf-<tag>-<pid>-<n>a          namespace vmf-<tag>-<pid>-<n>b
 //!   lo (up)   vethA 10.231.X.1/24 ◄──veth──► vethB 10.231.X.2/24   lo (up)
+//!
+//!   Hosts: namespace vmf-<tag>-<pid>-<n>hub holds bridge br0 and one veth end per host
+//!   vethA 10.231.X.1/24 ◄──► pa ┐
+//!   vethB 10.231.X.2/24 ◄──► pb ├ br0
+//!   vethC 10.231.X.3/24 ◄──► pc ┘
 //! ```
-//! Nothing is created in the root namespace: the veth is made inside namespace a and one end
-//! moved to b, so parallel tests never collide on interface names. X differs per instance
-//! (it need not: each pair has its own stack, but distinct subnets make captures and logs
-//! unambiguous). Dropping [`TwoHosts`] kills every process left inside and deletes both
-//! namespaces (the veth goes with them). Namespaces left behind by a test process that was
-//! killed outright (no unwinding) are swept when the next process makes its first hosts.
+//! Nothing is created in the root namespace: each veth is made inside a host's namespace
+//! and one end moved away, so parallel tests never collide on interface names. X differs
+//! per instance (it need not: each set has its own stacks, but distinct subnets make
+//! captures and logs unambiguous). Dropping [`TwoHosts`] or [`Hosts`] kills every process
+//! left inside and deletes the namespaces (the veths and the bridge go with them).
+//! Namespaces left behind by a test process that was killed outright (no unwinding) are
+//! swept when the next process makes its first hosts.
 
 use crate::process::ChildGuard;
 use anyhow::{bail, Context, Result};
@@ -34,7 +41,7 @@ pub struct Host {
     pub name: String,
     /// This host's address on the veth link (a /24).
     pub ip: Ipv4Addr,
-    /// The veth interface inside the namespace (`vethA` or `vethB`).
+    /// The veth interface inside the namespace (`vethA`, `vethB`, ...).
     pub iface: String,
 }
 
@@ -121,16 +128,7 @@ impl TwoHosts {
     /// Makes the two namespaces and the link. `tag` (its first 8 ASCII letters and digits)
     /// goes into the namespace names so a leftover can be traced to its test.
     pub fn new(tag: &str) -> Result<TwoHosts> {
-        SWEEP.call_once(sweep_stale);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let x = subnet_octet(pid, n);
-        let tag: String = tag
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .take(8)
-            .collect();
-        let base = format!("{PREFIX}{tag}-{pid}-{n}");
+        let (base, x) = next_base(tag);
         let hosts = TwoHosts {
             a: Host {
                 name: format!("{base}a"),
@@ -173,6 +171,99 @@ impl Drop for TwoHosts {
         remove_namespace(&self.a.name);
         remove_namespace(&self.b.name);
     }
+}
+
+/// Hosts on one bridge (in a namespace of its own): every host reaches every other.
+/// Removed, with every process inside, on drop.
+#[derive(Debug)]
+pub struct Hosts {
+    /// Host i has address 10.231.X.(i+1) and its namespace ends in the letter `a` + i.
+    pub hosts: Vec<Host>,
+    /// The namespace holding the bridge.
+    hub: String,
+}
+
+impl Hosts {
+    /// Most hosts one set may have (one letter each, and room in the /24).
+    pub const MAX: usize = 20;
+
+    /// Makes `n` (2 to [`Hosts::MAX`]) namespaces on one bridge. `tag` is used as in
+    /// [`TwoHosts::new`].
+    pub fn new(tag: &str, n: usize) -> Result<Hosts> {
+        if !(2..=Self::MAX).contains(&n) {
+            bail!("Hosts::new: {n} hosts asked for; give 2 to {}", Self::MAX);
+        }
+        let (base, x) = next_base(tag);
+        let hosts = Hosts {
+            hosts: (0..n)
+                .map(|i| {
+                    let letter = char::from(b'a' + i as u8);
+                    Host {
+                        name: format!("{base}{letter}"),
+                        ip: Ipv4Addr::new(10, 231, x, i as u8 + 1),
+                        iface: format!("veth{}", letter.to_ascii_uppercase()),
+                    }
+                })
+                .collect(),
+            hub: format!("{base}hub"),
+        };
+        // On failure `hosts` is dropped here, which removes whatever part was made.
+        hosts
+            .create()
+            .with_context(|| format!("creating {n} test hosts {base}a... on bridge {base}hub"))?;
+        Ok(hosts)
+    }
+
+    fn create(&self) -> Result<()> {
+        let hub = self.hub.as_str();
+        ip(&["netns", "add", hub])?;
+        ip(&["-n", hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", hub, "link", "set", "br0", "up"])?;
+        for (i, h) in self.hosts.iter().enumerate() {
+            let port = format!("p{}", char::from(b'a' + i as u8));
+            ip(&["netns", "add", &h.name])?;
+            ip(&[
+                "-n", &h.name, "link", "add", &h.iface, "type", "veth", "peer", "name", &port,
+            ])?;
+            ip(&["-n", &h.name, "link", "set", &port, "netns", hub])?;
+            ip(&["-n", hub, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", hub, "link", "set", &port, "up"])?;
+            let addr = format!("{}/24", h.ip);
+            ip(&["-n", &h.name, "addr", "add", &addr, "dev", &h.iface])?;
+            ip(&["-n", &h.name, "link", "set", &h.iface, "up"])?;
+            ip(&["-n", &h.name, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Index<usize> for Hosts {
+    type Output = Host;
+    fn index(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            remove_namespace(&h.name);
+        }
+        remove_namespace(&self.hub);
+    }
+}
+
+/// The next namespace base name for `tag` (`vmf-<tag>-<pid>-<n>`) and its subnet octet.
+fn next_base(tag: &str) -> (String, u8) {
+    SWEEP.call_once(sweep_stale);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let tag: String = tag
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect();
+    (format!("{PREFIX}{tag}-{pid}-{n}"), subnet_octet(pid, n))
 }
 
 /// Whether this process can make network namespaces (root, `ip` present, kernel support):
@@ -252,7 +343,7 @@ fn pids_in(ns: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Removes namespaces named `vmf-<tag>-<pid>-<n>{a,b}` (or `vmf-probe-<pid>-<n>`) whose
+/// Removes namespaces named `vmf-<tag>-<pid>-<n>{a,b,...,hub}` (or `vmf-probe-<pid>-<n>`) whose
 /// creating process no longer exists.
 fn sweep_stale() {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {

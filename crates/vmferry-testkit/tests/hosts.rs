@@ -1,5 +1,5 @@
-//! Two test hosts reach each other over their veth, firewall rules load, captures see
-//! payloads, and everything is gone after drop.
+//! Two test hosts reach each other over their veth (and n hosts over their bridge),
+//! firewall rules load, captures see payloads, and everything is gone after drop.
 
 use anyhow::{ensure, Context, Result};
 use std::io::{ErrorKind, Read, Write};
@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vmferry_testkit::capture::{file_contains, Capture};
-use vmferry_testkit::netns::{Host, TwoHosts};
+use vmferry_testkit::netns::{Host, Hosts, TwoHosts};
 use vmferry_testkit::require;
 
 /// Listens on `server`'s address and `port` inside its namespace, connects from `client`,
@@ -54,6 +54,31 @@ fn echo_once(client: &Host, server: &Host, port: u16, msg: &[u8]) -> Result<()> 
 
 fn namespace_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
+}
+
+#[test]
+fn hosts_on_a_bridge_all_reach_each_other_and_vanish_on_drop() -> Result<()> {
+    require::netns();
+    let hosts = Hosts::new("bridge", 3)?;
+    let ips: std::collections::HashSet<_> = hosts.hosts.iter().map(|h| h.ip).collect();
+    ensure!(ips.len() == 3, "addresses not distinct: {ips:?}");
+    echo_once(&hosts[0], &hosts[1], 5001, b"a to b")?;
+    echo_once(&hosts[0], &hosts[2], 5002, b"a to c")?;
+    echo_once(&hosts[2], &hosts[1], 5003, b"c to b")?;
+    let mut sleeper = hosts[2].spawn_killable("sleep", ["1000"])?;
+    let names: Vec<String> = hosts.hosts.iter().map(|h| h.name.clone()).collect();
+    let hub = format!("{}hub", names[0].trim_end_matches('a'));
+    ensure!(namespace_exists(&hub), "no hub namespace {hub}");
+    drop(hosts);
+    for n in names.iter().chain([&hub]) {
+        ensure!(!namespace_exists(n), "namespace {n} survived the drop");
+    }
+    let status = sleeper
+        .try_wait()?
+        .context("process in the namespace survived")?;
+    ensure!(!status.success(), "sleep should have been killed: {status}");
+    ensure!(Hosts::new("bridge", 1).is_err(), "one host is no set");
+    Ok(())
 }
 
 #[test]

@@ -69,6 +69,10 @@ pub enum Command {
     Vm(VmCommand),
     /// Live-migrate a VM from one daemon to another.
     Migrate(crate::migrate_cmd::MigrateArgs),
+    /// Live-migrate every managed VM off a host, onto the destinations with the most
+    /// memory free, a few at a time; a VM whose migration fails keeps running on the
+    /// source.
+    Drain(crate::drain::DrainArgs),
     /// Password accounts for the control API (SCRAM-SHA-256; the file keeps only salted
     /// verifiers).
     #[command(subcommand)]
@@ -266,6 +270,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Certs(c) => certs_cmd(c),
         Command::Vm(v) => vm_cmd(v),
         Command::Migrate(m) => crate::migrate_cmd::run(m),
+        Command::Drain(d) => crate::drain::run(d),
         Command::Users(u) => users_cmd(u),
         Command::Cancel { migration, daemon } => cancel_cmd(&migration, &daemon),
         Command::Status {

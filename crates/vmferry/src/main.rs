@@ -2,6 +2,7 @@
 //! file parses flags, renders progress and prints errors as one line with their causes.
 
 mod cli;
+mod drain;
 mod login;
 mod migrate_cmd;
 mod units;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use vmferry_daemon::controller::{self, MigrationPlan, MigrationReport};
-use vmferry_daemon::ControlTarget;
+use vmferry_daemon::{ClientAuth, ControlTarget};
 use vmferry_proto::cookie::Compression;
 use vmferry_proto::{DataAuth, MigrationOptions, MigrationStatus, TransportChoice, VmName, VmRef};
 
@@ -31,15 +31,45 @@ pub struct MigrateArgs {
     /// Attach mode: QMP socket of a destination QEMU started with -incoming defer.
     #[arg(long, requires = "src_qmp")]
     pub dst_qmp: Option<PathBuf>,
-    /// Certs dir: the controller's certificate for both daemons (or only ca.pem, with --user).
+    #[command(flatten)]
+    pub login: LoginArgs,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// host:port the source dials for data (default: the destination's address).
+    #[arg(long)]
+    pub data_address: Option<String>,
+    /// Machine-readable progress and result, one JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Hand the migration to the daemons once it is under way and return at once;
+    /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// How the controller logs in to both daemons (shared by `migrate` and `drain`).
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Certs dir: the controller's certificate for the daemons (or only ca.pem, with --user).
     #[arg(long, env = "VMFERRY_CERTS")]
     pub certs: Option<PathBuf>,
-    /// Log in to both daemons with this account's password (SCRAM-SHA-256).
+    /// Log in to the daemons with this account's password (SCRAM-SHA-256).
     #[arg(long, env = "VMFERRY_USER")]
     pub user: Option<String>,
     /// File holding the password for --user (else VMFERRY_PASSWORD).
     #[arg(long)]
     pub password_file: Option<PathBuf>,
+}
+
+impl LoginArgs {
+    pub fn auth(&self) -> Result<ClientAuth> {
+        load_auth(&self.certs, &self.user, &self.password_file)
+    }
+}
+
+/// How each migration runs: the options `migrate` and `drain` share.
+#[derive(Debug, Args)]
+pub struct Tuning {
     /// Multifd channels (0 = one stream).
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
@@ -55,9 +85,6 @@ pub struct MigrateArgs {
     /// With x509: the name the destination's certificate must carry.
     #[arg(long)]
     pub tls_hostname: Option<String>,
-    /// host:port the source dials for data (default: the destination's address).
-    #[arg(long)]
-    pub data_address: Option<String>,
     /// How the stream travels: direct (source dials destination), reverse (destination
     /// dials source), tunnel (inside one connection to the destination's control port),
     /// or auto (those in turn; default: the source daemon's configured choice, else auto).
@@ -76,9 +103,6 @@ pub struct MigrateArgs {
     /// Give up and roll back after this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// Machine-readable progress and result, one JSON object per line on stdout.
-    #[arg(long)]
-    pub json: bool,
     /// Seconds the daemons wait for this controller before acting alone: before the
     /// switch-over they roll back (the source keeps running), after it they finish.
     #[arg(long, default_value_t = 15)]
@@ -124,10 +148,6 @@ pub struct MigrateArgs {
         requires = "copy_storage"
     )]
     pub storage_copy_mode: vmferry_proto::CopyMode,
-    /// Hand the migration to the daemons once it is under way and return at once;
-    /// follow it with `vmferry status MIGRATION --daemon SOURCE`.
-    #[arg(long)]
-    pub detach: bool,
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
@@ -158,111 +178,13 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             ))
         }
     };
-    let data_auth = match a.data_auth.as_str() {
-        "pinned" => DataAuth::Pinned,
-        "x509" => DataAuth::X509 {
-            tls_hostname: a.tls_hostname.clone(),
-        },
-        other => return Err(anyhow!("unknown --data-auth {other:?}: use pinned or x509")),
-    };
-    if a.tls_hostname.is_some() && data_auth == DataAuth::Pinned {
-        return Err(anyhow!("--tls-hostname goes with --data-auth x509"));
-    }
-    let compress = match a.compress.as_str() {
-        "zstd" => Compression::Zstd {
-            level: a.compress_level,
-        },
-        _ => Compression::None,
-    };
-    if a.auto_converge {
-        vmferry_proto::cookie::AutoConverge {
-            initial: a.throttle_initial,
-            increment: a.throttle_increment,
-        }
-        .check()?;
-    }
-    compress
-        .check()
-        .map_err(|e| anyhow!("--compress-level: {e}"))?;
-    let plan = MigrationPlan {
-        source: a.from.clone(),
-        destination: a.to.clone(),
-        source_vm,
-        destination_vm,
-        options: MigrationOptions {
-            multifd: a.multifd,
-            max_bandwidth: a.max_bandwidth,
-            data_auth,
-            downtime_limit_ms: a.downtime_limit,
-            transport: a.transport,
-            compress,
-            lease_ms: 0, // set by the controller from --lease, if both daemons keep leases
-            auto_converge: a
-                .auto_converge
-                .then_some(vmferry_proto::cookie::AutoConverge {
-                    initial: a.throttle_initial,
-                    increment: a.throttle_increment,
-                }),
-            copy_storage: a.copy_storage.map(|mode| vmferry_proto::CopyStorage {
-                mode,
-                copy_mode: a.storage_copy_mode,
-            }),
-            postcopy: a.postcopy.then_some(vmferry_proto::cookie::PostCopy {
-                after_ms: a.postcopy_after.map(|s| s.saturating_mul(1000)),
-                preempt: false, // the daemons decide, by what their QEMUs can
-            }),
-            stall_timeout_ms: match a.stall_timeout {
-                0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),
-                s => s.saturating_mul(1000),
-            },
-        },
-        data_address: a.data_address.clone(),
-        timeout: a.timeout.map(Duration::from_secs),
-        connect_timeout: match a.connect_timeout {
-            Some(s) if s.is_finite() && s > 0.0 && s <= 60.0 => Some(Duration::from_secs_f64(s)),
-            Some(s) => {
-                return Err(anyhow!(
-                    "--connect-timeout {s}: give seconds between 0 and 60"
-                ))
-            }
-            None => None,
-        },
-        lease: {
-            let ms = a.lease.saturating_mul(1000);
-            if !vmferry_proto::cookie::LEASE_MS.contains(&ms) {
-                return Err(anyhow!(
-                    "--lease {}: give seconds from {} to {}",
-                    a.lease,
-                    vmferry_proto::cookie::LEASE_MS.start() / 1000,
-                    vmferry_proto::cookie::LEASE_MS.end() / 1000
-                ));
-            }
-            Duration::from_millis(ms)
-        },
-        detach: a.detach,
-    };
-    let auth = load_auth(&a.certs, &a.user, &a.password_file)?;
-
-    let cancel = Arc::new(AtomicBool::new(false));
-    // Ctrl-C (SIGINT) or SIGTERM cancels: the controller rolls back and the source VM
-    // keeps running. A second signal only says so; the rollback must finish. The
-    // signals are read on a thread of their own, so the messages need no async-signal
-    // safety.
-    if let Ok(mut signals) = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        let c = cancel.clone();
-        std::thread::spawn(move || {
-            for _ in signals.forever() {
-                if c.swap(true, Ordering::SeqCst) {
-                    eprintln!("vmferry: still rolling back, please wait");
-                } else {
-                    eprintln!("vmferry: cancelling; the source VM will keep running");
-                }
-            }
-        });
-    }
+    let mut plan = a
+        .tuning
+        .plan(a.from.clone(), a.to.clone(), source_vm, destination_vm)?;
+    plan.data_address = a.data_address.clone();
+    plan.detach = a.detach;
+    let auth = a.login.auth()?;
+    let cancel = cancel_on_signals("the source VM will keep running");
 
     let bar = if !a.json && std::io::stderr().is_terminal() {
         let b = ProgressBar::new(0);
@@ -351,6 +273,129 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             Err(e.into())
         }
     }
+}
+
+impl Tuning {
+    /// The plan of one migration of `source_vm` from `source` to `destination` under
+    /// these options (no data address, not detached). Refuses contradictory options.
+    pub fn plan(
+        &self,
+        source: ControlTarget,
+        destination: ControlTarget,
+        source_vm: VmRef,
+        destination_vm: VmRef,
+    ) -> Result<MigrationPlan> {
+        let a = self;
+        let data_auth = match a.data_auth.as_str() {
+            "pinned" => DataAuth::Pinned,
+            "x509" => DataAuth::X509 {
+                tls_hostname: a.tls_hostname.clone(),
+            },
+            other => return Err(anyhow!("unknown --data-auth {other:?}: use pinned or x509")),
+        };
+        if a.tls_hostname.is_some() && data_auth == DataAuth::Pinned {
+            return Err(anyhow!("--tls-hostname goes with --data-auth x509"));
+        }
+        let compress = match a.compress.as_str() {
+            "zstd" => Compression::Zstd {
+                level: a.compress_level,
+            },
+            _ => Compression::None,
+        };
+        if a.auto_converge {
+            vmferry_proto::cookie::AutoConverge {
+                initial: a.throttle_initial,
+                increment: a.throttle_increment,
+            }
+            .check()?;
+        }
+        compress
+            .check()
+            .map_err(|e| anyhow!("--compress-level: {e}"))?;
+        Ok(MigrationPlan {
+            source,
+            destination,
+            source_vm,
+            destination_vm,
+            options: MigrationOptions {
+                multifd: a.multifd,
+                max_bandwidth: a.max_bandwidth,
+                data_auth,
+                downtime_limit_ms: a.downtime_limit,
+                transport: a.transport,
+                compress,
+                lease_ms: 0, // set by the controller from --lease, if both daemons keep leases
+                auto_converge: a
+                    .auto_converge
+                    .then_some(vmferry_proto::cookie::AutoConverge {
+                        initial: a.throttle_initial,
+                        increment: a.throttle_increment,
+                    }),
+                copy_storage: a.copy_storage.map(|mode| vmferry_proto::CopyStorage {
+                    mode,
+                    copy_mode: a.storage_copy_mode,
+                }),
+                postcopy: a.postcopy.then_some(vmferry_proto::cookie::PostCopy {
+                    after_ms: a.postcopy_after.map(|s| s.saturating_mul(1000)),
+                    preempt: false, // the daemons decide, by what their QEMUs can
+                }),
+                stall_timeout_ms: match a.stall_timeout {
+                    0 => return Err(anyhow!("--stall-timeout must be at least 1 second")),
+                    s => s.saturating_mul(1000),
+                },
+            },
+            data_address: None,
+            timeout: a.timeout.map(Duration::from_secs),
+            connect_timeout: match a.connect_timeout {
+                Some(s) if s.is_finite() && s > 0.0 && s <= 60.0 => {
+                    Some(Duration::from_secs_f64(s))
+                }
+                Some(s) => {
+                    return Err(anyhow!(
+                        "--connect-timeout {s}: give seconds between 0 and 60"
+                    ))
+                }
+                None => None,
+            },
+            lease: {
+                let ms = a.lease.saturating_mul(1000);
+                if !vmferry_proto::cookie::LEASE_MS.contains(&ms) {
+                    return Err(anyhow!(
+                        "--lease {}: give seconds from {} to {}",
+                        a.lease,
+                        vmferry_proto::cookie::LEASE_MS.start() / 1000,
+                        vmferry_proto::cookie::LEASE_MS.end() / 1000
+                    ));
+                }
+                Duration::from_millis(ms)
+            },
+            detach: false,
+        })
+    }
+}
+
+/// A flag that Ctrl-C (SIGINT) or SIGTERM sets: the controller then rolls back and the
+/// source VM keeps running. The first signal says `what` happens; a second one only says
+/// the rollback must finish. The signals are read on a thread of their own, so the
+/// messages need no async-signal safety.
+pub fn cancel_on_signals(what: &'static str) -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                if c.swap(true, Ordering::SeqCst) {
+                    eprintln!("vmferry: still rolling back, please wait");
+                } else {
+                    eprintln!("vmferry: cancelling; {what}");
+                }
+            }
+        });
+    }
+    cancel
 }
 
 fn print_report(r: &MigrationReport, json: bool) {
