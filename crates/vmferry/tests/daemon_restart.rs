@@ -1,6 +1,7 @@
 //! End to end: a daemon killed (kill -9) and started again does not lose its guests. Its
 //! QEMUs run on while it is down, the restarted daemon adopts them from its state dir, a
-//! migration the kill interrupted is undone on the source, and the adopted VMs migrate.
+//! migration the kill interrupted is undone on the source (a disk copy's mirrors and
+//! nodes too), and the adopted VMs migrate.
 
 mod common;
 
@@ -119,5 +120,101 @@ fn guests_outlive_a_killed_daemon_and_are_adopted_when_it_starts_again() -> Resu
         !pid_alive(g1_pid) && !pid_alive(g2_pid),
         "the adopted source QEMUs stay after their guests left"
     );
+    Ok(())
+}
+
+#[test]
+fn a_disk_copy_interrupted_by_a_source_restart_is_undone_and_can_run_again() -> Result<()> {
+    let mut s = setup("restartd")?;
+    // A local raw disk of non-zero bytes (zeros would be copied at once), with the text
+    // line the guest reads as its label first.
+    let disk = s.tmp.path().join("g3-local.raw");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&disk)?;
+        f.write_all(b"vmferry restart disk\n")?;
+        let mut x: u64 = 0x5eed;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..24 {
+            for c in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+            }
+            f.write_all(&buf)?;
+        }
+    }
+    let path = disk.display().to_string();
+    let (_pid, a_log) = start_guest_with(&s, "g3", &["--disk", &path])?;
+    vmferry_testkit::serial::wait_for_heartbeat(&a_log, 2, Duration::from_secs(90))?;
+    let images = s.db.state_dir.join("images");
+    let made = || {
+        std::fs::read_dir(&images)
+            .map(|rd| rd.flatten().count())
+            .unwrap_or(0)
+    };
+    let mut c = s.hosts.a.command(BIN);
+    c.args([
+        "migrate", "g3", "--from", &s.a_addr, "--to", &s.b_addr, "--certs",
+    ])
+    .arg(&s.ctl)
+    .args([
+        "--copy-storage",
+        "all",
+        "--max-bandwidth",
+        "2M",
+        "--timeout",
+        "60",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = c.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while made() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::ensure!(made() > 0, "no image on b: {}", s.db.log_text());
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.da.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let o = child.wait_with_output()?;
+    assert!(!o.status.success(), "the copy went on: {}", text(&o));
+
+    s.da.restart(Some(&s.hosts.a))?;
+    let log = s.da.log_text();
+    assert!(
+        log.contains("mirror vmferry-mirror0 is cancelled")
+            && log.contains("node vmferry-nbd0 is removed"),
+        "the restart did not undo the copy: {log}"
+    );
+    // The destination gave up by itself and removed the image it had made.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while made() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(made(), 0, "an image stayed on b");
+    let beat = vmferry_testkit::serial::wait_for_heartbeat(&a_log, 0, Duration::from_secs(1))?;
+    vmferry_testkit::serial::wait_for_heartbeat(&a_log, beat + 2, Duration::from_secs(30))
+        .context("g3 counts on on the source")?;
+    // The same node and job names are free again: the copy runs to the end this time.
+    let o = run({
+        let mut c = s.hosts.a.command(BIN);
+        c.args([
+            "migrate", "g3", "--from", &s.a_addr, "--to", &s.b_addr, "--certs",
+        ])
+        .arg(&s.ctl)
+        .args(["--copy-storage", "all"]);
+        c
+    });
+    assert!(o.status.success(), "{}\n{}", text(&o), s.da.log_text());
+    let b_log = s.db.state_dir.join("vms/g3/serial.log");
+    let beat = vmferry_testkit::serial::wait_for_heartbeat(&b_log, 0, Duration::from_secs(30))?;
+    vmferry_testkit::serial::wait_for_heartbeat(&b_log, beat + 11, Duration::from_secs(60))?;
+    let console = String::from_utf8_lossy(&std::fs::read(&b_log)?).to_string();
+    assert!(!console.contains("vmferry-diskcheck BAD"), "{console}");
+    assert!(console.contains("vmferry-diskcheck ok"), "{console}");
     Ok(())
 }
