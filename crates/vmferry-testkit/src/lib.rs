@@ -5,13 +5,15 @@
 //! test panics. It never touches addresses outside its own namespaces or loopback.
 //!
 //! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts), [`capture`] (tcpdump),
-//! [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs), [`process`] (kill-on-drop
+//! [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs), [`libvirt`] (a libvirtd per
+//! host, domains of the test guest, unix sockets bridged between hosts), [`process`] (kill-on-drop
 //! children), [`ports`], and [`require`]: what a test needs from the machine — a test that
 //! cannot run here fails, naming what is missing, and never passes by returning early.
 #![forbid(unsafe_code)]
 
 pub mod capture;
 pub mod guest;
+pub mod libvirt;
 pub mod netns;
 pub mod ports;
 pub mod process;
