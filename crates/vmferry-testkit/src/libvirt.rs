@@ -188,8 +188,8 @@ impl LibvirtHost {
              auth_unix_ro = \"none\"\n\
              auth_unix_rw = \"none\"\n\
              unix_sock_ro_perms = \"0700\"\n\
-             log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n\
-             log_filters = \"2:qemu.qemu_migration\"\n"
+             # Warnings and errors (a failed migration's reason is an error).\n\
+             log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n"
         );
         write(&dir.join("etc/libvirtd.conf"), &libvirtd_conf)?;
         write(&dir.join("etc/qemu.conf"), QEMU_CONF)?;
