@@ -24,8 +24,11 @@
 //! systemd and D-Bus are hidden so that libvirtd neither registers the test's QEMUs with the
 //! machine's systemd-machined (A and B would both register `qemu-1-NAME`) nor asks polkit.
 //!
-//! The settings libvirtd needs here, each for a reason, are in [`QEMU_CONF`] and
-//! [`LibvirtHost::spawn`]; docs/libvirt.md has the whole story, with timings.
+//! libvirtd's pid file is moved into /run/libvirt: its default, /run/libvirtd.pid, lies
+//! outside the private directories, so the second host failed to lock it (and the first
+//! wrote into the machine's /run). The settings libvirtd needs here, each for a reason, are
+//! in [`QEMU_CONF`] and [`LibvirtHost::spawn`]; docs/libvirt.md has the whole story, with
+//! timings.
 //!
 //! libvirt's probe of the QEMU binaries (the bulk of its start-up time) is kept in
 //! `<repo>/.cache/libvirt-qemu-caps` and copied into each new host's cache; libvirt
