@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine, as root and without a terminal (CI):
 # the Rust components the checks use (rustfmt, clippy), the system packages vmferry and
-# its end-to-end tests use, then the test guest image and QEMU 10.0 (cross-version tests). Installs only what is missing and
-# runs `apt-get update` at most once.
+# its end-to-end tests use (libvirt included), then the test guest image and QEMU 10.0
+# (cross-version tests). Installs only what is missing and runs `apt-get update` at most once.
+#
+# libvirt: the tests run their own libvirtd per test host (private /run/libvirt, /etc/libvirt,
+# ...: crates/vmferry-testkit/src/libvirt.rs) and never use or touch the system's. When this
+# script installs libvirt-daemon-system itself, it keeps the package from starting the
+# system's libvirtd (a policy-rc.d for the install, if the machine has none) and disables the
+# units the package enabled, so no system libvirtd, virbr0 or dnsmasq appears that nobody
+# asked for. A libvirt the machine already had is left alone: the tests do not need it stopped.
 #
 #   scripts/setup.sh               # everything
 #   scripts/setup.sh --toolchain   # only rustfmt and clippy (quick: scripts/test.sh runs
@@ -46,7 +53,8 @@ toolchain
 command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
     die "this script needs a Debian-based system (apt-get and dpkg)"
 
-# package  command it provides (a package counts as present if either check passes)
+# package  command it provides (a package counts as present if either check passes;
+# "-": a library package without a command, checked with dpkg only)
 WANT=(
     "qemu-system-x86 qemu-system-x86_64"
     "qemu-utils qemu-img"
@@ -56,11 +64,16 @@ WANT=(
     "socat socat"
     "python3 python3"
     "systemd systemd-analyze"
+    "util-linux unshare"
+    "libvirt-daemon-system libvirtd"
+    "libvirt-clients virsh"
+    "libvirt-dev -"
+    "pkg-config pkg-config"
 )
 need=()
 for entry in "${WANT[@]}"; do
     read -r pkg cmd <<<"$entry"
-    if ! command -v "$cmd" >/dev/null && ! dpkg -s "$pkg" >/dev/null 2>&1; then
+    if { [ "$cmd" = - ] || ! command -v "$cmd" >/dev/null; } && ! dpkg -s "$pkg" >/dev/null 2>&1; then
         need+=("$pkg")
     fi
 done
@@ -77,6 +90,18 @@ else
         apt-get update -qq >/dev/null || die "apt-get update failed"
         updated=yes
     fi
+    # The libvirt packages start libvirtd (and with it the default network: virbr0,
+    # dnsmasq) unless policy-rc.d says no; the tests bring their own daemons.
+    installing_libvirtd=no
+    case " ${need[*]} " in *" libvirt-daemon-system "*) installing_libvirtd=yes ;; esac
+    our_policy=no
+    if [ "$installing_libvirtd" = yes ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\n# scripts/setup.sh: no service starts while it installs packages\nexit 101\n' \
+            >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        our_policy=yes
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     say "installing ${need[*]}"
     if ! apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; then
         [ "$updated" = no ] || die "apt-get install ${need[*]} failed"
@@ -85,11 +110,40 @@ else
         apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
             die "apt-get install ${need[*]} failed"
     fi
+    if [ "$our_policy" = yes ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    if [ "$installing_libvirtd" = yes ]; then
+        say "disabling the system libvirtd units the package enabled (the tests run their own)"
+        units=(libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket
+            libvirt-guests.service virtlogd.socket virtlogd-admin.socket virtlockd.socket
+            virtlockd-admin.socket)
+        # `disable` works offline too (no systemd running: it only removes the links);
+        # `stop` only where systemd runs (an older policy-rc.d may have let them start).
+        systemctl disable --quiet "${units[@]}" >/dev/null 2>&1 ||
+            say "note: systemctl disable failed; the tests do not depend on it"
+        if [ -d /run/systemd/system ]; then
+            systemctl stop "${units[@]}" >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 
-for cmd in qemu-system-x86_64 qemu-img nft ip tcpdump socat python3 systemd-analyze; do
+for cmd in qemu-system-x86_64 qemu-img nft ip tcpdump socat python3 systemd-analyze unshare \
+    nsenter libvirtd virsh pkg-config; do
     command -v "$cmd" >/dev/null || die "$cmd still missing after installing packages"
 done
+pkg-config --exists libvirt || die "libvirt-dev installed but pkg-config finds no libvirt"
+
+# libvirtd resolves its compiled-in QEMU user before it reads qemu.conf, so the user must
+# exist even though the tests' qemu.conf runs QEMU as root. libvirt-daemon-system's
+# postinst makes it; a machine where that was skipped gets it here.
+if ! getent passwd libvirt-qemu >/dev/null; then
+    [ "$(id -u)" = 0 ] || die "the libvirt-qemu user is missing; run as root to add it"
+    say "adding the system user libvirt-qemu"
+    useradd --system --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin \
+        libvirt-qemu || die "useradd libvirt-qemu failed"
+fi
 
 say "guest image"
 "$ROOT/scripts/guest-image.sh" || die "building the guest image failed"

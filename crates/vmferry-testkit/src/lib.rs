@@ -6,13 +6,15 @@
 //!
 //! Modules: [`guest`] (kernel + initramfs), [`netns`] (two hosts, or n on a bridge),
 //! [`capture`] (tcpdump), [`serial`] (heartbeats), [`qemu`] (attach-mode QEMUs),
-//! [`process`] (kill-on-drop children), [`ports`], and [`require`]: what a test needs
-//! from the machine — a test that cannot run here fails, naming what is missing, and never
-//! passes by returning early.
+//! [`libvirt`] (a libvirtd per host, domains of the test guest, unix sockets bridged
+//! between hosts), [`process`] (kill-on-drop children), [`ports`], and [`require`]: what a
+//! test needs from the machine — a test that cannot run here fails, naming what is
+//! missing, and never passes by returning early.
 #![forbid(unsafe_code)]
 
 pub mod capture;
 pub mod guest;
+pub mod libvirt;
 pub mod netns;
 pub mod ports;
 pub mod process;

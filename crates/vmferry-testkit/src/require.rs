@@ -109,6 +109,36 @@ pub fn qemu10() -> std::path::PathBuf {
     }
 }
 
+/// What a libvirt test host needs (crate::libvirt): root, network namespaces, libvirtd
+/// and virsh, unshare/nsenter/hostname, socat and qemu-img, QEMU, the `libvirt-qemu` user
+/// (libvirtd resolves it before it reads qemu.conf, even though the tests run QEMU as
+/// root), and the directories the hosts mount their private copies over.
+#[track_caller]
+pub fn libvirt() {
+    netns();
+    qemu();
+    for program in [
+        "libvirtd", "virsh", "unshare", "nsenter", "hostname", "socat", "qemu-img",
+    ] {
+        command(program);
+    }
+    let user = nix::unistd::User::from_name("libvirt-qemu")
+        .map_err(|e| anyhow!("cannot look it up: {e}"))
+        .and_then(|u| u.map(|_| ()).ok_or_else(|| anyhow!("no such user")));
+    require_ok(
+        "the system user libvirt-qemu (libvirtd looks it up before reading qemu.conf)",
+        user,
+    );
+    for dir in [
+        "/var/lib/libvirt",
+        "/var/cache/libvirt",
+        "/var/log/libvirt",
+        "/etc/libvirt",
+    ] {
+        path(dir);
+    }
+}
+
 fn find_in_path(program: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
