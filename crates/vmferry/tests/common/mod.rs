@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vmferry_testkit::netns::Host;
 
+pub mod disks;
 pub mod live;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmferry");
