@@ -36,6 +36,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// How often the watch also asks the destination how it fares, and how long it waits.
 const DESTINATION_POLL: Duration = Duration::from_secs(1);
 const DESTINATION_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a destination's failure waits for the source's word on it.
+const SOURCE_WORD: Duration = Duration::from_secs(2);
 
 /// A test hook: stop dead (as if killed) after a phase, so tests can kill the
 /// controller at each phase boundary. Read from `VMFERRY_DANGER_STOP_AFTER`.
@@ -337,6 +339,11 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                             && d.state
                                 == Some(MigrationState::Destination(DestinationState::Aborted)) =>
                     {
+                        // The source hears it over the peer link within a moment and says
+                        // it with what only it knows (how far each disk got): its word first.
+                        if let Some(e) = self.source_failure_within(SOURCE_WORD) {
+                            return Err(PhaseError::Failed(e));
+                        }
                         return Err(d
                             .error
                             .map_or(PhaseError::DestinationAborted, PhaseError::Failed));
@@ -349,6 +356,19 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 }
             }
         }
+    }
+
+    /// The source's error, if it reports its half failed within `wait`.
+    fn source_failure_within(&mut self, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match self.status(Role::Source, POLL) {
+                Ok(st) if st.finished => return st.error,
+                Ok(st) => self.last = st,
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// finish: the destination resumes the guest once QEMU loaded it all.
