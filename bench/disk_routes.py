@@ -21,14 +21,17 @@ the ratios to plain-nbd; then the issue's goals: vmferry <= 1.3x plain NBD's tim
 than QEMU NBD+TLS, tunnel >= 0.9x direct's throughput.
 
 This module holds the disk scenario only; processes, QEMU, QMP and the vmferry daemons
-come from migrate_bench (passed in as `mb`, so that everything started is registered in
-its one cleanup list). It must never leave a QEMU, daemon or /dev/shm file behind.
+come from benchlib, so that everything started is registered in its one cleanup list
+(PROCS, PATHS). It must never leave a QEMU, daemon or /dev/shm file behind.
 """
 import json
 import os
 import statistics
 import subprocess
 import time
+
+from benchlib import (PROCS, UNLIMITED, VMFERRY, Qemu, Qmp, children_cpu, cpu_seconds, fmt_ms,
+                      free_port, kill, loadavg, qemu_complaints, remove, shm_path, spawn)
 
 DISK_ROUTES = ("plain-nbd", "nbd-tls", "direct", "tunnel", "reverse")
 DEFAULT_DISK_ROUTES = "plain-nbd,nbd-tls,direct,tunnel"
@@ -47,20 +50,20 @@ def write_random(path, mib):
             w.write(r.read(1 << 20))
 
 
-def qemu_disk_migrate(mb, env, route, src, dst):
+def qemu_disk_migrate(env, route, src, dst):
     """plain-nbd / nbd-tls, driven over QMP as libvirt drives QEMU 7.2. Returns (elapsed s,
     numbers)."""
     a = env.args
     tls = route == "nbd-tls"
     deadline = time.time() + a.timeout
     t0 = time.perf_counter()
-    with mb.Qmp(dst.qmp) as qd, mb.Qmp(src.qmp) as qs:
+    with Qmp(dst.qmp) as qd, Qmp(src.qmp) as qs:
         for q, side in ((qd, "dst"), (qs, "src")):
             if tls:
                 q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": env.x509,
                                        "endpoint": "server" if side == "dst" else "client",
                                        "verify-peer": True})
-            params = {"max-bandwidth": mb.UNLIMITED}
+            params = {"max-bandwidth": UNLIMITED}
             if tls:
                 params["tls-creds"] = "tls0"
                 if side == "src":
@@ -68,7 +71,7 @@ def qemu_disk_migrate(mb, env, route, src, dst):
             q.cmd("migrate-set-parameters", **params)
         qs.cmd("migrate-set-capabilities",
                capabilities=[{"capability": "pause-before-switchover", "state": True}])
-        nbd_port, ram_port = mb.free_port(), mb.free_port()
+        nbd_port, ram_port = free_port(), free_port()
         start = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(nbd_port)}}}
         if tls:
             start["tls-creds"] = "tls0"
@@ -129,25 +132,25 @@ def qemu_disk_migrate(mb, env, route, src, dst):
     return elapsed, {"in_sync_s": in_sync, "downtime_ms": info.get("downtime")}
 
 
-def vmferry_disk_migrate(mb, env, route, src, dst):
+def vmferry_disk_migrate(env, route, src, dst):
     a = env.args
     if env.daemons is None:
         raise RuntimeError(f"vmferry daemons unavailable: {env.daemons_error}")
     for d in env.daemons:
         d.ensure()
-    cmd = [mb.VMFERRY, "migrate", "--from", env.daemons[0].addr, "--to", env.daemons[1].addr,
+    cmd = [VMFERRY, "migrate", "--from", env.daemons[0].addr, "--to", env.daemons[1].addr,
            "--src-qmp", src.qmp, "--dst-qmp", dst.qmp, "--certs", env.certs, "--json",
            "--transport", route, "--copy-storage", "all", "--timeout", str(a.timeout)]
-    c0 = mb.children_cpu()
+    c0 = children_cpu()
     t0 = time.perf_counter()
-    p = mb.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=a.timeout + 30)
     except subprocess.TimeoutExpired:
-        mb.kill(p)
+        kill(p)
         raise RuntimeError(f"vmferry migrate did not return within {a.timeout + 30} s")
     elapsed = time.perf_counter() - t0
-    mb.PROCS.remove(p)
+    PROCS.remove(p)
     result = None
     for line in out.splitlines():
         try:
@@ -165,32 +168,32 @@ def vmferry_disk_migrate(mb, env, route, src, dst):
     if not synced or None in synced:
         raise RuntimeError(f"the result does not say when the disks were in sync: {result.get('disks')}")
     return elapsed, {"in_sync_s": max(synced) / 1000, "downtime_ms": result.get("downtime_ms"),
-                     "controller_cpu": mb.children_cpu() - c0}
+                     "controller_cpu": children_cpu() - c0}
 
 
-def run_disk(mb, env, route, ram_template, disk_template):
+def run_disk(env, route, ram_template, disk_template):
     """One migration of the paused guest with its disk; checks disk and RAM byte for byte."""
     a = env.args
-    dst_ram, dst_disk = mb.shm_path("disk-dst-ram"), mb.shm_path("disk-dst-vd0")
+    dst_ram, dst_disk = shm_path("disk-dst-ram"), shm_path("disk-dst-vd0")
     with open(dst_disk, "wb") as f:
         f.truncate(a.disk_mib << 20)
     src = dst = None
     try:
-        src = mb.Qemu(env.work, "disk-src", ram_template, a.disk_ram_mib, incoming=False,
-                      prealloc=False, extra=disk_args(disk_template))
-        dst = mb.Qemu(env.work, "disk-dst", dst_ram, a.disk_ram_mib, incoming=True,
-                      prealloc=True, extra=disk_args(dst_disk))
+        src = Qemu(env.work, "disk-src", ram_template, a.disk_ram_mib, incoming=False,
+                   prealloc=False, extra=disk_args(disk_template))
+        dst = Qemu(env.work, "disk-dst", dst_ram, a.disk_ram_mib, incoming=True,
+                   prealloc=True, extra=disk_args(dst_disk))
         qemu_pids = [src.pid, dst.pid]
         vmferry = route not in ("plain-nbd", "nbd-tls")
         carrier = [d.pid for d in env.daemons] if vmferry and env.daemons else []
-        q0, c0 = mb.cpu_seconds(qemu_pids), mb.cpu_seconds(carrier)
+        q0, c0 = cpu_seconds(qemu_pids), cpu_seconds(carrier)
         try:
             fn = vmferry_disk_migrate if vmferry else qemu_disk_migrate
-            elapsed, r = fn(mb, env, route, src, dst)
+            elapsed, r = fn(env, route, src, dst)
         except Exception as e:
-            raise RuntimeError(f"{e}{mb.qemu_complaints(src, dst)}") from None
-        r["cpu_qemu"] = mb.cpu_seconds(qemu_pids) - q0
-        r["cpu"] = r["cpu_qemu"] + mb.cpu_seconds(carrier) - c0 + r.get("controller_cpu", 0.0)
+            raise RuntimeError(f"{e}{qemu_complaints(src, dst)}") from None
+        r["cpu_qemu"] = cpu_seconds(qemu_pids) - q0
+        r["cpu"] = r["cpu_qemu"] + cpu_seconds(carrier) - c0 + r.get("controller_cpu", 0.0)
         r["elapsed"] = elapsed
         src.stop()
         dst.stop()
@@ -204,18 +207,18 @@ def run_disk(mb, env, route, ram_template, disk_template):
         for q in (src, dst):
             if q:
                 q.stop()
-        mb.remove(dst_ram)
-        mb.remove(dst_disk)
+        remove(dst_ram)
+        remove(dst_disk)
 
 
-def run_all(mb, env, routes):
+def run_all(env, routes):
     """Every route, --warmup + --runs rounds, interleaved. Returns the summary rows."""
     a = env.args
-    ram = mb.shm_path("disk-src-ram")
-    disk = mb.shm_path("disk-src-vd0")
+    ram = shm_path("disk-src-ram")
+    disk = shm_path("disk-src-vd0")
     print(f"\nDisk copy: paused guest, {a.disk_ram_mib} MiB random RAM + a {a.disk_mib} MiB raw disk of"
           f" random data (both on /dev/shm); {a.warmup} warm-up + {a.runs} runs per route,"
-          f" interleaved; load average {mb.loadavg()}", flush=True)
+          f" interleaved; load average {loadavg()}", flush=True)
     write_random(ram, a.disk_ram_mib)
     write_random(disk, a.disk_mib)
     results = {r: [] for r in routes}
@@ -228,7 +231,7 @@ def run_all(mb, env, routes):
                 if len(failures[route]) >= a.max_failures:
                     break
                 try:
-                    r = run_disk(mb, env, route, ram, disk)
+                    r = run_disk(env, route, ram, disk)
                 except Exception as e:
                     failures[route].append(str(e))
                     print(f"  {tag:11} disk {route:9} FAILED: {e}", flush=True)
@@ -236,13 +239,13 @@ def run_all(mb, env, routes):
                 mibps = a.disk_mib / r["in_sync_s"] if r["in_sync_s"] else 0
                 print(f"  {tag:11} disk {route:9} {r['elapsed']:6.2f} s; disk in sync after"
                       f" {r['in_sync_s']:5.2f} s ({mibps:4.0f} MiB/s); downtime"
-                      f" {mb.fmt_ms(r.get('downtime_ms'))}; cpu {r['cpu']:5.2f} s (QEMUs"
+                      f" {fmt_ms(r.get('downtime_ms'))}; cpu {r['cpu']:5.2f} s (QEMUs"
                       f" {r['cpu_qemu']:.2f}); disk and RAM identical", flush=True)
                 if i >= a.warmup:
                     results[route].append(r)
                 break
-    mb.remove(ram)
-    mb.remove(disk)
+    remove(ram)
+    remove(disk)
     rows = []
     for route in routes:
         runs, fails = results[route], failures[route]
