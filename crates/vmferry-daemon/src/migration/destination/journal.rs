@@ -137,36 +137,22 @@ pub fn roll_back_interrupted(state_dir: &Path) -> Vec<String> {
 
 /// Kills every process whose command line names `qmp` (the QEMU started to receive; it
 /// was a child of the previous run, not of this one), and waits for each to go.
-fn kill_qemus_of(qmp: &Path) -> Vec<i32> {
-    let needle = qmp.as_os_str().as_encoded_bytes();
+fn kill_qemus_of(qmp: &Path) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     let mut killed = Vec::new();
     for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        if needle.is_empty() || !cmdline.windows(needle.len()).any(|w| w == needle) {
-            continue;
-        }
-        let target = nix::unistd::Pid::from_raw(pid);
-        if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+        if crate::vm_process::is_running_qemu_of(pid, qmp) {
+            let mut adopted = crate::vm_process::QemuProcess::Adopted {
+                pid,
+                qmp: qmp.to_path_buf(),
+            };
+            adopted.kill();
             killed.push(pid);
-        }
-    }
-    for pid in &killed {
-        for _ in 0..250 {
-            let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-            if gone {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
     killed
