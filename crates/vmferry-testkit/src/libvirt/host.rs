@@ -264,6 +264,13 @@ impl LibvirtHost {
         )
     }
 
+    /// The URI of this libvirtd for a process inside the host ([`LibvirtHost::command`]):
+    /// the default one, as /run/libvirt is the host's own there.
+    pub const URI_INSIDE: &'static str = "qemu:///system";
+
+    /// libvirtd's socket as the host sees it (outside: `DIR/run/libvirt-sock`).
+    pub const SOCKET_INSIDE: &'static str = "/run/libvirt/libvirt-sock";
+
     /// A command that runs `program` inside the host as libvirtd sees it: its network,
     /// mount and UTS namespaces (`nsenter -t PID -n -m -u`; nsenter execs, so the child's
     /// pid is the program's). For a process that must see the host's private paths.
@@ -318,15 +325,56 @@ impl LibvirtHost {
         Ok(())
     }
 
-    /// Defines `d` (persistently) and starts it. Its disk, if any, must exist.
-    pub fn start_domain(&self, d: &Domain) -> Result<()> {
+    /// Defines `d` (persistently) without starting it.
+    pub fn define_domain(&self, d: &Domain) -> Result<()> {
         let xml = self.dir.join(format!("{}.xml", d.name));
         write(&xml, &d.xml())?;
         let path = xml.to_string_lossy();
         self.virsh(&["define", &path], VIRSH_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Defines `d` (persistently) and starts it. Its disk, if any, must exist.
+    pub fn start_domain(&self, d: &Domain) -> Result<()> {
+        self.define_domain(d)?;
         self.virsh(&["start", &d.name], VIRSH_TIMEOUT)
             .with_context(|| format!("QEMU's log: {}", self.qemu_log(&d.name)))?;
         Ok(())
+    }
+
+    /// The contents of the qcow2 image at `inside` (a path as the host sees it), as raw
+    /// bytes; readable while a QEMU has the image open (`qemu-img convert -U`), but then
+    /// only what has reached the file.
+    pub fn read_disk(&self, inside: &Path) -> Result<Vec<u8>> {
+        let img = self.outside(inside)?;
+        let raw = img.with_extension("read.raw");
+        let o = output_within(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+                .arg(&img)
+                .arg(&raw),
+            Duration::from_secs(30),
+        );
+        let data = match o {
+            Ok(o) if o.status.success() => {
+                std::fs::read(&raw).with_context(|| format!("read {}", raw.display()))
+            }
+            Ok(o) => Err(anyhow::anyhow!(
+                "qemu-img convert {} failed: {}",
+                img.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&raw);
+        data
+    }
+
+    /// The pid of the QEMU that runs domain `name` here, if libvirt runs it (from
+    /// /run/libvirt/qemu/NAME.pid, which libvirt removes when the domain stops).
+    pub fn qemu_pid(&self, name: &str) -> Option<u32> {
+        let p = self.dir.join("run/qemu").join(format!("{name}.pid"));
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
     }
 
     /// The names of every domain this libvirtd knows, running or defined.
