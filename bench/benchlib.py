@@ -10,11 +10,13 @@ the small helpers of reporting and argument parsing (fmt_ms, streams_label, med_
 loadavg, machine_header, parse_size, parse_list).
 
 Every process any module starts goes through spawn() and every file or dir it makes is in
-PATHS (shm_path() registers its /dev/shm files), so that cleanup() tears all of it down on
-exit, failure or Ctrl-C. Nothing here or in the scenario modules may ever leave a process
-(QEMU, vmferry daemon or controller, stunnel, socat) or a /dev/shm file behind: start
-processes only through spawn(), register every file, and keep PROCS and PATHS the one
-registry (append to and remove from them, never rebind them).
+PATHS (shm_path() registers its /dev/shm files); what needs more than a kill or an unlink
+(libvirt hosts, network namespaces) registers a teardown function in HOOKS. cleanup() tears
+all of it down on exit, failure or Ctrl-C. Nothing here or in the scenario modules may ever
+leave a process (QEMU, vmferry daemon or controller, stunnel, socat, libvirtd), a namespace
+or a /dev/shm file behind: start processes only through spawn(), register every file, and
+keep PROCS, PATHS and HOOKS the one registry (append to and remove from them, never rebind
+them).
 """
 import argparse
 import ctypes
@@ -47,6 +49,7 @@ GIB = 1 << 30
 
 PROCS = []  # Popen objects still to kill
 PATHS = []  # files and dirs to remove
+HOOKS = []  # teardown functions (libvirt hosts, namespaces): run first, last registered first
 
 
 def _die_with_parent():
@@ -93,6 +96,11 @@ def remove(path):
 
 
 def cleanup():
+    while HOOKS:
+        try:
+            HOOKS.pop()()
+        except Exception as e:  # the rest of the teardown must still run
+            print(f"cleanup: {e}", file=sys.stderr)
     for p in list(PROCS):
         kill(p)
     for path in list(PATHS):

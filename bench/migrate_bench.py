@@ -60,6 +60,13 @@ With --disk (off by default) or --disk-only, a paused guest with a local raw dis
 disk copied: plain NBD (the baseline), QEMU NBD+TLS, vmferry --copy-storage all over direct
 and tunnel (--disk-routes); see bench/disk_routes.py.
 
+With --libvirt (off by default) or --libvirt-only, issue 16's benchmark: two libvirt hosts
+on this machine (network, mount and UTS namespaces; bench/libvirt_hosts.py), a live
+libvirt domain of --libvirt-ram-mib (512) MiB with a --libvirt-disk-mib (1 GiB) qcow2 disk,
+migrated by plain libvirt peer to peer over socat forwards (the baseline), libvirt's
+tunnelled mode (RAM only) and vmferry migrate --libvirt (--libvirt-routes); see
+bench/libvirt_routes.py. Needs libvirtd, virsh, socat, nsenter and unshare.
+
 Last, a Markdown table to paste into the README. This machine is shared and noisy (2
 cores): trust the ratios and the CPU numbers more than the absolute times.
 
@@ -67,6 +74,7 @@ Example: python3 bench/migrate_bench.py                    # everything, 5 runs,
          python3 bench/migrate_bench.py --ram-mib 128 --runs 1 --routes plain,direct
          python3 bench/migrate_bench.py --busy-only --runs 3       # the busy guest alone
          python3 bench/migrate_bench.py --disk-only --runs 3       # disk copy alone
+         python3 bench/migrate_bench.py --libvirt-only --libvirt-runs 3  # libvirt domains
 Needs: qemu-system-x86_64, openssl, a release build of vmferry (cargo build --release -p
 vmferry); installs stunnel4 with apt-get if it is missing (as root). Everything it starts is
 killed and its files (also in /dev/shm) removed on exit, failure or Ctrl-C. Exits 1 if any
@@ -84,6 +92,7 @@ import tempfile
 
 import busy_routes as busy
 import disk_routes
+import libvirt_routes
 import live_routes as live
 import paused_routes as paused
 from benchlib import (PATHS, QEMU, ROOT, VMFERRY, Daemon, Env, Stunnel, _on_signal, cleanup, loadavg,
@@ -98,6 +107,7 @@ from paused_routes import ALL_ROUTES, VMFERRY_ROUTES
 #   live_routes    the live guest (unless --no-live), over the same routes
 #   busy_routes    the busy guest (--busy, --busy-only)
 #   disk_routes    the disk copy (--disk, --disk-only)
+#   libvirt_routes libvirt domains between two libvirt hosts (--libvirt, --libvirt-only)
 # This file is the entry point: the arguments, the setup, the order of the scenarios, and
 # the Markdown for the README.
 
@@ -195,6 +205,18 @@ def main():
                     help="disk-copy routes, from: " + ",".join(disk_routes.DISK_ROUTES))
     ap.add_argument("--disk-mib", type=int, default=1024, help="the disk's size, MiB of random data")
     ap.add_argument("--disk-ram-mib", type=int, default=256, help="RAM of the guest with the disk, MiB")
+    ap.add_argument("--libvirt", action=argparse.BooleanOptionalAction, default=False,
+                    help="also migrate a live libvirt domain between two libvirt hosts: plain p2p"
+                         " over socat, libvirt's tunnelled mode, vmferry migrate --libvirt (off by"
+                         " default)")
+    ap.add_argument("--libvirt-only", action="store_true",
+                    help="run only the libvirt scenario (implies --libvirt)")
+    ap.add_argument("--libvirt-routes", default=",".join(libvirt_routes.LIBVIRT_ROUTES),
+                    help="libvirt routes, from: " + ",".join(libvirt_routes.LIBVIRT_ROUTES))
+    ap.add_argument("--libvirt-ram-mib", type=int, default=512, help="the libvirt domain's RAM, MiB")
+    ap.add_argument("--libvirt-disk-mib", type=int, default=1024,
+                    help="the libvirt domain's disk, MiB (all but the first MiB random data)")
+    ap.add_argument("--libvirt-runs", type=int, default=3, help="measured runs per libvirt route")
     ap.add_argument("--timeout", type=int, default=90, help="seconds one migration may take")
     ap.add_argument("--stall", type=int, default=10,
                     help="QEMU routes: fail a migration whose source sent nothing for this many seconds")
@@ -218,6 +240,12 @@ def main():
     if a.disk_only:
         a.disk, a.live, a.busy = True, False, False
         routes = []
+    if a.libvirt_only:
+        a.libvirt, a.disk, a.live, a.busy = True, False, False, False
+        routes = []
+    libvirt_list = parse_list(a.libvirt_routes, libvirt_routes.LIBVIRT_ROUTES) if a.libvirt else []
+    if libvirt_list and (a.libvirt_ram_mib < 128 or a.libvirt_disk_mib < 2 or a.libvirt_runs < 1):
+        sys.exit("need --libvirt-ram-mib >= 128, --libvirt-disk-mib >= 2 and --libvirt-runs >= 1")
     disk_list = parse_list(a.disk_routes, disk_routes.DISK_ROUTES) if a.disk else []
     if disk_list and (a.disk_mib < 1 or a.disk_ram_mib < 16):
         sys.exit("need --disk-mib >= 1 and --disk-ram-mib >= 16")
@@ -232,9 +260,11 @@ def main():
     if a.runs < 1 or a.ram_mib < 16 or any(m < 0 for m in mfds) or (live_routes and a.live_ram_mib < 128):
         sys.exit("need --runs >= 1, --ram-mib >= 16, --multifd >= 0, and --live-ram-mib >= 128"
                  " (the guest's kernel must fit)")
-    need_vmferry = (any(r in VMFERRY_ROUTES for r in routes + live_routes)
+    need_daemons = (any(r in VMFERRY_ROUTES for r in routes + live_routes)
                     or any(r != "plain-postcopy" for r in busy_routes)
                     or any(r in VMFERRY_ROUTES for r in disk_list))
+    # The libvirt routes start their own daemons, inside the libvirt hosts.
+    need_vmferry = need_daemons or any(r.startswith("vmferry") for r in libvirt_list)
     if need_vmferry and not os.access(VMFERRY, os.X_OK):
         sys.exit(f"build vmferry first: cargo build --release -p vmferry ({VMFERRY} missing)")
     if not shutil.which(QEMU):
@@ -253,7 +283,7 @@ def main():
         qemu_version = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
         load_start = loadavg()
         print(f"{qemu_version}; {os.cpu_count()} cores; load average {load_start}", flush=True)
-        if need_vmferry:
+        if need_daemons:
             env.certs = os.path.join(work, "certs")
             subprocess.run([VMFERRY, "certs", "init", "--dir", env.certs], check=True, capture_output=True)
             subprocess.run([VMFERRY, "certs", "issue", "--dir", env.certs, "--host", "localhost",
@@ -262,6 +292,7 @@ def main():
                 env.daemons = [Daemon(work, "src-daemon", env.certs), Daemon(work, "dst-daemon", env.certs)]
             except Exception as e:  # reported on each vmferry route
                 env.daemons_error = str(e)
+        if need_vmferry:
             rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                                  capture_output=True, text=True).stdout.strip()
             built = datetime.datetime.fromtimestamp(os.path.getmtime(VMFERRY)).strftime("%Y-%m-%d %H:%M")
@@ -310,6 +341,13 @@ def main():
             disk_load = (disk_start.split()[0], loadavg().split()[0])
             disk_routes.print_rows(disk_rows, a)
 
+        libvirt_rows, libvirt_load = [], None
+        if libvirt_list:
+            libvirt_start = loadavg()
+            libvirt_rows = libvirt_routes.run_all(env, libvirt_list)
+            libvirt_load = (libvirt_start.split()[0], loadavg().split()[0])
+            libvirt_routes.print_rows(libvirt_rows, a)
+
         live_rows = []
         if live_routes:
             live_rows = live.run_all(env, live_routes, template, all_runs)
@@ -327,12 +365,15 @@ def main():
             busy.print_busy_markdown(busy_summary, a, busy_load)
         if disk_rows:
             disk_routes.print_markdown(disk_rows, a, disk_load)
+        if libvirt_rows:
+            libvirt_routes.print_markdown(libvirt_rows, a, libvirt_load)
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump({"args": vars(a), "runs": all_runs,
                            "summary": [{k: v for k, v in row.items()} for row in rows]}, f, indent=1)
         if (any(failures.values()) or any(err for *_, err in live_rows)
                 or any(row["failed"] for row in disk_rows)
+                or any(row["failed"] for row in libvirt_rows)
                 or any(err or not r.get("guest_ok") for _, r, err in busy_rows)):
             sys.exit(1)
     except KeyboardInterrupt:

@@ -5,7 +5,7 @@
 # (cross-version tests). Installs only what is missing and runs `apt-get update` at most once.
 #
 # libvirt: the tests run their own libvirtd per test host (private /run/libvirt, /etc/libvirt,
-# ...: crates/vmferry-testkit/src/libvirt.rs) and never use or touch the system's. When this
+# ...: crates/vmferry-testkit/src/libvirt/) and never use or touch the system's. When this
 # script installs libvirt-daemon-system itself, it keeps the package from starting the
 # system's libvirtd (a policy-rc.d for the install, if the machine has none) and disables the
 # units the package enabled, so no system libvirtd, virbr0 or dnsmasq appears that nobody

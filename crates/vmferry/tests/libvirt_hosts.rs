@@ -25,11 +25,11 @@
 //! holds what it wrote on A) and is gone from A, and that no process or mount of the hosts
 //! outlives them. It must stay well under a minute (the hosts start in parallel).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vmferry_testkit::guest::guest_image;
-use vmferry_testkit::libvirt::{output_within, Domain, LibvirtHost, UnixBridge};
+use vmferry_testkit::libvirt::{Domain, LibvirtHost, UnixBridge};
 use vmferry_testkit::netns::TwoHosts;
 use vmferry_testkit::require;
 
@@ -166,35 +166,14 @@ fn migrate_and_check(
         t0.elapsed()
     );
 
-    let pidfile = b.outside(Path::new(&format!("/run/libvirt/qemu/{NAME}.pid")))?;
-    let pid =
-        std::fs::read_to_string(&pidfile).with_context(|| format!("read {}", pidfile.display()))?;
-    pid.trim()
-        .parse()
-        .with_context(|| format!("B's QEMU pid file holds {pid:?}"))
+    b.qemu_pid(NAME)
+        .context("B's QEMU has no pid file: the domain does not run there")
 }
 
 /// B's image (read while QEMU has it open: `-U`) starts with the line A's image had, and its
 /// second sector holds a heartbeat number the guest wrote.
 fn check_disk(b: &LibvirtHost, disk: &Path) -> Result<()> {
-    let img = b.outside(disk)?;
-    let raw = img.with_extension("check.raw");
-    let o = output_within(
-        std::process::Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-            .arg(&img)
-            .arg(&raw),
-        Duration::from_secs(30),
-    )?;
-    if !o.status.success() {
-        bail!(
-            "qemu-img convert {}: {}",
-            img.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    let data = std::fs::read(&raw)?;
-    let _ = std::fs::remove_file(&raw);
+    let data = b.read_disk(disk)?;
     ensure!(
         data.starts_with(format!("{DISK_LINE}\n").as_bytes()),
         "B's disk does not start with A's first line: the disk was not copied"

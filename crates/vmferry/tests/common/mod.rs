@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vmferry_testkit::netns::Host;
 
 pub mod disks;
+pub mod libvirt_setup;
 pub mod live;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmferry");
@@ -91,6 +92,19 @@ pub struct DaemonProc {
     extra: Vec<String>,
 }
 
+/// Makes the command that a daemon's command line starts with: `vmferry` itself, or a
+/// wrapper that runs it somewhere (`ip netns exec HOST vmferry`, `nsenter ... vmferry`).
+/// The wrapper must exec the program, so that the child's pid is the daemon's.
+pub type Launcher<'a> = &'a dyn Fn(&str) -> Command;
+
+/// How to run `vmferry` inside `host`'s network namespace, or here without one.
+fn launcher_for(host: Option<&Host>) -> impl Fn(&str) -> Command + '_ {
+    move |bin| match host {
+        Some(h) => h.command(bin),
+        None => Command::new(bin),
+    }
+}
+
 impl DaemonProc {
     /// Starts a daemon (inside `host`'s namespace if given) and waits until its port
     /// accepts connections.
@@ -101,9 +115,21 @@ impl DaemonProc {
         certs: &Path,
         extra: &[&str],
     ) -> Result<DaemonProc> {
+        Self::start_with(&launcher_for(host), addr, state_dir, certs, extra)
+    }
+
+    /// Starts a daemon through `launch` (e.g. in a libvirt test host's namespaces:
+    /// `&|bin| libvirt_host.command(bin)`) and waits until its port accepts connections.
+    pub fn start_with(
+        launch: Launcher,
+        addr: &str,
+        state_dir: &Path,
+        certs: &Path,
+        extra: &[&str],
+    ) -> Result<DaemonProc> {
         std::fs::create_dir_all(state_dir)?;
         let log = state_dir.with_extension("log");
-        let child = Self::spawn(host, addr, state_dir, certs, extra, &log)?;
+        let child = Self::spawn(launch, addr, state_dir, certs, extra, &log)?;
         let mut d = DaemonProc {
             child,
             addr: addr.to_string(),
@@ -119,11 +145,16 @@ impl DaemonProc {
     /// Starts the daemon again after it was killed, on the same state dir and flags; the
     /// QEMUs it had started are left alone (they outlive it by design).
     pub fn restart(&mut self, host: Option<&Host>) -> Result<()> {
+        self.restart_with(&launcher_for(host))
+    }
+
+    /// [`DaemonProc::restart`] through `launch` (see [`DaemonProc::start_with`]).
+    pub fn restart_with(&mut self, launch: Launcher) -> Result<()> {
         self.kill();
         let _ = std::fs::remove_file(self.state_dir.join("control.sock"));
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         self.child = Self::spawn(
-            host,
+            launch,
             &self.addr,
             &self.state_dir,
             &self.certs,
@@ -135,7 +166,7 @@ impl DaemonProc {
     }
 
     fn spawn(
-        host: Option<&Host>,
+        launch: Launcher,
         addr: &str,
         state_dir: &Path,
         certs: &Path,
@@ -143,10 +174,7 @@ impl DaemonProc {
         log: &Path,
     ) -> Result<Child> {
         let logf = std::fs::File::create(log)?;
-        let mut c = match host {
-            Some(h) => h.command(BIN),
-            None => Command::new(BIN),
-        };
+        let mut c = launch(BIN);
         c.args(["serve", "--listen", addr, "--state-dir"])
             .arg(state_dir)
             .arg("--certs")

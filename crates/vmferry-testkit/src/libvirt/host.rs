@@ -1,65 +1,18 @@
-//! libvirt test hosts: one `libvirtd` per netns test host, so a test can run libvirt's own
-//! peer-to-peer migration (and later vmferry under it) between two "machines" on one.
-//!
-//! Each [`LibvirtHost`] is a `libvirtd` started as
-//! `ip netns exec HOST unshare --mount --uts -- sh -c '<bind mounts>; exec libvirtd'`:
-//!
-//! ```text
-//!   inside the host (what libvirtd and its QEMUs see)   outside (the test's files)
-//!   /run/libvirt        (sockets, running state)         DIR/run
-//!   /var/lib/libvirt    (domain dirs, monitor sockets)   DIR/lib
-//!   /var/cache/libvirt  (QEMU capabilities cache)        DIR/cache
-//!   /var/log/libvirt    (libvirtd.log, qemu/NAME.log)    DIR/log
-//!   /etc/libvirt        (libvirtd.conf, qemu.conf only)  DIR/etc
-//!   WORK                (disks, serial logs, sockets)    DIR/work
-//!   /run/systemd, /run/dbus (if present)                 empty tmpfs: hidden
-//! ```
-//! `WORK` is the same path on every host (the test's `<tmp>/work`) but a different directory
-//! behind it: libvirt migration needs every path in the domain XML, and the migration and
-//! NBD socket paths, to be equal on both sides, while each side must see its own files.
-//! (A tmpfs there would do too; a bind of a directory of the test's keeps the files readable
-//! from outside, for the heartbeat checks and failure messages, until the test's temporary
-//! directory goes.) The UTS namespace gives each host its own host name, and libvirtd.conf
-//! its own `host_uuid`: migration refuses a destination with the source's name or UUID.
-//! systemd and D-Bus are hidden so that libvirtd neither registers the test's QEMUs with the
-//! machine's systemd-machined (A and B would both register `qemu-1-NAME`) nor asks polkit.
-//!
-//! libvirtd's pid file is moved into /run/libvirt: its default, /run/libvirtd.pid, lies
-//! outside the private directories, so the second host failed to lock it (and the first
-//! wrote into the machine's /run). The settings libvirtd needs here, each for a reason, are
-//! in [`QEMU_CONF`] and [`LibvirtHost::spawn`]; docs/libvirt.md has the whole story, with
-//! timings.
-//!
-//! libvirt's probe of the QEMU binaries (the bulk of its start-up time) is kept in
-//! `<repo>/.cache/libvirt-qemu-caps` and copied into each new host's cache; libvirt
-//! re-validates it and probes again when it is stale.
-//!
-//! This module must never touch the system's libvirt: not its sockets, state, logs or
-//! configuration (everything libvirt writes lands in the private directories above; the only
-//! thing made outside is an empty /run/libvirt mount point if the machine has none). Every
-//! process it starts dies on drop — libvirtd, the QEMUs it started, anything else in the
-//! host's UTS namespace — and with the last of them the mount namespace and its mounts go.
-//! Every wait has a timeout. The fixture drives libvirt with `virsh` (simple to read and
-//! debug); the product will use the `virt` crate.
+//! The libvirtd of one test host: started in its own mount and UTS namespaces inside a
+//! netns host, driven with `virsh`, killed with everything it started on drop.
 
-use crate::guest::GuestImage;
+use super::caps::{keep_capabilities, seed_capabilities};
+use super::run::output_within;
+use super::{Domain, START_TIMEOUT, VIRSH_TIMEOUT};
 use crate::netns::Host;
 use crate::process::ChildGuard;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// How long libvirtd may take to answer after it was started. It probes every QEMU binary
-/// it finds first (4–9 s here, more when two start at once on 2 cores), unless the
-/// capabilities kept from an earlier start are still valid (then 0.5–2 s).
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long one `virsh` call may take unless the caller says otherwise.
-pub const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The directories each host gets privately: (path inside, directory under the host's dir).
 const PRIVATE: [(&str, &str); 5] = [
@@ -78,7 +31,7 @@ const PRIVATE: [(&str, &str); 5] = [
 /// - `user`/`group = "root"`, `security_driver = "none"`, `dynamic_ownership = 0`,
 ///   `remember_owner = 0`: QEMU runs as root and libvirt neither relabels nor chowns the
 ///   test's files (no SELinux/AppArmor profile, no xattrs left on images).
-pub const QEMU_CONF: &str = r#"# vmferry test host (vmferry-testkit libvirt.rs); see docs/libvirt.md
+pub const QEMU_CONF: &str = r#"# vmferry test host (vmferry-testkit libvirt/host.rs); see docs/libvirt.md
 stdio_handler = "file"
 cgroup_controllers = [ ]
 user = "root"
@@ -184,7 +137,7 @@ impl LibvirtHost {
         let hostname: String = host.name.chars().take(63).collect();
         let uuid = random_uuid();
         let libvirtd_conf = format!(
-            "# vmferry test host {hostname} (vmferry-testkit libvirt.rs); see docs/libvirt.md\n\
+            "# vmferry test host {hostname} (vmferry-testkit libvirt/host.rs); see docs/libvirt.md\n\
              # Distinct per host: migration refuses a destination with the source's UUID.\n\
              host_uuid = \"{uuid}\"\n\
              # No polkit (no D-Bus here); the sockets are root's only (mode 0700).\n\
@@ -311,6 +264,13 @@ impl LibvirtHost {
         )
     }
 
+    /// The URI of this libvirtd for a process inside the host ([`LibvirtHost::command`]):
+    /// the default one, as /run/libvirt is the host's own there.
+    pub const URI_INSIDE: &'static str = "qemu:///system";
+
+    /// libvirtd's socket as the host sees it (outside: `DIR/run/libvirt-sock`).
+    pub const SOCKET_INSIDE: &'static str = "/run/libvirt/libvirt-sock";
+
     /// A command that runs `program` inside the host as libvirtd sees it: its network,
     /// mount and UTS namespaces (`nsenter -t PID -n -m -u`; nsenter execs, so the child's
     /// pid is the program's). For a process that must see the host's private paths.
@@ -365,15 +325,56 @@ impl LibvirtHost {
         Ok(())
     }
 
-    /// Defines `d` (persistently) and starts it. Its disk, if any, must exist.
-    pub fn start_domain(&self, d: &Domain) -> Result<()> {
+    /// Defines `d` (persistently) without starting it.
+    pub fn define_domain(&self, d: &Domain) -> Result<()> {
         let xml = self.dir.join(format!("{}.xml", d.name));
         write(&xml, &d.xml())?;
         let path = xml.to_string_lossy();
         self.virsh(&["define", &path], VIRSH_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Defines `d` (persistently) and starts it. Its disk, if any, must exist.
+    pub fn start_domain(&self, d: &Domain) -> Result<()> {
+        self.define_domain(d)?;
         self.virsh(&["start", &d.name], VIRSH_TIMEOUT)
             .with_context(|| format!("QEMU's log: {}", self.qemu_log(&d.name)))?;
         Ok(())
+    }
+
+    /// The contents of the qcow2 image at `inside` (a path as the host sees it), as raw
+    /// bytes; readable while a QEMU has the image open (`qemu-img convert -U`), but then
+    /// only what has reached the file.
+    pub fn read_disk(&self, inside: &Path) -> Result<Vec<u8>> {
+        let img = self.outside(inside)?;
+        let raw = img.with_extension("read.raw");
+        let o = output_within(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+                .arg(&img)
+                .arg(&raw),
+            Duration::from_secs(30),
+        );
+        let data = match o {
+            Ok(o) if o.status.success() => {
+                std::fs::read(&raw).with_context(|| format!("read {}", raw.display()))
+            }
+            Ok(o) => Err(anyhow::anyhow!(
+                "qemu-img convert {} failed: {}",
+                img.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&raw);
+        data
+    }
+
+    /// The pid of the QEMU that runs domain `name` here, if libvirt runs it (from
+    /// /run/libvirt/qemu/NAME.pid, which libvirt removes when the domain stops).
+    pub fn qemu_pid(&self, name: &str) -> Option<u32> {
+        let p = self.dir.join("run/qemu").join(format!("{name}.pid"));
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
     }
 
     /// The names of every domain this libvirtd knows, running or defined.
@@ -458,340 +459,6 @@ impl Drop for LibvirtHost {
     }
 }
 
-/// A domain running the test guest, as libvirt will be told about it.
-#[derive(Debug, Clone)]
-pub struct Domain {
-    /// The domain's name (also its QEMU log's).
-    pub name: String,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// The versioned machine type (pinned, so both ends build the same machine).
-    pub machine: String,
-    /// `-kernel`, `-initrd`, `-append`.
-    pub image: GuestImage,
-    /// A qcow2 image (path as the hosts see it) on virtio (`vda`), if any.
-    pub disk: Option<PathBuf>,
-    /// The serial console's log (path as the hosts see it).
-    pub serial: PathBuf,
-}
-
-impl Domain {
-    /// The test guest with 128 MiB on `pc-q35-7.2`, its disk `WORK/NAME.qcow2` and its serial
-    /// log `WORK/NAME.serial`.
-    pub fn test_guest(name: &str, work: &Path, image: GuestImage) -> Domain {
-        Domain {
-            name: name.to_string(),
-            memory_mib: 128,
-            machine: "pc-q35-7.2".into(),
-            image,
-            disk: Some(work.join(format!("{name}.qcow2"))),
-            serial: work.join(format!("{name}.serial")),
-        }
-    }
-
-    /// The domain XML: TCG, one vCPU, no USB, no balloon, no graphics; the serial console
-    /// to a file; any end of the guest (power-off, reboot, crash: the guest's kernel runs
-    /// with panic=-1) destroys the domain rather than restarting it.
-    pub fn xml(&self) -> String {
-        let disk = match &self.disk {
-            Some(p) => format!(
-                "    <disk type='file' device='disk'>\n\
-                 \x20     <driver name='qemu' type='qcow2'/>\n\
-                 \x20     <source file='{}'/>\n\
-                 \x20     <target dev='vda' bus='virtio'/>\n\
-                 \x20   </disk>\n",
-                esc(&p.to_string_lossy())
-            ),
-            None => String::new(),
-        };
-        format!(
-            "<domain type='qemu'>\n\
-             \x20 <name>{name}</name>\n\
-             \x20 <memory unit='MiB'>{mem}</memory>\n\
-             \x20 <vcpu>1</vcpu>\n\
-             \x20 <os>\n\
-             \x20   <type arch='x86_64' machine='{machine}'>hvm</type>\n\
-             \x20   <kernel>{kernel}</kernel>\n\
-             \x20   <initrd>{initrd}</initrd>\n\
-             \x20   <cmdline>{append}</cmdline>\n\
-             \x20 </os>\n\
-             \x20 <features><acpi/></features>\n\
-             \x20 <on_poweroff>destroy</on_poweroff>\n\
-             \x20 <on_reboot>destroy</on_reboot>\n\
-             \x20 <on_crash>destroy</on_crash>\n\
-             \x20 <devices>\n\
-             {disk}\
-             \x20   <serial type='file'>\n\
-             \x20     <source path='{serial}'/>\n\
-             \x20     <target port='0'/>\n\
-             \x20   </serial>\n\
-             \x20   <controller type='usb' model='none'/>\n\
-             \x20   <memballoon model='none'/>\n\
-             \x20 </devices>\n\
-             </domain>\n",
-            name = esc(&self.name),
-            mem = self.memory_mib,
-            machine = esc(&self.machine),
-            kernel = esc(&self.image.kernel.to_string_lossy()),
-            initrd = esc(&self.image.initrd.to_string_lossy()),
-            append = esc(&self.image.append),
-            serial = esc(&self.serial.to_string_lossy()),
-        )
-    }
-}
-
-/// A unix socket on one host forwarded to a unix socket on another, through one TCP
-/// connection per client between their namespaces, by two `socat`s:
-///
-/// ```text
-///   host from: socat UNIX-LISTEN:listen,fork ──TCP to.ip:port──► host to: socat
-///              TCP-LISTEN:port,fork UNIX-CONNECT:connect
-/// ```
-/// Half-closes pass through (socat shuts down the other side's write on EOF, and waits
-/// `-t 60` s rather than its default 0.5 s for the other direction to end). Both socats are
-/// killed on drop; the listening socket file is removed then.
-#[derive(Debug)]
-pub struct UnixBridge {
-    /// The socket clients on the `from` host connect to (path as the hosts see it).
-    pub listen: PathBuf,
-    listen_outside: PathBuf,
-    /// The `from` side (listens on the unix socket), killed first on drop.
-    from_socat: ChildGuard,
-    /// The `to` side (listens on TCP).
-    to_socat: ChildGuard,
-}
-
-impl UnixBridge {
-    /// Forwards `listen` on `from` to `connect` on `to` (both paths as the hosts see them:
-    /// in their work directories or private directories) over TCP port `port` on `to`'s
-    /// address. Waits (bounded) until both socats listen. The target need not exist yet: each
-    /// client's connection is made to it when the client arrives.
-    pub fn start(
-        from: &LibvirtHost,
-        listen: &Path,
-        to: &LibvirtHost,
-        connect: &Path,
-        port: u16,
-    ) -> Result<UnixBridge> {
-        let listen_outside = from.outside(listen)?;
-        let connect_outside = to.outside(connect)?;
-        for p in [&listen_outside, &connect_outside] {
-            if p.as_os_str().len() > 100 {
-                bail!("{} is too long for a unix socket path", p.display());
-            }
-        }
-        let log = |side: &LibvirtHost| -> Result<std::fs::File> {
-            let p = side.dir.join(format!("socat-{port}.log"));
-            std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))
-        };
-        let to_socat = ChildGuard::spawn(
-            to.host
-                .command("socat")
-                .args(["-d", "-t", "60"])
-                .arg(format!(
-                    "TCP-LISTEN:{port},bind={},reuseaddr,fork",
-                    to.host.ip
-                ))
-                .arg(format!("UNIX-CONNECT:{}", connect_outside.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log(to)?),
-        )?;
-        wait_for_tcp_listener(&to.host, port, Duration::from_secs(10))?;
-        let from_socat = ChildGuard::spawn(
-            from.host
-                .command("socat")
-                .args(["-d", "-t", "60"])
-                .arg(format!(
-                    "UNIX-LISTEN:{},fork,unlink-early,mode=600",
-                    listen_outside.display()
-                ))
-                .arg(format!("TCP:{}:{port}", to.host.ip))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log(from)?),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !listen_outside.exists() {
-            if Instant::now() > deadline {
-                bail!(
-                    "socat did not create {} within 10 s",
-                    listen_outside.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(UnixBridge {
-            listen: listen.to_path_buf(),
-            listen_outside,
-            from_socat,
-            to_socat,
-        })
-    }
-}
-
-impl Drop for UnixBridge {
-    fn drop(&mut self) {
-        self.from_socat.kill();
-        self.to_socat.kill();
-        let _ = std::fs::remove_file(&self.listen_outside);
-    }
-}
-
-/// Where libvirt's QEMU capabilities are kept between hosts and test runs
-/// (`<repo>/.cache/libvirt-qemu-caps`, one XML file per QEMU binary).
-///
-/// A libvirtd with an empty cache spends 4–9 s here probing each QEMU binary (a QEMU per
-/// binary, queried over QMP) before it answers; with the files of an earlier probe it answers
-/// in 0.5–2 s. libvirt checks every cached file before using it (the QEMU binary's and
-/// libvirtd's own change times, libvirt's version, the kernel, the CPU microcode) and probes
-/// again when anything differs, so a stale file costs only the time it would have saved.
-fn capabilities_cache() -> PathBuf {
-    crate::guest::repo_root().join(".cache/libvirt-qemu-caps")
-}
-
-/// Copies the kept capabilities into a new host's /var/cache/libvirt (`cache`). Best
-/// effort: without them libvirtd only starts slower.
-fn seed_capabilities(cache: &Path) {
-    let Ok(rd) = std::fs::read_dir(capabilities_cache()) else {
-        return;
-    };
-    let into = cache.join("qemu/capabilities");
-    if std::fs::create_dir_all(&into).is_err() {
-        return;
-    }
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "xml") {
-            let _ = std::fs::copy(&p, into.join(e.file_name()));
-        }
-    }
-}
-
-/// Keeps a ready host's capabilities for the next hosts (write to a temporary name, then
-/// rename: parallel test processes never see half a file). Best effort.
-fn keep_capabilities(cache: &Path) {
-    let Ok(rd) = std::fs::read_dir(cache.join("qemu/capabilities")) else {
-        return;
-    };
-    let keep = capabilities_cache();
-    if std::fs::create_dir_all(&keep).is_err() {
-        return;
-    }
-    for e in rd.flatten() {
-        let (p, name) = (e.path(), e.file_name());
-        let Ok(new) = std::fs::read(&p) else { continue };
-        if std::fs::read(keep.join(&name)).is_ok_and(|old| old == new) {
-            continue;
-        }
-        let tmp = keep.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        if std::fs::write(&tmp, &new).is_ok() && std::fs::rename(&tmp, keep.join(&name)).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
-}
-
-/// Runs `cmd` to completion within `timeout`, collecting its output; kills it and fails
-/// when it takes longer.
-pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let program = format!("{:?}", cmd.get_program());
-    let mut child = ChildGuard::spawn(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )?;
-    // The pipes are drained on threads, so a chatty child never blocks on a full pipe.
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(
-        child
-            .child_mut()
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .child_mut()
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            // Killing the child closes its pipes, so the drain threads end.
-            child.kill();
-            let _ = out.join();
-            let stderr = err.join().unwrap_or_default();
-            bail!(
-                "{program} did not finish within {timeout:?}: {}",
-                String::from_utf8_lossy(&stderr).trim()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out
-        .join()
-        .map_err(|_| anyhow!("reading {program}'s stdout panicked"))?;
-    let stderr = err
-        .join()
-        .map_err(|_| anyhow!("reading {program}'s stderr panicked"))?;
-    Ok(Output {
-        status,
-        stdout,
-        stderr,
-    })
-}
-
-/// Waits until something in `host` listens on TCP `port` (read from the namespace's
-/// /proc/thread-self/net/tcp, so no probing connection reaches the listener).
-fn wait_for_tcp_listener(host: &Host, port: u16, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let listening = host.run(|| {
-            std::fs::read_to_string("/proc/thread-self/net/tcp")
-                .map(|t| tcp_listens(&t, port))
-                .unwrap_or(false)
-        })?;
-        if listening {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "nothing listens on TCP port {port} in {} after {timeout:?}",
-                host.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whether /proc/net/tcp's `table` has a socket in state LISTEN (0A) on local `port`.
-fn tcp_listens(table: &str, port: u16) -> bool {
-    let want = format!("{port:04X}");
-    table.lines().skip(1).any(|l| {
-        let mut f = l.split_whitespace();
-        let local = f.nth(1).unwrap_or("");
-        let state = f.nth(1).unwrap_or("");
-        local.rsplit(':').next() == Some(want.as_str()) && state == "0A"
-    })
-}
-
 /// The UTS namespace of process `pid` (`uts:[inode]`), if it exists.
 fn uts_ns_of(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/uts"))
@@ -845,15 +512,6 @@ fn random_uuid() -> String {
     )
 }
 
-/// Escapes text for an XML attribute or element.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
@@ -881,33 +539,5 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
         assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
-    }
-
-    #[test]
-    fn finds_a_listener_in_proc_net_tcp() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-                     \x20  0: 0202E70A:1F41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
-                     \x20  1: 0100007F:0050 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
-        assert!(tcp_listens(table, 8001));
-        assert!(
-            !tcp_listens(table, 80),
-            "an established socket is no listener"
-        );
-        assert!(!tcp_listens(table, 8002));
-    }
-
-    #[test]
-    fn domain_xml_escapes_and_pins_the_machine() {
-        let image = GuestImage {
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            append: "console=ttyS0 a<b".into(),
-        };
-        let d = Domain::test_guest("vm", Path::new("/w"), image);
-        let x = d.xml();
-        assert!(x.contains("machine='pc-q35-7.2'"));
-        assert!(x.contains("<cmdline>console=ttyS0 a&lt;b</cmdline>"));
-        assert!(x.contains("<source file='/w/vm.qcow2'/>"));
-        assert!(x.contains("<on_crash>destroy</on_crash>"));
     }
 }

@@ -1,0 +1,332 @@
+//! End to end, issue 16: libvirt-managed domains migrated through vmferry. Two libvirt test
+//! hosts (a libvirtd each in its own netns, mount and UTS namespaces), a vmferry daemon
+//! inside each host's namespaces (tests/common/libvirt_setup.rs draws the topology), and
+//! `vmferry migrate --libvirt NAME` run here against the daemons' control sockets. The
+//! guest is the TCG test guest with a local qcow2 disk: it beats on its serial console,
+//! writes each beat's number into its disk's second sector and reads it back.
+//!
+//! The destination host is given nothing beforehand — no disk image, no migration
+//! directory: its daemon makes what libvirt needs. The libvirt daemons never talk to each
+//! other: while a migration runs, both hosts' TCP sockets are sampled, and neither libvirt's
+//! ports (16509, 16514, 49152–49215) may listen nor any connection between the hosts go
+//! elsewhere than to vmferry's port.
+
+mod common;
+
+use anyhow::{ensure, Context, Result};
+use common::libvirt_setup::*;
+use common::*;
+use std::process::Output;
+use std::time::{Duration, Instant};
+use vmferry_testkit::guest::guest_image;
+use vmferry_testkit::libvirt::{Domain, LibvirtHost};
+use vmferry_testkit::serial::heartbeats;
+
+#[test]
+fn a_libvirt_domain_with_a_local_disk_migrates_a_to_b_and_back_over_the_tunnel() -> Result<()> {
+    let t0 = Instant::now();
+    let s = LvSetup::new("lvmig")?;
+    eprintln!("hosts and daemons ready after {:?}", t0.elapsed());
+    let (dom, before) = s.boot_guest("vmf-lv", 128, "")?;
+    eprintln!("guest beats on A ({before}) after {:?}", t0.elapsed());
+    with_diagnostics(&s, || {
+        // A → B over the default transport, the disk copied.
+        let a_beat = there_and_check(&s, &s.da, &s.db, &dom, &["--copy-storage", "all"])?;
+        eprintln!("A → B done after {:?}", t0.elapsed());
+        // B → A through the tunnel: A still has the image from before (overwritten).
+        there_and_check(
+            &s,
+            &s.db,
+            &s.da,
+            &dom,
+            &["--copy-storage", "all", "--transport", "tunnel"],
+        )
+        .context("back B → A over the tunnel")?;
+        eprintln!(
+            "B → A done after {:?} (A → B from beat {a_beat})",
+            t0.elapsed()
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn killing_the_destination_daemon_mid_migration_leaves_the_domain_running_on_a_and_nothing_on_b(
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut s = LvSetup::new("lvkill")?;
+    let name = "vmf-lvkill";
+    // The guest dirties 32 MiB/s; capped at 2 MB/s the migration cannot converge, so it is
+    // still under way whenever the daemon dies.
+    let (dom, _) = s.boot_guest(name, 128, "")?;
+    eprintln!("guest beats on A after {:?}", t0.elapsed());
+    let (o, killed_at) = with_diagnostics(&s, || {
+        std::thread::scope(|sc| {
+            let migration = sc.spawn(|| {
+                s.migrate(
+                    &s.da,
+                    &s.db,
+                    name,
+                    &["--copy-storage", "all", "--max-bandwidth", "2M"],
+                )
+            });
+            let under_way = wait_for(
+                "A's libvirt migrating memory",
+                Duration::from_secs(60),
+                || {
+                    if migration.is_finished() {
+                        anyhow::bail!("vmferry migrate ended before the daemon was killed");
+                    }
+                    Ok(memory_moving(&s.a, name).then_some(()))
+                },
+            );
+            let killed = under_way.and_then(|()| {
+                kill9(s.db.child.id())?;
+                Ok(Instant::now())
+            });
+            let o = migration
+                .join()
+                .map_err(|_| anyhow::anyhow!("the migrate thread panicked"))?;
+            Ok((o?, killed?))
+        })
+    })?;
+    eprintln!(
+        "vmferry migrate failed {:?} after the kill: {}",
+        killed_at.elapsed(),
+        text(&o).trim()
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    ensure!(!o.status.success(), "migrate succeeded: {}", text(&o));
+    ensure!(
+        !err.contains("panicked") && err.contains("destination"),
+        "the error should say that the destination failed: {}",
+        text(&o)
+    );
+    with_diagnostics(&s, || {
+        // A: libvirt rolled back, the guest runs on.
+        wait_for("the domain running on A", Duration::from_secs(30), || {
+            Ok((s.a.domain_state(name)? == "running").then_some(()))
+        })?;
+        let last = s.a.heartbeats(&dom)?.last().copied().unwrap_or(0);
+        s.a.wait_for_heartbeat(&dom, last + 2, Duration::from_secs(30))?;
+        // B: nothing defined or running, within libvirt's own clean-up.
+        wait_for("no domain on B", Duration::from_secs(30), || {
+            Ok(s.b.domains()?.is_empty().then_some(()))
+        })?;
+        ensure!(
+            s.b.qemu_pid(name).is_none(),
+            "B's QEMU pid file outlived the domain"
+        );
+        s.wait_no_migration_dirs(&s.a, Duration::from_secs(15))
+            .context("A's daemon removes its migration directory")?;
+        eprintln!(
+            "B's migration directory with its daemon dead: {:?}",
+            s.migration_dirs(&s.b)?
+        );
+        Ok(())
+    })?;
+    s.restart_b_daemon()?;
+    with_diagnostics(&s, || {
+        s.wait_no_migration_dirs(&s.b, Duration::from_secs(15))
+            .context("B's daemon, restarted, removes what the dead one left")
+    })?;
+    eprintln!("whole test: {:?}", t0.elapsed());
+    Ok(())
+}
+
+#[test]
+fn an_unknown_a_shut_off_or_an_unreachable_destination_domain_is_refused_before_anything_moves(
+) -> Result<()> {
+    let t0 = Instant::now();
+    let s = LvSetup::new("lvbad")?;
+    with_diagnostics(&s, || {
+        let o = s.migrate(
+            &s.da,
+            &s.db,
+            "vmf-no-such-domain",
+            &["--copy-storage", "all"],
+        )?;
+        refused(&s, &o, "vmf-no-such-domain", "the unknown domain")?;
+
+        let off = Domain::test_guest("vmf-off", &s.a.work, guest_image()?);
+        let disk = off.disk.clone().context("the test guest has a disk")?;
+        s.a.create_disk(&disk, DISK_MIB, Some(DISK_LINE))?;
+        s.a.define_domain(&off)?;
+        let o = s.migrate(&s.da, &s.db, &off.name, &["--copy-storage", "all"])?;
+        refused(&s, &o, "not running", "the shut-off domain")?;
+        ensure!(s.a.domain_state(&off.name)? == "shut off");
+
+        // B's libvirtd gone: B's daemon cannot reach it.
+        s.a.virsh(&["start", &off.name], Duration::from_secs(30))?;
+        kill9(s.b.pid())?;
+        let o = s.migrate(&s.da, &s.db, &off.name, &["--copy-storage", "all"])?;
+        refused(&s, &o, "libvirt", "a destination without libvirtd")?;
+        ensure!(s.a.domain_state(&off.name)? == "running");
+        eprintln!("whole test: {:?}", t0.elapsed());
+        Ok(())
+    })
+}
+
+/// Migrates `dom` from `from`'s host to `to`'s host with `args`, watching the hosts' TCP
+/// sockets, and checks that it arrived: running there and beating on from where it was,
+/// its disk copied, gone from the source, no migration directory left on either host.
+/// Returns the last beat seen at the source before the migration.
+fn there_and_check(
+    s: &LvSetup,
+    from: &DaemonProc,
+    to: &DaemonProc,
+    dom: &Domain,
+    args: &[&str],
+) -> Result<u64> {
+    let (src, dst) = if std::ptr::eq(from, &s.da) {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    };
+    let disk = dom.disk.clone().context("the test guest has a disk")?;
+    // The destination's serial log may hold an earlier stay's beats (its QEMU is gone):
+    // what the guest prints there now goes into a new file.
+    let dst_serial = dst.outside(&dom.serial)?;
+    match std::fs::remove_file(&dst_serial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove {}", dst_serial.display()))
+        }
+        _ => {}
+    }
+    let before = src.heartbeats(dom)?.last().copied().unwrap_or(0);
+
+    let watch = NetWatch::start(&s.hosts);
+    let t = Instant::now();
+    let o = s.migrate(from, to, &dom.name, args)?;
+    let took = t.elapsed();
+    let net = watch.stop()?;
+    ensure!(
+        o.status.success(),
+        "migrate {} → {}: {}",
+        src.hostname,
+        dst.hostname,
+        text(&o)
+    );
+    eprintln!(
+        "{} → {} took {took:?} ({} socket samples, vmferry's port in {})",
+        src.hostname, dst.hostname, net.samples, net.vmferry_seen
+    );
+    ensure!(
+        net.violations.is_empty(),
+        "the hosts talked past vmferry: {:#?}",
+        net.violations
+    );
+    ensure!(
+        net.vmferry_seen > 0,
+        "no connection on vmferry's port {PORT} was ever seen between the hosts ({} samples)",
+        net.samples
+    );
+
+    ensure!(
+        dst.domain_state(&dom.name)? == "running",
+        "not running on {}",
+        dst.hostname
+    );
+    ensure!(
+        !src.domains()?.contains(&dom.name),
+        "{} still knows the domain: {:?}",
+        src.hostname,
+        src.domains()?
+    );
+    let beats = wait_for("the guest beating on", Duration::from_secs(30), || {
+        let b = heartbeats(&dst_serial);
+        Ok((b.len() >= 3).then_some(b))
+    })?;
+    ensure!(
+        beats[0] > before,
+        "on {} the guest counts from {} — not on from {before}: it restarted",
+        dst.hostname,
+        beats[0]
+    );
+    let new = std::fs::read_to_string(&dst_serial)?;
+    ensure!(
+        !new.contains("vmferry-diskcheck BAD"),
+        "the guest's disk on {} lost a write it made before: {new}",
+        dst.hostname
+    );
+
+    // The source's image (its QEMU gone) and the destination's hold the same bytes, but
+    // for the second sector, where the guest goes on writing its beat.
+    let (mut was, mut now) = (src.read_disk(&disk)?, dst.read_disk(&disk)?);
+    ensure!(
+        now.starts_with(format!("{DISK_LINE}\n").as_bytes()),
+        "{}'s disk does not start with the guest's first line: not copied",
+        dst.hostname
+    );
+    let beat_on_disk = |d: &[u8]| -> Option<u64> {
+        String::from_utf8_lossy(d.get(512..1024)?)
+            .split('\n')
+            .next()?
+            .parse()
+            .ok()
+    };
+    ensure!(
+        beat_on_disk(&now).is_some_and(|n| n >= before),
+        "{}'s disk holds beat {:?}, older than {before}",
+        dst.hostname,
+        beat_on_disk(&now)
+    );
+    ensure!(was.len() == now.len(), "the images' sizes differ");
+    was[512..1024].fill(0);
+    now[512..1024].fill(0);
+    ensure!(
+        was == now,
+        "the disk images differ beyond the beat sector (first difference at byte {:?})",
+        was.iter().zip(&now).position(|(x, y)| x != y)
+    );
+
+    for h in [src, dst] {
+        s.wait_no_migration_dirs(h, Duration::from_secs(10))?;
+    }
+    Ok(before)
+}
+
+/// The migration was refused with `why` (case-insensitively) in its error, and nothing
+/// happened: no domain on B, no migration directory on either host.
+fn refused(s: &LvSetup, o: &Output, why: &str, what: &str) -> Result<()> {
+    ensure!(
+        !o.status.success(),
+        "{what}: migrate succeeded: {}",
+        text(o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        err.to_lowercase().contains(&why.to_lowercase()) && !err.contains("panicked"),
+        "{what}: the error should say {why:?}: {}",
+        text(o)
+    );
+    eprintln!("{what}: {}", err.trim());
+    if pid_alive(s.b.pid()) {
+        let on_b = s.b.domains()?;
+        ensure!(on_b.is_empty(), "{what}: B has a domain: {on_b:?}");
+    }
+    for h in [&s.a, &s.b] {
+        s.wait_no_migration_dirs(h, Duration::from_secs(10))
+            .with_context(|| what.to_string())?;
+    }
+    Ok(())
+}
+
+/// Whether A's libvirt reports an outgoing migration of `name` that has moved memory.
+fn memory_moving(a: &LibvirtHost, name: &str) -> bool {
+    let Ok(info) = a.virsh(&["domjobinfo", name], Duration::from_secs(10)) else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.starts_with("Memory processed:")
+            && l.split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+    })
+}
+
+/// Runs `f`; on failure adds both daemons' and both libvirt hosts' logs.
+fn with_diagnostics<T>(s: &LvSetup, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    f().map_err(|e| anyhow::anyhow!("{e:#}\n{}", s.diagnostics()))
+}
