@@ -12,8 +12,10 @@
 # asked for. A libvirt the machine already had is left alone: the tests do not need it stopped.
 #
 #   scripts/setup.sh               # everything
-#   scripts/setup.sh --toolchain   # only rustfmt and clippy (quick: scripts/test.sh runs
-#                                  # the format and lint checks before the slow set-up)
+#   scripts/setup.sh --toolchain   # only what building needs: rustfmt, clippy, and the
+#                                  # libvirt headers (libvirt-dev, pkg-config) the `virt`
+#                                  # crate links against (quick: scripts/test.sh runs the
+#                                  # format and lint checks before the slow set-up)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -39,10 +41,28 @@ toolchain() {
         die "rustfmt or clippy still missing after rustup component add"
 }
 
+# The `virt` crate's build links against libvirt: its headers and pkg-config file must
+# be there before clippy or any build.
+build_deps() {
+    if command -v pkg-config >/dev/null && pkg-config --exists libvirt; then
+        say "libvirt-dev and pkg-config present"
+        return
+    fi
+    [ "$(id -u)" = 0 ] || die "libvirt-dev or pkg-config is missing; run as root to install them"
+    say "installing libvirt-dev pkg-config (the build links against libvirt)"
+    if ! apt-get install -y -qq --no-install-recommends libvirt-dev pkg-config >/dev/null; then
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends libvirt-dev pkg-config >/dev/null ||
+            die "apt-get install libvirt-dev pkg-config failed"
+    fi
+    pkg-config --exists libvirt || die "libvirt-dev installed but pkg-config finds no libvirt"
+}
+
 case "${1:-}" in
 "") ;;
 --toolchain)
     toolchain
+    build_deps
     exit 0
     ;;
 *) die "unknown argument $1 (usage: setup.sh [--toolchain])" ;;

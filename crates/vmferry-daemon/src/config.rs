@@ -95,6 +95,22 @@ pub struct DaemonConfig {
     /// Only for tests that stand in for the previous release; never lower it in service.
     #[serde(default)]
     pub danger_protocol_version: Option<u32>,
+    /// The libvirt this daemon drives for `migrate --libvirt` (the source asks it to
+    /// migrate; the destination carries streams to its socket).
+    #[serde(default = "default_libvirt_uri")]
+    pub libvirt_uri: String,
+    /// Where each libvirt migration gets its directory of sockets (`DIR/ID/`). It must be
+    /// the same path on every host: libvirt uses one path on both sides.
+    #[serde(default = "default_libvirt_migrations_dir")]
+    pub libvirt_migrations_dir: PathBuf,
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".to_string()
+}
+
+fn default_libvirt_migrations_dir() -> PathBuf {
+    PathBuf::from("/run/vmferry/migrations")
 }
 
 fn default_qemu() -> String {
@@ -140,6 +156,8 @@ impl DaemonConfig {
             credential_ttl_secs: default_credential_ttl(),
             metrics: None,
             danger_protocol_version: None,
+            libvirt_uri: default_libvirt_uri(),
+            libvirt_migrations_dir: default_libvirt_migrations_dir(),
         }
     }
 

@@ -7,6 +7,7 @@
 use crate::audit::Event;
 use crate::auth::{Identity, Role, SCRAM};
 use crate::error::{DaemonError, Result};
+use crate::libvirt::{LibvirtDestination, LibvirtSource};
 use crate::migration::record::Parties;
 use crate::migration::{DestinationMigration, SourceMigration};
 use crate::state::Daemon;
@@ -15,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmferry_channel::framed::{self, FrameError, MAX_FRAME};
 use vmferry_proto::{
-    negotiate_version, ErrorKind, Hello, Request, RequestBody, Response, ResponseBody, WireError,
+    negotiate_version, ErrorKind, Hello, Request, RequestBody, Response, ResponseBody, VmRef,
+    WireError,
 };
 
 /// How long a new session may take to say hello.
@@ -403,10 +405,23 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
         }
         RequestBody::Begin {
             migration,
+            vm: VmRef::Libvirt { domain },
+            options,
+        } => ResponseBody::Cookie {
+            cookie: LibvirtSource::begin(daemon, migration, domain, options, caller.parties())?,
+        },
+        RequestBody::Begin {
+            migration,
             vm,
             options,
         } => ResponseBody::Cookie {
             cookie: SourceMigration::begin(daemon, migration, vm, options, caller.parties())?,
+        },
+        RequestBody::Prepare {
+            cookie,
+            vm: VmRef::Libvirt { domain },
+        } => ResponseBody::Cookie {
+            cookie: LibvirtDestination::prepare(daemon, cookie, domain, caller.parties())?,
         },
         RequestBody::Prepare { cookie, vm } => ResponseBody::Cookie {
             cookie: DestinationMigration::prepare(daemon, cookie, vm, caller.parties())?,
@@ -417,7 +432,17 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             timeout_ms,
         } => {
             let timeout = std::time::Duration::from_millis(timeout_ms.clamp(100, 60_000));
-            if let Ok(m) = daemon.migrations.source(&cookie.migration) {
+            if let Some(m) = daemon.migrations.libvirt_source(&cookie.migration) {
+                m.connect(daemon, &cookie, transport, timeout)?;
+            } else if daemon
+                .migrations
+                .libvirt_destination(&cookie.migration)
+                .is_some()
+            {
+                return Err(DaemonError::BadRequest(
+                    "a libvirt migration's destination dials nothing (no reverse transport)".into(),
+                ));
+            } else if let Ok(m) = daemon.migrations.source(&cookie.migration) {
                 m.connect(daemon, &cookie, transport, timeout)?;
             } else {
                 let m = daemon.migrations.destination(&cookie.migration)?;
@@ -431,6 +456,10 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             ResponseBody::Done
         }
         RequestBody::Perform { cookie } => {
+            if let Some(m) = daemon.migrations.libvirt_source(&cookie.migration) {
+                m.perform(daemon, &cookie)?;
+                return Ok(ResponseBody::Done);
+            }
             let m = daemon.migrations.source(&cookie.migration)?;
             m.perform(daemon, &cookie)?;
             ResponseBody::Done
@@ -441,6 +470,22 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             renew,
         } => {
             // Either half answers; a renewal reaches whichever halves live here.
+            let lv_source = daemon.migrations.libvirt_source(&migration);
+            let lv_destination = daemon.migrations.libvirt_destination(&migration);
+            if renew {
+                lv_source.iter().for_each(|m| m.renew());
+                lv_destination.iter().for_each(|m| m.renew());
+            }
+            match (lv_source, lv_destination) {
+                (Some(m), _) => {
+                    let wait = std::time::Duration::from_millis(wait_ms.min(MAX_STATUS_WAIT_MS));
+                    return Ok(ResponseBody::Status {
+                        status: m.wait_status(wait),
+                    });
+                }
+                (None, Some(m)) => return Ok(ResponseBody::Status { status: m.status() }),
+                (None, None) => {}
+            }
             let source = daemon.migrations.source(&migration).ok();
             let destination = daemon.migrations.destination(&migration).ok();
             if renew {
@@ -466,6 +511,13 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             }
         }
         RequestBody::Detach { migration } => {
+            let lv_source = daemon.migrations.libvirt_source(&migration);
+            let lv_destination = daemon.migrations.libvirt_destination(&migration);
+            if lv_source.is_some() || lv_destination.is_some() {
+                lv_source.iter().for_each(|m| m.detach());
+                lv_destination.iter().for_each(|m| m.detach());
+                return Ok(ResponseBody::Done);
+            }
             let source = daemon.migrations.source(&migration).ok();
             let destination = daemon.migrations.destination(&migration).ok();
             if source.is_none() && destination.is_none() {
@@ -484,6 +536,15 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             host: crate::host::host_info(daemon)?,
         },
         RequestBody::Finish { migration } => {
+            if let Some(m) = daemon.migrations.libvirt_destination(&migration) {
+                return match m.finish(daemon) {
+                    Ok(status) => Ok(ResponseBody::Status { status }),
+                    Err(e) => {
+                        m.abort(daemon, &e.to_string());
+                        Err(e)
+                    }
+                };
+            }
             let m = daemon.migrations.destination(&migration)?;
             match m.finish(daemon) {
                 Ok(status) => ResponseBody::Status { status },
@@ -494,6 +555,10 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             }
         }
         RequestBody::Confirm { migration, success } => {
+            if let Some(m) = daemon.migrations.libvirt_source(&migration) {
+                m.confirm(daemon, success)?;
+                return Ok(ResponseBody::Done);
+            }
             daemon
                 .migrations
                 .source(&migration)?
@@ -501,6 +566,10 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             ResponseBody::Done
         }
         RequestBody::Abort { migration, reason } => {
+            if let Some(m) = daemon.migrations.libvirt_destination(&migration) {
+                m.abort(daemon, &reason);
+                return Ok(ResponseBody::Done);
+            }
             match daemon.migrations.destination(&migration) {
                 Ok(m) => m.abort(daemon, &reason),
                 Err(DaemonError::NotFound(_)) => {}
@@ -509,6 +578,10 @@ fn handle(daemon: &Arc<Daemon>, caller: &Caller, body: RequestBody) -> Result<Re
             ResponseBody::Done
         }
         RequestBody::Cancel { migration } => {
+            if let Some(m) = daemon.migrations.libvirt_source(&migration) {
+                m.cancel(daemon, &caller.who())?;
+                return Ok(ResponseBody::Done);
+            }
             daemon
                 .migrations
                 .source(&migration)?

@@ -14,6 +14,9 @@ pub enum DaemonError {
     Denied(String),
     #[error("QEMU: {0}")]
     Qemu(String),
+    /// libvirt refused or failed; the text carries libvirt's own message.
+    #[error("libvirt: {0}")]
+    Libvirt(String),
     #[error("{0}")]
     Channel(String),
     #[error("migration cancelled: {0}")]
@@ -31,7 +34,7 @@ impl DaemonError {
             DaemonError::NotFound(_) => ErrorKind::NotFound,
             DaemonError::Exists(_) => ErrorKind::Exists,
             DaemonError::Denied(_) => ErrorKind::Denied,
-            DaemonError::Qemu(_) => ErrorKind::Qemu,
+            DaemonError::Qemu(_) | DaemonError::Libvirt(_) => ErrorKind::Qemu,
             DaemonError::Channel(_) => ErrorKind::Channel,
             DaemonError::Cancelled(_) => ErrorKind::Cancelled,
             DaemonError::Timeout(_) => ErrorKind::Timeout,

@@ -14,6 +14,7 @@ pub mod control;
 pub mod controller;
 pub mod error;
 pub mod host;
+pub mod libvirt;
 pub mod metrics;
 pub mod migration;
 pub mod qemu_binary;

@@ -70,6 +70,22 @@ impl Server {
                 ..Default::default()
             });
         }
+        // Incoming libvirt migrations a previous run lost: their directories and images.
+        for line in crate::libvirt::recover(&config) {
+            tracing::warn!("{line}");
+            audit.record(&Event {
+                what: "migration",
+                who: "-",
+                from: "restart",
+                scheme: "-",
+                op: "roll_back",
+                subject: "",
+                outcome: "ok",
+                detail: &line,
+                role: "destination",
+                ..Default::default()
+            });
+        }
         let vms = VmRegistry::new(&config.state_dir, config.qemu.clone(), config.accel);
         // The VMs a previous run started still run: adopted, with whatever migration the
         // restart interrupted undone.
@@ -343,6 +359,7 @@ enum Port {
 enum Route {
     Destination(Arc<crate::migration::DestinationMigration>),
     Source(Arc<crate::migration::SourceMigration>),
+    Libvirt(Arc<crate::libvirt::LibvirtDestination>),
 }
 
 fn accept_tcp(
@@ -397,6 +414,11 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                     route = Some(Route::Destination(m));
                     return Some(cfg);
                 }
+                if let Some(m) = daemon.migrations.libvirt_destination(&id) {
+                    let cfg = m.data_config()?;
+                    route = Some(Route::Libvirt(m));
+                    return Some(cfg);
+                }
                 let m = daemon.migrations.source(&id).ok()?;
                 let cfg = m.data_config()?;
                 route = Some(Route::Source(m));
@@ -437,6 +459,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
             let (id, r) = match &route {
                 Route::Destination(m) => (m.id.clone(), m.accept_data(&daemon, pre, conn)),
                 Route::Source(m) => (m.id.clone(), m.accept_reverse(pre, conn)),
+                Route::Libvirt(m) => (m.id.clone(), m.accept_data(pre, conn)),
             };
             match r {
                 Ok(()) => audit_data(

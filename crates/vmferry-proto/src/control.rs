@@ -253,6 +253,11 @@ pub enum VmRef {
     Attached {
         qmp: String,
     },
+    /// A domain of the libvirt the daemon is configured for (`libvirt_uri`): libvirt
+    /// migrates it peer to peer, and the daemons carry every socket it uses.
+    Libvirt {
+        domain: String,
+    },
 }
 
 /// How QEMU executes guest code.

@@ -383,6 +383,9 @@ pub struct Cookie {
     /// stream k).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::disk::DiskShape>,
+    /// A libvirt-managed domain: what libvirt's migration needs on both hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::libvirt::LibvirtPlan>,
 }
 
 /// What a destination QEMU must match for the source's state to load into it.
@@ -490,6 +493,14 @@ impl Cookie {
         if !self.disks.is_empty() && self.options.copy_storage.is_none() {
             return Err(CookieError::DisksWithoutCopy);
         }
+        if let Some(l) = &self.libvirt {
+            if l.disks.len() > crate::disk::MAX_DISKS {
+                return Err(CookieError::Disks(l.disks.len()));
+            }
+            if !l.disks.is_empty() && self.options.copy_storage.is_none() {
+                return Err(CookieError::DisksWithoutCopy);
+            }
+        }
         Ok(())
     }
 }
@@ -537,6 +548,7 @@ mod tests {
             source_qemu: None,
             destination_qemu: None,
             disks: vec![],
+            libvirt: None,
         };
         assert_eq!(c.streams(), 1);
         c.options.multifd = 4;

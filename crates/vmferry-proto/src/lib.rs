@@ -35,6 +35,7 @@ pub mod control;
 pub mod cookie;
 pub mod disk;
 pub mod error;
+pub mod libvirt;
 pub mod names;
 pub mod peer;
 pub mod phase;

@@ -24,6 +24,9 @@ pub enum StreamKind {
     /// One disk's NBD connection (disk copy): `stream` is the disk's index in the
     /// cookie's disks, `streams` their number.
     Nbd,
+    /// libvirt's RPC, from the source's libvirtd to the destination's (a libvirt
+    /// migration: `stream` counts the connections in the order they were made).
+    Libvirt,
 }
 
 impl StreamKind {
@@ -32,6 +35,7 @@ impl StreamKind {
             StreamKind::Qemu => 0,
             StreamKind::Peer => 1,
             StreamKind::Nbd => 2,
+            StreamKind::Libvirt => 3,
         }
     }
 
@@ -40,6 +44,7 @@ impl StreamKind {
             0 => Some(StreamKind::Qemu),
             1 => Some(StreamKind::Peer),
             2 => Some(StreamKind::Nbd),
+            3 => Some(StreamKind::Libvirt),
             _ => None,
         }
     }
@@ -111,7 +116,12 @@ mod tests {
     #[test]
     fn a_preamble_round_trips() {
         for transport in Transport::AUTO_ORDER {
-            for kind in [StreamKind::Qemu, StreamKind::Peer, StreamKind::Nbd] {
+            for kind in [
+                StreamKind::Qemu,
+                StreamKind::Peer,
+                StreamKind::Nbd,
+                StreamKind::Libvirt,
+            ] {
                 let p = Preamble {
                     transport,
                     stream: 3,

@@ -148,6 +148,13 @@ pub struct ServeArgs {
     /// (no VM, host or identity), but bind it to loopback or a management network.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// The libvirt to drive for `migrate --libvirt` (default qemu:///system).
+    #[arg(long, value_name = "URI")]
+    pub libvirt_uri: Option<String>,
+    /// Where libvirt migrations make their socket directories (default
+    /// /run/vmferry/migrations); the same path on every host.
+    #[arg(long, value_name = "DIR")]
+    pub libvirt_migrations_dir: Option<PathBuf>,
     /// Log lines as text (default) or as JSON objects, one per line, for a log collector.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -334,6 +341,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if a.metrics.is_some() {
         config.metrics = a.metrics;
+    }
+    if let Some(u) = a.libvirt_uri {
+        config.libvirt_uri = u;
+    }
+    if let Some(d) = a.libvirt_migrations_dir {
+        config.libvirt_migrations_dir = d;
     }
     let server = Server::bind(config.clone()).context("cannot start the daemon")?;
     tracing::info!(

@@ -31,6 +31,11 @@ pub struct MigrateArgs {
     /// Attach mode: QMP socket of a destination QEMU started with -incoming defer.
     #[arg(long, requires = "src_qmp")]
     pub dst_qmp: Option<PathBuf>,
+    /// A libvirt domain, by name, of the libvirt each daemon drives (`--libvirt-uri`):
+    /// libvirt migrates it peer to peer and the daemons carry every connection it makes
+    /// (libvirt's RPC, RAM, disks) over their secure channel.
+    #[arg(long, value_name = "DOMAIN", conflicts_with_all = ["name", "src_qmp", "dst_qmp"])]
+    pub libvirt: Option<String>,
     #[command(flatten)]
     pub login: LoginArgs,
     #[command(flatten)]
@@ -152,6 +157,18 @@ pub struct Tuning {
 
 pub fn run(a: MigrateArgs) -> Result<()> {
     let (source_vm, destination_vm) = match (&a.name, &a.src_qmp, &a.dst_qmp) {
+        _ if a.libvirt.is_some() => {
+            let domain = a.libvirt.clone().unwrap_or_default();
+            if domain.is_empty() || domain.contains(['/', '\0']) {
+                return Err(anyhow!("--libvirt {domain:?}: not a domain name"));
+            }
+            (
+                VmRef::Libvirt {
+                    domain: domain.clone(),
+                },
+                VmRef::Libvirt { domain },
+            )
+        }
         (Some(n), None, None) => {
             let name = VmName::new(n.clone())?;
             (
@@ -174,7 +191,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
         }
         _ => {
             return Err(anyhow!(
-                "give a VM name, or --src-qmp and --dst-qmp (attach mode)"
+                "give a VM name, --src-qmp and --dst-qmp (attach mode), or --libvirt DOMAIN"
             ))
         }
     };

@@ -244,6 +244,11 @@ impl QemuHandle {
 pub struct Migrations {
     pub sources: Mutex<HashMap<MigrationId, Arc<SourceMigration>>>,
     pub destinations: Mutex<HashMap<MigrationId, Arc<DestinationMigration>>>,
+    /// Migrations of libvirt domains (`migrate --libvirt`). A destination id maps to
+    /// `None` while its prepare runs.
+    pub libvirt_sources: Mutex<HashMap<MigrationId, Arc<crate::libvirt::LibvirtSource>>>,
+    pub libvirt_destinations:
+        Mutex<HashMap<MigrationId, Option<Arc<crate::libvirt::LibvirtDestination>>>>,
     /// Destination ids being prepared (QEMU starting): taken before anything starts,
     /// so two prepares of one id cannot both start a QEMU.
     preparing: Mutex<HashSet<MigrationId>>,
@@ -324,14 +329,26 @@ impl Migrations {
         for m in lock(&self.destinations).values() {
             v.push(m.summary());
         }
+        for m in lock(&self.libvirt_sources).values() {
+            v.push(m.summary());
+        }
+        for m in lock(&self.libvirt_destinations).values().flatten() {
+            v.push(m.summary());
+        }
         v
     }
 
     /// How many migrations of each role this daemon holds that have not ended.
     pub fn in_flight(&self) -> [(Role, usize); 2] {
         [
-            (Role::Source, lock(&self.sources).len()),
-            (Role::Destination, lock(&self.destinations).len()),
+            (
+                Role::Source,
+                lock(&self.sources).len() + lock(&self.libvirt_sources).len(),
+            ),
+            (
+                Role::Destination,
+                lock(&self.destinations).len() + lock(&self.libvirt_destinations).len(),
+            ),
         ]
     }
 
@@ -339,6 +356,17 @@ impl Migrations {
         lock(&self.sources).get(id).cloned().ok_or_else(|| {
             DaemonError::NotFound(format!("no migration {id} with this host as its source"))
         })
+    }
+
+    pub fn libvirt_source(&self, id: &MigrationId) -> Option<Arc<crate::libvirt::LibvirtSource>> {
+        lock(&self.libvirt_sources).get(id).cloned()
+    }
+
+    pub fn libvirt_destination(
+        &self,
+        id: &MigrationId,
+    ) -> Option<Arc<crate::libvirt::LibvirtDestination>> {
+        lock(&self.libvirt_destinations).get(id).cloned().flatten()
     }
 
     pub fn destination(&self, id: &MigrationId) -> Result<Arc<DestinationMigration>> {

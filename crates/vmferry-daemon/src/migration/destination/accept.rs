@@ -128,6 +128,12 @@ impl DestinationMigration {
             StreamKind::Peer => return self.start_peer(daemon, c),
             StreamKind::Nbd => return self.carry_nbd(&pre, c),
             StreamKind::Qemu => self.learn_source(&c.peer, true),
+            StreamKind::Libvirt => {
+                return Err(DaemonError::Denied(format!(
+                    "{} offered a libvirt stream to migration {}, which is not a libvirt one",
+                    c.peer, self.id
+                )))
+            }
         }
         match pre.transport {
             Transport::Direct => {

@@ -205,6 +205,11 @@ impl DestinationMigration {
                 (QemuHandle::Managed(v), Some(name.clone()))
             }
             VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None),
+            VmRef::Libvirt { domain } => {
+                return Err(DaemonError::Internal(format!(
+                    "libvirt domain {domain} reached the QEMU destination (internal error)"
+                )))
+            }
         };
         let incoming_socket = daemon
             .config

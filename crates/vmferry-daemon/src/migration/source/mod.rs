@@ -177,6 +177,11 @@ impl SourceMigration {
                 (QemuHandle::Managed(v), Some(name.clone()), Some(spec))
             }
             VmRef::Attached { qmp } => (QemuHandle::attached(PathBuf::from(qmp)), None, None),
+            VmRef::Libvirt { domain } => {
+                return Err(DaemonError::Internal(format!(
+                    "libvirt domain {domain} reached the QEMU source (internal error)"
+                )))
+            }
         };
         let status = qemu.with_qmp(|q| q.query_status())?;
         super::destination::check_postcopy_combination(
@@ -243,6 +248,7 @@ impl SourceMigration {
             peer_link: false,
             source_qemu: release,
             destination_qemu: None,
+            libvirt: None,
             disks: disks.iter().map(super::disk_shape).collect(),
         };
         let socket_path = daemon
