@@ -22,7 +22,7 @@
 use super::*;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ impl LvSetup {
         a.wait_ready(START_TIMEOUT)?;
         b.wait_ready(START_TIMEOUT)?;
         let migrations = work.join("mig");
-        let daemon_flags = daemon_flags(&migrations)?;
+        let daemon_flags = daemon_flags(&migrations);
         let flags: Vec<&str> = daemon_flags.iter().map(String::as_str).collect();
         let da = DaemonProc::start_with(
             &|bin| a.command(bin),
@@ -144,13 +144,25 @@ impl LvSetup {
         name: &str,
         args: &[&str],
     ) -> Result<Output> {
+        self.migrate_within(from, to, name, args, MIGRATE_TIMEOUT)
+    }
+
+    /// [`LvSetup::migrate`], killed after `timeout`.
+    pub fn migrate_within(
+        &self,
+        from: &DaemonProc,
+        to: &DaemonProc,
+        name: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
         let mut c = vmferry();
         c.args(["migrate", "--libvirt", name, "--from"])
             .arg(from.state_dir.join("control.sock"))
             .arg("--to")
             .arg(to.state_dir.join("control.sock"))
             .args(args);
-        output_within(&mut c, MIGRATE_TIMEOUT)
+        output_within(&mut c, timeout)
     }
 
     /// Restarts B's daemon in B's namespaces (same state dir and flags).
@@ -205,26 +217,15 @@ impl LvSetup {
     }
 }
 
-/// The daemons' flags: libvirt's URI as a process inside the host reaches it, and DIR.
-///
-/// TODO(issue 16): until the daemon side (`--libvirt-uri`, `--libvirt-migrations-dir`)
-/// lands, a daemon that does not know the flags is started without them, so that
-/// everything up to `vmferry migrate --libvirt` runs; the migration then fails loudly.
-fn daemon_flags(migrations: &Path) -> Result<Vec<String>> {
-    let help = output_within(
-        Command::new(BIN).args(["serve", "--help"]),
-        Duration::from_secs(10),
-    )?;
-    if !String::from_utf8_lossy(&help.stdout).contains("--libvirt-migrations-dir") {
-        eprintln!("NOTE: this vmferry serve has no --libvirt-migrations-dir: started without");
-        return Ok(Vec::new());
-    }
-    Ok(vec![
+/// The daemons' flags: libvirt's URI as a process inside the host reaches it (the default,
+/// said explicitly), and DIR, under the hosts' private work path.
+fn daemon_flags(migrations: &Path) -> Vec<String> {
+    vec![
         "--libvirt-uri".into(),
         LibvirtHost::URI_INSIDE.into(),
         "--libvirt-migrations-dir".into(),
         migrations.display().to_string(),
-    ])
+    ]
 }
 
 /// Checks that process `pid` runs in the network, mount and UTS namespaces of `libvirtd`.
