@@ -119,7 +119,11 @@ impl Streams {
             .name("libvirt-pump".into())
             .spawn(move || {
                 let peer = c.peer.clone();
-                match pump::pump_with(local, c.conn, c.sock, &peer, &meter, &stop, filters) {
+                let r = pump::pump_with(local, c.conn, c.sock, &peer, &meter, &stop, filters);
+                // The stop handle holds the sockets too: whatever way the pump ended, the
+                // local end must see it (libvirtd waits out its keepalive otherwise).
+                stop.stop();
+                match r {
                     Ok(_) | Err(PumpError::Stopped) => {}
                     Err(e) => streams.fail(format!("{what}: {e}")),
                 }
