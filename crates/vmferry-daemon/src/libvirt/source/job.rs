@@ -87,6 +87,9 @@ impl LibvirtSource {
                     d.ready = true;
                 }
                 st.channel_bytes = self.meter.forward();
+                if let Some(r) = lock(&self.relay).as_ref() {
+                    st.streams = u32::from(r.connections(StreamKind::Qemu));
+                }
                 st.finished = true;
                 tracing::info!(migration = %self.id, domain = %self.domain, "libvirt completed the migration in {elapsed} ms");
             }
@@ -129,6 +132,7 @@ impl LibvirtSource {
                     if (first_pass || after) && disks_done {
                         match ffi::start_postcopy(dom) {
                             Ok(()) => {
+                                tracing::info!(migration = %self.id, "libvirt switched the migration to post-copy");
                                 let _ = self.advance(SourceEvent::StartPostCopy);
                                 lock(&self.status).qemu_status = "postcopy-active".into();
                             }
@@ -193,5 +197,8 @@ impl LibvirtSource {
         }
         st.channel_bytes = self.meter.forward();
         st.wire_bytes = self.meter.wire_forward();
+        if let Some(r) = lock(&self.relay).as_ref() {
+            st.streams = u32::from(r.connections(StreamKind::Qemu));
+        }
     }
 }
