@@ -18,8 +18,9 @@ persistent on the destination and undefined on the source, by:
   vmferry-ram     vmferry migrate --libvirt, RAM only
 
 The RAM-only routes migrate a second domain, the same guest without a disk: what a
-migration with shared storage carries. (A disk on a directory both hosts see would do too,
-but libvirt refuses it without --unsafe: /tmp is no shared file system.) The socat routes
+migration with shared storage carries. (A disk in a directory both hosts see would do too,
+but libvirt refuses it — "Unsafe migration: Migration without shared storage is unsafe" —
+unless told --unsafe: /tmp is no shared file system.) The socat routes
 use a fresh directory per run, as vmferry's daemons do; the copy routes start each run with
 no image on the destination: plain-copy gets a blank one (libvirt needs it), vmferry's
 destination daemon makes its own. Wall time is the migrate command's, first byte to return;

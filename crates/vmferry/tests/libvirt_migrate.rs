@@ -135,8 +135,7 @@ fn killing_the_destination_daemon_mid_migration_leaves_the_domain_running_on_a_a
 }
 
 #[test]
-fn an_unknown_a_shut_off_or_an_unreachable_destination_domain_is_refused_before_anything_moves(
-) -> Result<()> {
+fn unknown_shut_off_unsafe_or_unreachable_is_refused_before_anything_moves() -> Result<()> {
     let t0 = Instant::now();
     let s = LvSetup::new("lvbad")?;
     with_diagnostics(&s, || {
@@ -156,8 +155,13 @@ fn an_unknown_a_shut_off_or_an_unreachable_destination_domain_is_refused_before_
         refused(&s, &o, "not running", "the shut-off domain")?;
         ensure!(s.a.domain_state(&off.name)? == "shut off");
 
-        // B's libvirtd gone: B's daemon cannot reach it.
+        // Running, but its local disk neither copied nor shared: libvirt's own refusal,
+        // passed on.
         s.a.virsh(&["start", &off.name], Duration::from_secs(30))?;
+        let o = s.migrate(&s.da, &s.db, &off.name, &[])?;
+        refused(&s, &o, "unsafe", "a local disk without --copy-storage")?;
+
+        // B's libvirtd gone: B's daemon cannot reach it.
         kill9(s.b.pid())?;
         let o = s.migrate(&s.da, &s.db, &off.name, &["--copy-storage", "all"])?;
         refused(&s, &o, "libvirt", "a destination without libvirtd")?;
@@ -165,6 +169,123 @@ fn an_unknown_a_shut_off_or_an_unreachable_destination_domain_is_refused_before_
         eprintln!("whole test: {:?}", t0.elapsed());
         Ok(())
     })
+}
+
+#[test]
+fn a_busy_libvirt_domain_completes_in_post_copy() -> Result<()> {
+    let t0 = Instant::now();
+    let s = LvSetup::new("lvpost")?;
+    let name = "vmf-lvpost";
+    // 64 MiB rewritten without pause: pre-copy at 20 MB/s never converges.
+    let (dom, before) = s.boot_guest(name, 256, "vmferry.busy=64")?;
+    eprintln!("busy guest beats on A ({before}) after {:?}", t0.elapsed());
+    let (o, postcopy_seen) = with_diagnostics(&s, || {
+        std::thread::scope(|sc| {
+            let migration = sc.spawn(|| {
+                s.migrate(
+                    &s.da,
+                    &s.db,
+                    name,
+                    &[
+                        "--copy-storage",
+                        "all",
+                        "--postcopy",
+                        "--max-bandwidth",
+                        "20M",
+                    ],
+                )
+            });
+            // libvirt shows the destination domain as "running (post-copy)" meanwhile.
+            let mut seen = false;
+            while !migration.is_finished() {
+                seen |=
+                    s.b.virsh(&["domstate", "--reason", name], Duration::from_secs(10))
+                        .is_ok_and(|st| st.contains("post-copy"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let o = migration
+                .join()
+                .map_err(|_| anyhow::anyhow!("the migrate thread panicked"))??;
+            Ok((o, seen))
+        })
+    })?;
+    eprintln!("migrate returned after {:?}", t0.elapsed());
+    with_diagnostics(&s, || {
+        ensure!(o.status.success(), "migrate --postcopy: {}", text(&o));
+        ensure!(
+            postcopy_seen,
+            "B's domain was never seen in post-copy: pre-copy converged?"
+        );
+        ensure!(s.b.domain_state(name)? == "running");
+        ensure!(!s.a.domains()?.iter().any(|d| d == name));
+        // The guest checks the memory it dirties from every 20 beats.
+        let serial = s.b.outside(&dom.serial)?;
+        let log = wait_for("a memory check on B", Duration::from_secs(60), || {
+            let t = std::fs::read_to_string(&serial).unwrap_or_default();
+            Ok(t.contains("vmferry-memcheck ").then_some(t))
+        })?;
+        ensure!(
+            !log.contains("vmferry-memcheck BAD") && !log.contains("vmferry-diskcheck BAD"),
+            "the guest's memory or disk is damaged on B: {log}"
+        );
+        ensure!(
+            heartbeats(&serial).first().is_some_and(|&n| n > before),
+            "the guest restarted on B"
+        );
+        for h in [&s.a, &s.b] {
+            s.wait_no_migration_dirs(h, Duration::from_secs(10))?;
+        }
+        eprintln!("whole test: {:?}", t0.elapsed());
+        Ok(())
+    })
+}
+
+/// The socket watch itself: it must see a listener on a libvirt port and a connection
+/// between the hosts that is not to vmferry's port (socat stands in for libvirt).
+#[test]
+fn the_socket_watch_sees_libvirt_ports_and_foreign_connections() -> Result<()> {
+    vmferry_testkit::require::netns();
+    vmferry_testkit::require::command("socat");
+    let hosts = vmferry_testkit::netns::TwoHosts::new("lvwatch")?;
+    let _listener = hosts.b.spawn_killable(
+        "socat",
+        [
+            format!("TCP-LISTEN:16509,bind={},reuseaddr", hosts.b.ip),
+            "EXEC:sleep 30".to_string(),
+        ],
+    )?;
+    let watch = NetWatch::start(&hosts);
+    wait_for("the listener", Duration::from_secs(10), || {
+        Ok(tcp_sockets(&hosts.b)?
+            .iter()
+            .any(|s| s.state == "LISTEN")
+            .then_some(()))
+    })?;
+    let _client = hosts.a.spawn_killable(
+        "socat",
+        [
+            "-u".to_string(),
+            "EXEC:sleep 30".to_string(),
+            format!("TCP:{}:16509", hosts.b.ip),
+        ],
+    )?;
+    wait_for("the connection", Duration::from_secs(10), || {
+        Ok(tcp_sockets(&hosts.a)?
+            .iter()
+            .any(|s| s.state == "ESTAB" && s.between_hosts())
+            .then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = watch.stop()?;
+    ensure!(r.violations.iter().any(|v| v.contains("listener")), "{r:?}");
+    ensure!(
+        r.violations
+            .iter()
+            .any(|v| v.contains("not to vmferry's port")),
+        "{r:?}"
+    );
+    ensure!(r.vmferry_seen == 0, "{r:?}");
+    Ok(())
 }
 
 /// Migrates `dom` from `from`'s host to `to`'s host with `args`, watching the hosts' TCP
