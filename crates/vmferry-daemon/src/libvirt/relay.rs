@@ -119,7 +119,11 @@ impl Streams {
             .name("libvirt-pump".into())
             .spawn(move || {
                 let peer = c.peer.clone();
-                match pump::pump_with(local, c.conn, c.sock, &peer, &meter, &stop, filters) {
+                let r = pump::pump_with(local, c.conn, c.sock, &peer, &meter, &stop, filters);
+                // The stop handle holds the sockets too: whatever way the pump ended, the
+                // local end must see it (libvirtd waits out its keepalive otherwise).
+                stop.stop();
+                match r {
                     Ok(_) | Err(PumpError::Stopped) => {}
                     Err(e) => streams.fail(format!("{what}: {e}")),
                 }
@@ -136,6 +140,8 @@ pub struct SourceRelay {
     pub streams: Arc<Streams>,
     link: Arc<Link>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// How many connections of each kind came, in [`KINDS`]' order.
+    counts: [Arc<AtomicU16>; 3],
 }
 
 impl SourceRelay {
@@ -151,8 +157,9 @@ impl SourceRelay {
             streams: Arc::new(Streams::default()),
             link: Arc::new(link),
             threads: Mutex::new(Vec::new()),
+            counts: Default::default(),
         };
-        for (kind, name) in KINDS {
+        for (i, (kind, name)) in KINDS.into_iter().enumerate() {
             let path = dir.join(name);
             let listener = UnixListener::bind(&path).map_err(|e| {
                 DaemonError::Internal(format!("cannot listen on {}: {e}", path.display()))
@@ -168,7 +175,7 @@ impl SourceRelay {
                 link: relay.link.clone(),
                 meter: meter.clone(),
                 filters,
-                next: AtomicU16::new(0),
+                next: relay.counts[i].clone(),
             };
             let t = std::thread::Builder::new()
                 .name("libvirt-accept".into())
@@ -193,6 +200,14 @@ impl SourceRelay {
         }
     }
 
+    /// How many connections of `kind` libvirt or QEMU made so far.
+    pub fn connections(&self, kind: StreamKind) -> u16 {
+        KINDS
+            .iter()
+            .position(|(k, _)| *k == kind)
+            .map_or(0, |i| self.counts[i].load(Ordering::SeqCst))
+    }
+
     /// The tunnel, if the streams ride one (to close it once everything ended).
     pub fn tunnel(&self) -> Option<Arc<Tunnel>> {
         match &*self.link {
@@ -210,7 +225,7 @@ struct Acceptor {
     link: Arc<Link>,
     meter: Arc<Meter>,
     filters: Filters,
-    next: AtomicU16,
+    next: Arc<AtomicU16>,
 }
 
 impl Acceptor {
