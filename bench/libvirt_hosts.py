@@ -400,19 +400,21 @@ def make_disk(path, mib, first_line, fill_mib=0):
 class UnixBridge:
     """A unix socket on host `frm` (`listen`, path as the hosts see it) forwarded to one on
     host `to` (`connect`) through TCP `port` between the namespaces, by two socats, as the
-    Rust fixture's UnixBridge: `-t 60` so half-closes pass through."""
+    Rust fixture's UnixBridge: `-t 60` so half-closes pass through. Unlike the fixture's,
+    with 256 KiB buffers (`-b 262144`, as benchlib's relay): socat's default 8 KiB would
+    make the baseline slower than it need be."""
 
     def __init__(self, frm, listen, to, connect, port, log_dir):
         self.listen_outside = frm.outside(listen)
         connect_outside = to.outside(connect)
         with open(os.path.join(log_dir, f"socat-{port}-to.log"), "w") as log:
             self.to_socat = spawn(to.net.command(
-                "socat", "-d", "-d", "-t", "60", f"TCP-LISTEN:{port},bind={to.net.ip},reuseaddr,fork",
+                "socat", "-d", "-d", "-b", "262144", "-t", "60", f"TCP-LISTEN:{port},bind={to.net.ip},reuseaddr,fork",
                 f"UNIX-CONNECT:{connect_outside}"), stderr=log)
         _wait_tcp_listener(to.net, port, self.to_socat)
         with open(os.path.join(log_dir, f"socat-{port}-from.log"), "w") as log:
             self.from_socat = spawn(frm.net.command(
-                "socat", "-d", "-d", "-t", "60", f"UNIX-LISTEN:{self.listen_outside},fork,unlink-early,mode=600",
+                "socat", "-d", "-d", "-b", "262144", "-t", "60", f"UNIX-LISTEN:{self.listen_outside},fork,unlink-early,mode=600",
                 f"TCP:{to.net.ip}:{port}"), stderr=log)
         deadline = time.time() + 10
         while not os.path.exists(self.listen_outside):

@@ -336,8 +336,10 @@ def run_all(env, routes):
         if runs:
             ts = [x["elapsed"] for x in runs]
             dts = [x["downtime_ms"] for x in runs if x["downtime_ms"] is not None]
+            lts = [x["libvirt_ms"] for x in runs if x["libvirt_ms"] is not None]
             row.update(median=statistics.median(ts), min=min(ts), max=max(ts),
-                       downtime=statistics.median(dts) if dts else None)
+                       downtime=statistics.median(dts) if dts else None,
+                       libvirt_s=statistics.median(lts) / 1000 if lts else None)
         rows.append(row)
     by = {r["route"]: r for r in rows if r.get("median")}
     for row in rows:
@@ -369,10 +371,11 @@ def goals(rows):
 def print_rows(rows, a):
     print()
     print(f"libvirt: {a.libvirt_ram_mib} MiB live domain, {a.libvirt_disk_mib} MiB disk; medians of"
-          f" {a.libvirt_runs} runs. wall: the migrate command's. downtime: libvirt's, on the"
-          " destination.")
+          f" {a.libvirt_runs} runs. wall: the migrate command's. libvirt: the job's own time"
+          " (domjobinfo --completed on the destination). downtime: libvirt's.")
     print()
-    print(f"{'route':15} {'n':>2} {'wall s':>7} {'min-max s':>13} {'vs':>14} {'downtime':>9}")
+    print(f"{'route':15} {'n':>2} {'wall s':>7} {'min-max s':>13} {'vs':>14} {'libvirt s':>10}"
+          f" {'downtime':>9}")
     for row in rows:
         head = f"{row['route']:15} {row['n']:>2}"
         if row.get("median") is None:
@@ -380,7 +383,9 @@ def print_rows(rows, a):
             continue
         vs = f"{row['ratio']:.2f}x {row['base']}" if row.get("ratio") else "-"
         dt = f"{row['downtime']:.0f} ms" if row.get("downtime") is not None else "-"
-        print(f"{head} {row['median']:7.2f} {row['min']:6.2f}-{row['max']:<6.2f} {vs:>14} {dt:>9}")
+        lt = f"{row['libvirt_s']:.2f}" if row.get("libvirt_s") is not None else "-"
+        print(f"{head} {row['median']:7.2f} {row['min']:6.2f}-{row['max']:<6.2f} {vs:>14} {lt:>10}"
+              f" {dt:>9}")
         if row["failed"]:
             print(f"{'':18} and {row['failed']} failed run(s), the last: {row['error']}")
     for text, met in goals(rows):
@@ -395,17 +400,19 @@ def print_markdown(rows, a, load):
           " guest without a disk (RAM only, as with shared storage): libvirt 9.0 cannot tunnel a"
           " disk copy.")
     print()
-    print("| route          | runs | wall       | min–max        | vs plain same disk | downtime |")
-    print("|----------------|------|------------|----------------|--------------------|----------|")
+    print("| route          | runs | wall       | min–max        | vs plain same disk | libvirt's job | downtime |")
+    print("|----------------|------|------------|----------------|--------------------|---------------|----------|")
     for row in rows:
         runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
         if row.get("median") is None:
-            print(f"| {row['route']:14} | {runs:4} | failed     | –              | –                  | –        |")
+            print(f"| {row['route']:14} | {runs:4} | failed     | –              | –                  | –             | –        |")
             continue
         ratio = f"{row['ratio']:.2f}x" if row.get("ratio") else "–"
         mm = f"{row['min']:.2f}–{row['max']:.2f} s"
         dt = f"{row['downtime']:.0f} ms" if row.get("downtime") is not None else "–"
-        print(f"| {row['route']:14} | {runs:4} | {row['median']:7.2f} s  | {mm:14} | {ratio:>18} | {dt:>8} |")
+        lt = f"{row['libvirt_s']:.2f} s" if row.get("libvirt_s") is not None else "–"
+        print(f"| {row['route']:14} | {runs:4} | {row['median']:7.2f} s  | {mm:14} | {ratio:>18} |"
+              f" {lt:>13} | {dt:>8} |")
     for row in rows:
         if row["failed"]:
             err = row["error"] if len(row["error"]) <= 300 else row["error"][:297] + "..."
