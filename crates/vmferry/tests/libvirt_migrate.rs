@@ -43,7 +43,7 @@ fn a_libvirt_domain_with_a_local_disk_migrates_a_to_b_and_back_over_the_tunnel()
         )
         .context("back B → A over the tunnel")?;
         eprintln!(
-            "B → A done after {:?} (A → B from beat {a_beat})",
+            "B → A done after {:?} (the guest left A at beat {a_beat})",
             t0.elapsed()
         );
         Ok(())
