@@ -30,8 +30,15 @@ fn a_libvirt_domain_with_a_local_disk_migrates_a_to_b_and_back_over_the_tunnel()
     let (dom, before) = s.boot_guest("vmf-lv", 128, "")?;
     eprintln!("guest beats on A ({before}) after {:?}", t0.elapsed());
     with_diagnostics(&s, || {
-        // A → B over the default transport, the disk copied.
-        let a_beat = there_and_check(&s, &s.da, &s.db, &dom, &["--copy-storage", "all"])?;
+        // A → B over the default transport (auto: direct), the disk copied, the RAM over
+        // libvirt's PARALLEL (multifd) connections: the main stream and 2 channels.
+        let a_beat = there_and_check(
+            &s,
+            &s.da,
+            &s.db,
+            &dom,
+            &["--copy-storage", "all", "--multifd", "2", "--json"],
+        )?;
         eprintln!("A → B done after {:?}", t0.elapsed());
         // B → A through the tunnel: A still has the image from before (overwritten).
         there_and_check(
@@ -363,6 +370,22 @@ fn there_and_check(
         "{} → {} took {took:?} ({} socket samples, vmferry's port in {})",
         src.hostname, dst.hostname, net.samples, net.vmferry_seen
     );
+    if args.contains(&"--json") {
+        // What the result says about the streams: the transport asked for (or auto's
+        // first choice), and with --multifd N the main stream and N channels.
+        let out = String::from_utf8_lossy(&o.stdout);
+        let result: serde_json::Value =
+            serde_json::from_str(out.lines().last().unwrap_or("{}")).context("the result")?;
+        let want = args
+            .windows(2)
+            .find(|w| w[0] == "--transport")
+            .map_or("direct", |w| w[1]);
+        ensure!(result["transport"] == want, "{result}");
+        if let Some(w) = args.windows(2).find(|w| w[0] == "--multifd") {
+            let n: u64 = w[1].parse()?;
+            ensure!(result["streams"] == n + 1, "{result}");
+        }
+    }
     ensure!(
         net.violations.is_empty(),
         "the hosts talked past vmferry: {:#?}",
