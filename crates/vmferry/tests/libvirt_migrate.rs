@@ -288,7 +288,8 @@ fn the_socket_watch_sees_libvirt_ports_and_foreign_connections() -> Result<()> {
     let _listener = hosts.b.spawn_killable(
         "socat",
         [
-            format!("TCP-LISTEN:16509,bind={},reuseaddr", hosts.b.ip),
+            // fork: the listener stays while the connection is open.
+            format!("TCP-LISTEN:16509,bind={},reuseaddr,fork", hosts.b.ip),
             "EXEC:sleep 30".to_string(),
         ],
     )?;
@@ -408,7 +409,7 @@ fn there_and_check(
         src.hostname,
         src.domains()?
     );
-    let beats = wait_for("the guest beating on", Duration::from_secs(30), || {
+    let beats = wait_for("the guest beating on", Duration::from_secs(60), || {
         let b = heartbeats(&dst_serial);
         Ok((b.len() >= 3).then_some(b))
     })?;
