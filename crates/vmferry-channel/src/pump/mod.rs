@@ -24,7 +24,7 @@ use std::sync::Arc;
 use wire::{Inbound, Outbound, WireError};
 
 mod record;
-mod wire;
+pub(crate) mod wire;
 
 /// Bytes per read from QEMU's socket when compressing, and per decompressed chunk.
 const CHUNK: usize = 256 * 1024;
@@ -385,7 +385,7 @@ fn run(
 /// Any records rustls read but did not yet process are processed first; a record it
 /// holds only in part is lost to us, which shows as a record that fails authentication
 /// (an error, never wrong bytes).
-fn take_keys(
+pub(crate) fn take_keys(
     mut conn: rustls::Connection,
     tcp: &mut TcpStream,
     inbox: &mut Vec<u8>,

@@ -237,6 +237,28 @@ impl Inbound {
     }
 }
 
+impl Inbound {
+    /// Copies opened plaintext into `dst` (for a reader that owns its buffer, as yamux
+    /// does): the bytes copied.
+    pub fn read_into(&mut self, dst: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < dst.len() && self.next < self.ranges.len() {
+            let r = &self.ranges[self.next];
+            let from = &self.buf[r.start + self.skip..r.end];
+            let take = from.len().min(dst.len() - n);
+            dst[n..n + take].copy_from_slice(&from[..take]);
+            n += take;
+            if take == from.len() {
+                self.next += 1;
+                self.skip = 0;
+            } else {
+                self.skip += take;
+            }
+        }
+        n
+    }
+}
+
 /// Why reading a socket into a buffer failed: the socket, or a record.
 #[derive(Debug)]
 pub enum WireError {
