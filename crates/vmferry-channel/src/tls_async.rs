@@ -2,7 +2,7 @@
 //! single-threaded tokio runtime (the tunnel's mux): the pump's rules, without a thread
 //! and a local socket of its own.
 //!
-//! - The record layer is the pump's ([`crate::pump::wire`]): once rustls finished the
+//! - The record layer is the pump's (`pump::wire`): once rustls finished the
 //!   handshake, its traffic keys are taken over, and records are sealed and opened in
 //!   place in buffers reused for the whole connection (no per-record copy or `Vec`).
 //! - Reads return decrypted plaintext. TCP is read (up to 256 KiB of records at a time)

@@ -2,11 +2,14 @@
 //!
 //! This is the hot path of a migration. One thread per connection drives both directions
 //! with nonblocking sockets and `poll`, so neither direction can deadlock the other and
-//! memory stays bounded: the local socket is read only when rustls has flushed what it had,
-//! and the TCP socket only when the plaintext already decrypted has been handed to QEMU.
-//! Reads and writes are large (256 KiB) into buffers reused for the whole stream.
-//! With the compression filter on, what QEMU sends is compressed before rustls sees it,
-//! and what arrives is decompressed a bounded chunk at a time after it.
+//! memory stays bounded: the local socket is read only when the records sealed before
+//! went to TCP, and the TCP socket only when the plaintext already opened has been handed
+//! to QEMU. rustls does the handshake; then the pump takes the traffic keys and runs the
+//! TLS 1.3 record layer itself (`record`), sealing and opening records in place in two
+//! buffers reused for the whole stream (`wire`): 256 KiB per read and per write, no copy
+//! or allocation per record. With the compression filter on, what QEMU sends is compressed
+//! before it is sealed, and what arrives is decompressed a bounded chunk at a time after
+//! it is opened.
 //!
 //! It must never end a stream silently: a TCP close without TLS close_notify is an attack
 //! or a crash, and is reported as [`PumpError::Truncated`].
