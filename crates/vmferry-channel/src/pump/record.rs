@@ -307,4 +307,61 @@ mod tests {
             Err(RecordError::Exhausted(10))
         ));
     }
+
+    #[test]
+    fn chacha20_poly1305_records_round_trip_too() {
+        let chacha = || ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: rustls::crypto::cipher::AeadKey::from([3u8; 32]),
+            iv: rustls::crypto::cipher::Iv::from([5u8; 12]),
+        };
+        let mut s = Sealer::new(7, chacha(), u64::MAX).expect("sealer");
+        let mut o = Opener::new(7, chacha()).expect("opener");
+        let mut buf = vec![0u8; SLOT];
+        buf[HEADER..HEADER + MAX_PLAIN].fill(0xab);
+        let n = s.seal_data(&mut buf, MAX_PLAIN).expect("seal");
+        assert_eq!(n, SLOT);
+        let (_, opened) = o.open(&mut buf).expect("open").expect("whole");
+        assert_eq!(opened, Opened::Data(HEADER..HEADER + MAX_PLAIN));
+        assert!(buf[HEADER..HEADER + MAX_PLAIN].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn a_close_notify_opens_as_the_end_and_a_fatal_alert_as_an_error() {
+        let mut s = Sealer::new(0, keys(), 10).expect("sealer");
+        let mut o = Opener::new(0, keys()).expect("opener");
+        let mut buf = vec![0u8; SLOT];
+        let n = s.seal_close_notify(&mut buf).expect("seal");
+        let (_, opened) = o.open(&mut buf[..n]).expect("open").expect("whole");
+        assert_eq!(opened, Opened::CloseNotify);
+        buf[HEADER..HEADER + 2].copy_from_slice(&[2, 40]); // fatal handshake_failure
+        let n = s.seal(&mut buf, 2, ALERT).expect("seal");
+        let e = o.open(&mut buf[..n]).expect_err("fatal");
+        assert!(e.to_string().contains("HandshakeFailure"), "{e}");
+    }
+
+    #[test]
+    fn records_out_of_order_or_unprotected_or_too_large_are_refused() {
+        let mut s = Sealer::new(0, keys(), 10).expect("sealer");
+        let mut buf = vec![0u8; SLOT];
+        let n = s.seal_data(&mut buf, 100).expect("first");
+        let mut second = buf[..n].to_vec();
+        s.seal_data(&mut second, 100).expect("second");
+        // The second record first: its nonce is not the one expected.
+        let mut o = Opener::new(0, keys()).expect("opener");
+        assert!(matches!(
+            o.open(&mut second),
+            Err(RecordError::BadRecordMac)
+        ));
+        let mut o = Opener::new(0, keys()).expect("opener");
+        let mut plain = [22u8, 3, 3, 0, 1, 0];
+        assert!(matches!(
+            o.open(&mut plain),
+            Err(RecordError::Unprotected(22))
+        ));
+        let mut huge = [23u8, 3, 3, 0x48, 0x01];
+        assert!(matches!(
+            o.open(&mut huge),
+            Err(RecordError::Overflow(0x4801))
+        ));
+    }
 }
