@@ -58,8 +58,11 @@ pub enum RecordError {
     Handshake(u8),
     #[error("a TLS record of content type {0} is not one TLS 1.3 knows")]
     ContentType(u8),
+    /// One key may seal at most this many records (AES-128-GCM: 2^24, 256 GiB of full
+    /// records); we cannot send a KeyUpdate (see the module docs), so the stream ends.
     #[error(
-        "this stream reached the cipher's confidentiality limit of {0} records in one direction"
+        "this stream reached the cipher's confidentiality limit of {0} records (16 KiB each) \
+         in one direction; with more streams (--multifd N) each carries a part under its own key"
     )]
     Exhausted(u64),
     #[error("the negotiated cipher suite's keys cannot be used by the data path")]
