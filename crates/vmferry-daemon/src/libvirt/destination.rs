@@ -450,21 +450,35 @@ impl LibvirtDestination {
     }
 }
 
-/// Removes what libvirt left of an incoming domain: destroyed if it is not running,
-/// undefined if it is defined. Returns whether the domain runs here (then nothing is
-/// touched, and its images must stay).
+/// Removes what libvirt left of an incoming domain, if it is still paused as one:
+/// destroyed, and undefined if defined. Returns whether the domain's images must stay
+/// (it runs here, or is in a state that may make it the guest's only copy).
 pub(super) fn remove_incoming(libvirt_uri: &str, plan: &LibvirtPlan) -> Result<bool> {
     let lv = api::open(libvirt_uri)?;
     let Some(dom) = lv.domain_by_uuid(&plan.uuid)? else {
         return Ok(false);
     };
     let state = api::run_state(&dom)?;
-    if state == RunState::Running {
-        tracing::warn!(
-            "domain {} runs here: libvirt completed its migration; left as it is",
-            plan.domain
-        );
-        return Ok(true);
+    match state {
+        RunState::Running => {
+            tracing::warn!(
+                "domain {} runs here: libvirt completed its migration; left as it is",
+                plan.domain
+            );
+            return Ok(true);
+        }
+        // Only a domain still paused as libvirt's incoming one is removed. Anything else
+        // (shut off after a crash in post-copy, ...) may be the last copy of the guest:
+        // its definition and images stay for the operator.
+        RunState::Paused { .. } => {}
+        other => {
+            tracing::warn!(
+                "domain {} is {other:?} here after its migration began; its definition and \
+                 images are left for the operator (it may be the guest's only copy)",
+                plan.domain
+            );
+            return Ok(true);
+        }
     }
     if dom.is_active().unwrap_or(false) {
         dom.destroy().map_err(|e| {

@@ -128,8 +128,11 @@ impl LibvirtSource {
                     let after = pc
                         .after_ms
                         .is_some_and(|ms| started.elapsed() >= Duration::from_millis(ms));
-                    let disks_done = p.disk_total == 0 || p.disk_remaining == 0;
-                    if (first_pass || after) && disks_done {
+                    // libvirt copies the disks first and moves the RAM once they are in
+                    // sync (the guest's later writes are mirrored): RAM under way means
+                    // the disks are done.
+                    let ram_moving = p.mem_total > 0 && p.mem_processed > 0;
+                    if (first_pass || after) && ram_moving {
                         match ffi::start_postcopy(dom) {
                             Ok(()) => {
                                 tracing::info!(migration = %self.id, "libvirt switched the migration to post-copy");
