@@ -467,17 +467,55 @@ def install_socat():
 
 def start_relay(dst_port):
     """Two socat relays in a row (like the two daemons), 256 KiB buffers, no encryption.
-    Returns (the port the source QEMU dials, the socat processes)."""
+    Each forks a child per connection (one relay per connection, as the daemons run one
+    pump per stream), so multifd works too. Returns (the port the source QEMU dials, the
+    socat processes); end them with stop_relays."""
     if not hasattr(start_relay, "socat"):
         start_relay.socat = install_socat()
     mid, entry = free_port(), free_port()
     procs = []
     for listen, to in ((mid, dst_port), (entry, mid)):
-        p = spawn([start_relay.socat, "-b", "262144", f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr",
+        p = spawn([start_relay.socat, "-b", "262144", f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork",
                    f"TCP:127.0.0.1:{to}"])
         procs.append(p)
         wait_listening(listen, p, "socat")
     return entry, procs
+
+
+def stop_relays(relays, timeout=10):
+    """Waits until every forked relay child has ended (their connections closed) and was
+    reaped, then ends the listening socats. Returns their CPU seconds, children included."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(child_pids(p.pid) for p in relays):
+        time.sleep(0.01)
+    cpu = sum(cpu_seconds_tree(p.pid) for p in relays)
+    for p in relays:
+        try:
+            p.terminate()
+            p.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        kill(p)
+    return cpu
+
+
+def child_pids(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def cpu_seconds_tree(pid):
+    """utime + stime of a process and of its children it has reaped (cutime + cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / tick
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Routes (all on 127.0.0.1; the QEMUs run TCG, which is fine for a paused guest):
   plain-unix  QEMU -> unix socket -> QEMU, unencrypted: what QEMU itself spends on the
             unix sockets vmferry's daemons give it
   relay     QEMU -> socat -> TCP -> socat -> QEMU, unencrypted: the cost of two userspace
-            hops alone (vmferry's topology without its TLS); one stream only
+            hops alone (vmferry's topology without its TLS); each socat forks one relay per
+            connection, so multifd works too
   direct, reverse, tunnel
             vmferry serve (two daemons) + vmferry migrate in attach mode, --transport ROUTE
   vmferry   the same with --transport auto
@@ -89,15 +90,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import busy_routes as busy
 import disk_routes
 import libvirt_routes
 import live_routes as live
 import paused_routes as paused
-from benchlib import (PATHS, QEMU, ROOT, VMFERRY, Daemon, Env, Stunnel, _on_signal, cleanup, loadavg,
-                      machine_header, make_x509, parse_list, parse_size, remove_stale_files, shm_path,
-                      streams_label)
+from benchlib import (PATHS, PROCS, QEMU, ROOT, VMFERRY, Daemon, Env, Stunnel, _on_signal, cleanup, kill,
+                      loadavg, machine_header, make_x509, parse_list, parse_size, remove_stale_files,
+                      shm_path, spawn, streams_label)
 from busy_routes import BUSY_ROUTES
 from live_routes import summarize_live
 from paused_routes import ALL_ROUTES, VMFERRY_ROUTES
@@ -118,8 +120,10 @@ def print_markdown(rows, live_rows, a, header):
     notes = []
     if rows:
         print()
-        print("| route       | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |")
-        print("|-------------|------------|------|-------------|---------------|-------|----------|-----------|")
+        print("| route       | streams    | runs | median wall | min–max       | GiB/s | vs plain | CPU s/GiB |"
+              " QEMUs | carrier |")
+        print("|-------------|------------|------|-------------|---------------|-------|----------|-----------|"
+              "-------|---------|")
         for row in rows:
             runs = f"{row['n']}" + (f"+{row['failed']}✗" if row["failed"] else "")
             head = f"| {row['route']:11} | {streams_label(row['multifd']):10} | {runs:4} |"
@@ -127,12 +131,13 @@ def print_markdown(rows, live_rows, a, header):
                 notes.append(f"{row['route']}, {streams_label(row['multifd'])}: {row['failed']} failed"
                              f" run(s): {row['error']}")
             if row.get("median") is None:
-                print(f"{head} failed      | –             |     – |        – |         – |")
+                print(f"{head} failed      | –             |     – |        – |         – |     – |       – |")
                 continue
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "–"
             mm = f"{row['min']:.2f}–{row['max']:.2f} s"
             med = f"{row['median']:.3f} s"
-            print(f"{head} {med:11} | {mm:13} | {row['gibps']:5.2f} | {ratio:>8} | {row['cpu']:9.2f} |")
+            print(f"{head} {med:11} | {mm:13} | {row['gibps']:5.2f} | {ratio:>8} | {row['cpu']:9.2f} |"
+                  f" {row['cpu_qemu']:5.2f} | {row['cpu_carrier']:7.2f} |")
         for n in notes:
             n = n if len(n) <= 300 else n[:297] + "..."
             print(f"\n✗ {n}".replace("|", "/"))
@@ -156,12 +161,46 @@ def print_markdown(rows, live_rows, a, header):
                 print(f"\n✗ live {lr['route']}: {lr['failed']} failed run(s): {lr['error']}".replace("|", "/"))
 
 
+def start_profile(path, env):
+    """`perf record -g` of both daemons (their threads, and the pump threads they start)."""
+    if not shutil.which("perf"):
+        sys.exit("--profile needs perf (apt-get install linux-perf)")
+    if not env.daemons:
+        sys.exit("--profile records the vmferry daemons: give a vmferry route")
+    pids = ",".join(str(d.pid) for d in env.daemons)
+    p = spawn(["perf", "record", "-F", "999", "-g", "-p", pids, "-o", path],
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    if p.poll() is not None:
+        sys.exit(f"perf record failed: {p.stderr.read().strip()[-300:]}")
+    print(f"profiling the daemons (pids {pids}) into {path}", flush=True)
+    return p
+
+
+def stop_profile(p, path):
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill(p)
+    if p in PROCS:
+        PROCS.remove(p)
+    for sort, title, n in (("comm", "threads", 12), ("sym", "symbols", 30)):
+        r = subprocess.run(["perf", "report", "-i", path, "--stdio", "--no-children", "--sort", sort,
+                            "-g", "none"], capture_output=True, text=True)
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+        print(f"\nprofile of the daemons, top {title} (perf report -i {path} --no-children"
+              f" --sort {sort}):")
+        for ln in lines[:n]:
+            print(f"  {ln.strip()}")
+
+
 def main():
     class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    ap.add_argument("--routes", default="plain,qemu-tls,stunnel,direct,reverse,tunnel",
+    ap.add_argument("--routes", default="plain,qemu-tls,stunnel,relay,direct,reverse,tunnel",
                     help="comma-separated, from: " + ",".join(ALL_ROUTES))
     ap.add_argument("--multifd", default="0,2,4",
                     help="comma-separated stream counts: 0 = one stream, N = multifd with N channels")
@@ -228,6 +267,9 @@ def main():
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work dir (logs, configs, certificates) for a look afterwards")
     ap.add_argument("--json-out", help="also write every run's numbers to this file")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="record the vmferry daemons with `perf record -g` during the paused runs"
+                         " into FILE, then print their top symbols and threads")
     a = ap.parse_args()
     routes = parse_list(a.routes, ALL_ROUTES)
     try:
@@ -328,7 +370,12 @@ def main():
         gib = a.ram_mib / 1024
 
         cells = [(r, m) for m in mfds for r in routes]
-        results, failures = paused.run_all(env, cells, template, gib, all_runs)
+        profiler = start_profile(a.profile, env) if a.profile else None
+        try:
+            results, failures = paused.run_all(env, cells, template, gib, all_runs)
+        finally:
+            if profiler:
+                stop_profile(profiler, a.profile)
 
         rows = paused.summarize(cells, results, failures, gib)
         if rows:

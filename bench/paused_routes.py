@@ -19,6 +19,7 @@ import time
 
 from benchlib import (PROCS, UNLIMITED, VMFERRY, Qemu, Qmp, children_cpu, cpu_seconds, fmt_ms,
                       free_port, kill, qemu_complaints, remove, shm_path, spawn, start_relay,
+                      stop_relays,
                       streams_label)
 
 QEMU_ROUTES = ("plain", "plain-unix", "qemu-tls", "stunnel", "relay")
@@ -32,8 +33,6 @@ def qemu_route_migrate(env, route, src, dst, multifd, live):
     carrier = []
     relays = []
     if route == "relay":
-        if multifd:
-            raise RuntimeError("relay carries one stream only (socat without fork)")
         port = free_port()
         dst_uri = f"tcp:127.0.0.1:{port}"
         # socat dials onward only once dialed itself, so it may start before QEMU listens.
@@ -108,16 +107,8 @@ def qemu_route_migrate(env, route, src, dst, multifd, live):
          "setup_ms": info.get("setup-time"), "bytes": info.get("ram", {}).get("transferred"),
          "dirty_syncs": info.get("ram", {}).get("dirty-sync-count")}
     if relays:
-        # socat ends with its connection; reaped here, its CPU is the children's.
-        c0 = children_cpu()
-        for p in relays:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                kill(p)
-            if p in PROCS:
-                PROCS.remove(p)
-        r["controller_cpu"] = children_cpu() - c0
+        # The relay children end with their connections; their CPU is the socats'.
+        r["relay_cpu"] = stop_relays(relays)
     return elapsed, r, carrier
 
 
@@ -182,14 +173,19 @@ def run_paused(env, route, multifd, template):
                 d.ensure()
         carrier = ([d.pid for d in env.daemons] if route in VMFERRY_ROUTES and env.daemons else
                    env.stunnel.pids if route == "stunnel" and env.stunnel else [])
-        q0 = cpu_seconds(qemu_pids)
+        s0, d0 = cpu_seconds([src.pid]), cpu_seconds([dst.pid])
         c0 = cpu_seconds(carrier)
         try:
             elapsed, r, carrier = migrate(env, route, src, dst, multifd)
         except Exception as e:
             raise RuntimeError(f"{e}{qemu_complaints(src, dst)}") from None
-        r["cpu_qemu"] = cpu_seconds(qemu_pids) - q0
-        r["cpu"] = r["cpu_qemu"] + cpu_seconds(carrier) - c0 + r.get("controller_cpu", 0.0)
+        r["cpu_src"] = cpu_seconds([src.pid]) - s0
+        r["cpu_dst"] = cpu_seconds([dst.pid]) - d0
+        r["cpu_qemu"] = r["cpu_src"] + r["cpu_dst"]
+        # The carrier: vmferry's daemons and controller, stunnel, or the socat relays.
+        r["cpu_carrier"] = (cpu_seconds(carrier) - c0 + r.get("controller_cpu", 0.0)
+                            + r.get("relay_cpu", 0.0))
+        r["cpu"] = r["cpu_qemu"] + r["cpu_carrier"]
         r["elapsed"] = elapsed
         if subprocess.run(["cmp", "-s", template, dst_ram]).returncode != 0:
             raise RuntimeError("destination RAM differs from the source RAM")
@@ -234,7 +230,8 @@ def run_all(env, cells, template, gib, all_runs):
                 extra = f"  transport {r['transport']}" if r.get("transport") and route == "vmferry" else ""
                 print(f"  {tag:11} {route:8} {streams_label(mfd):10} {r['elapsed']:6.3f} s"
                       f" {gib / r['elapsed']:5.2f} GiB/s  QEMU {fmt_ms(r.get('qemu_ms')):>8}"
-                      f"  cpu {r['cpu']:5.2f} s (QEMUs {r['cpu_qemu']:.2f})  RAM identical{extra}",
+                      f"  cpu {r['cpu']:5.2f} s (QEMU src {r['cpu_src']:.2f} dst {r['cpu_dst']:.2f},"
+                      f" carrier {r['cpu_carrier']:.2f})  RAM identical{extra}",
                       flush=True)
                 all_runs.append({"route": route, "multifd": mfd, "round": tag, **r})
                 if i >= a.warmup:
@@ -257,7 +254,10 @@ def summarize(cells, results, failures, gib):
                        gibps=gib / statistics.median(ts),
                        qemu_ms=statistics.median([r["qemu_ms"] for r in runs if r.get("qemu_ms") is not None] or [0]),
                        cpu=statistics.median(r["cpu"] for r in runs) / gib,
-                       cpu_qemu=statistics.median(r["cpu_qemu"] for r in runs) / gib)
+                       cpu_qemu=statistics.median(r["cpu_qemu"] for r in runs) / gib,
+                       cpu_src=statistics.median(r["cpu_src"] for r in runs) / gib,
+                       cpu_dst=statistics.median(r["cpu_dst"] for r in runs) / gib,
+                       cpu_carrier=statistics.median(r["cpu_carrier"] for r in runs) / gib)
         rows.append(row)
     for row in rows:
         base = next((b for b in rows if b["route"] == "plain" and b["multifd"] == row["multifd"]
@@ -272,15 +272,17 @@ def print_paused(rows, a):
           " warm-up, interleaved; destination RAM verified byte-identical every run.")
     print("vs plain: median wall time / plain TCP's with the same stream count.  QEMU ms: QEMU's"
           " total-time on the source.")
-    print("cpu s/GiB: both QEMUs + the carrier (stunnel, or both vmferry daemons + controller);"
-          " (QEMUs): the QEMUs' share.")
+    print("cpu s/GiB: both QEMUs + the carrier (stunnel, the socat relays, or both vmferry daemons"
+          " + controller); then each share: QEMUs, source QEMU, destination QEMU, carrier"
+          " (each a median of its own, so they need not add up exactly).")
     print()
     print_table(rows, a.runs)
 
 
 def print_table(rows, runs):
     print(f"{'route':11} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
-          f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'(QEMUs)':>8}")
+          f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'QEMUs':>6} {'src':>5} {'dst':>5}"
+          f" {'carrier':>7}")
     last = None
     for row in rows:
         if last is not None and row["multifd"] != last:
@@ -292,6 +294,7 @@ def print_table(rows, runs):
             continue
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         print(f"{head} {row['median']:9.3f} {row['min']:6.3f}-{row['max']:<6.3f} {row['gibps']:6.2f}"
-              f" {ratio:>9} {row['qemu_ms']:8.0f} {row['cpu']:10.2f} {row['cpu_qemu']:8.2f}")
+              f" {ratio:>9} {row['qemu_ms']:8.0f} {row['cpu']:10.2f} {row['cpu_qemu']:6.2f}"
+              f" {row['cpu_src']:5.2f} {row['cpu_dst']:5.2f} {row['cpu_carrier']:7.2f}")
         if row["failed"]:
             print(f"{'':13} and {row['failed']} failed run(s), the last: {row['error']}")
