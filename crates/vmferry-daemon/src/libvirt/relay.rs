@@ -142,6 +142,8 @@ pub struct SourceRelay {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// How many connections of each kind came, in [`KINDS`]' order.
     counts: [Arc<AtomicU16>; 3],
+    /// The directory the sockets are in (a connection to each wakes its acceptor).
+    dir: PathBuf,
 }
 
 impl SourceRelay {
@@ -158,6 +160,7 @@ impl SourceRelay {
             link: Arc::new(link),
             threads: Mutex::new(Vec::new()),
             counts: Default::default(),
+            dir: dir.to_path_buf(),
         };
         for (i, (kind, name)) in KINDS.into_iter().enumerate() {
             let path = dir.join(name);
@@ -189,6 +192,10 @@ impl SourceRelay {
     /// Stops taking connections; with `cut`, also cuts every stream in flight.
     pub fn stop(&self, cut: bool) {
         self.stop.store(true, Ordering::SeqCst);
+        // Wakes each acceptor at once (it would see the flag within its poll anyway).
+        for (_, name) in KINDS {
+            let _ = UnixStream::connect(self.dir.join(name));
+        }
         for t in std::mem::take(&mut *lock(&self.threads)) {
             let _ = t.join();
         }
@@ -233,6 +240,9 @@ impl Acceptor {
         while !self.stop.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((local, _)) => {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return; // stop's own wake-up, or too late to carry
+                    }
                     let k = self.next.fetch_add(1, Ordering::SeqCst);
                     if let Err(e) = self.carry(k, local) {
                         self.streams.fail(e.to_string());

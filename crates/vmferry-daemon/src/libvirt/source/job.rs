@@ -71,6 +71,8 @@ impl LibvirtSource {
             };
             let r = dom.migrate_to_uri3(Some(&desturi), params, flags);
             done.store(true, Ordering::SeqCst);
+            // Woken at once: the completion must not wait out the watcher's poll.
+            watcher.thread().unpark();
             let _ = watcher.join();
             r.map_err(|e| DaemonError::Libvirt(e.message().trim().to_string()))
         })();
@@ -160,7 +162,7 @@ impl LibvirtSource {
                     aborted = true;
                 }
             }
-            std::thread::sleep(LIBVIRT_POLL);
+            std::thread::park_timeout(LIBVIRT_POLL);
         }
     }
 
