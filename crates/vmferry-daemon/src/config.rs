@@ -103,6 +103,12 @@ pub struct DaemonConfig {
     /// the same path on every host: libvirt uses one path on both sides.
     #[serde(default = "default_libvirt_migrations_dir")]
     pub libvirt_migrations_dir: PathBuf,
+    /// The group libvirt runs QEMU as (qemu.conf `group`), when QEMU does not run as root:
+    /// each migration's directory and the sockets QEMU uses in it are given to it
+    /// (source: `0750`, sockets `0660`; destination: `0770`, QEMU makes its sockets there).
+    /// None: root only.
+    #[serde(default)]
+    pub libvirt_qemu_group: Option<String>,
 }
 
 fn default_libvirt_uri() -> String {
@@ -158,6 +164,7 @@ impl DaemonConfig {
             danger_protocol_version: None,
             libvirt_uri: default_libvirt_uri(),
             libvirt_migrations_dir: default_libvirt_migrations_dir(),
+            libvirt_qemu_group: None,
         }
     }
 

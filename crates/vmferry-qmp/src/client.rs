@@ -38,6 +38,9 @@ pub const MAX_QUEUED_EVENTS: usize = 4096;
 const MIN_HANDSHAKE: Duration = Duration::from_secs(1);
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
+/// How many events left over from the previous client a new one skips before the greeting.
+const MAX_STALE_EVENTS: usize = 64;
+
 /// A connected QMP session (greeting read, capabilities negotiated).
 ///
 /// QEMU serves one QMP client at a time: while a `Qmp` exists, nobody else can talk to
@@ -110,10 +113,22 @@ impl Qmp {
             oob: false,
             late: None,
         };
-        let greeting = q.wire.read_message(
-            &deadline,
-            "QMP greeting (QEMU serves one client at a time: is another connected?)",
-        )?;
+        // An event QEMU emitted while the previous client was leaving can reach the next
+        // one before its greeting (seen: a mirror's JOB_STATUS_CHANGE, under load): such
+        // stale events are skipped, a bounded number of them.
+        let mut stale = 0;
+        let greeting = loop {
+            let m = q.wire.read_message(
+                &deadline,
+                "QMP greeting (QEMU serves one client at a time: is another connected?)",
+            )?;
+            if m.contains_key("event") && !m.contains_key("QMP") && stale < MAX_STALE_EVENTS {
+                stale += 1;
+                tracing::debug!("QMP event before the greeting, skipped: {m:?}");
+                continue;
+            }
+            break m;
+        };
         if !greeting.contains_key("QMP") {
             return Err(QmpError::Protocol(format!(
                 "expected the QMP greeting, got {}",
@@ -407,6 +422,33 @@ mod tests {
             waited >= Duration::from_millis(1500) && waited < HANG,
             "{waited:?}"
         );
+    }
+
+    #[test]
+    fn stale_events_before_the_greeting_are_skipped_but_not_forever() {
+        // QEMU can hand an event meant for the client before to the next one, ahead of
+        // its greeting (a mirror's JOB_STATUS_CHANGE, seen in the disk copy tests).
+        let (_d, p, h) = serve(|s| {
+            let mut w = s.try_clone().expect("clone");
+            let _ = w.write_all(
+                b"{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {\"id\": \"m0\", \"status\": \"ready\"}}\r\n",
+            );
+            let (mut r, _w) = handshake(s);
+            let _ = next_command(&mut r);
+        });
+        let q = Qmp::connect(&p, Duration::from_secs(5)).expect("greeting after a stale event");
+        assert_eq!(q.version().map(|v| v.major), Some(7));
+        drop(q);
+        h.join().expect("server");
+
+        let (_d, p, _h) = serve(|mut s| {
+            for _ in 0..=MAX_STALE_EVENTS {
+                let _ = s.write_all(b"{\"event\": \"STOP\"}\r\n");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let e = Qmp::connect(&p, Duration::from_secs(2)).expect_err("events only");
+        assert!(e.to_string().contains("greeting"), "{e}");
     }
 
     #[test]

@@ -155,6 +155,10 @@ pub struct ServeArgs {
     /// /run/vmferry/migrations); the same path on every host.
     #[arg(long, value_name = "DIR")]
     pub libvirt_migrations_dir: Option<PathBuf>,
+    /// The group libvirt runs QEMU as, when not root (qemu.conf `group`): it gets access
+    /// to each libvirt migration's directory and the sockets QEMU uses there.
+    #[arg(long, value_name = "GROUP")]
+    pub libvirt_qemu_group: Option<String>,
     /// Log lines as text (default) or as JSON objects, one per line, for a log collector.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -347,6 +351,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if let Some(d) = a.libvirt_migrations_dir {
         config.libvirt_migrations_dir = d;
+    }
+    if a.libvirt_qemu_group.is_some() {
+        config.libvirt_qemu_group = a.libvirt_qemu_group;
     }
     let server = Server::bind(config.clone()).context("cannot start the daemon")?;
     tracing::info!(

@@ -17,7 +17,6 @@ use crate::migration::lease::Lease;
 use crate::migration::record::{self, Parties};
 use crate::state::Daemon;
 use crate::vms::lock;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,17 +133,7 @@ impl LibvirtDestination {
             if let Some(c) = copy {
                 images::prepare_images(&plan.disks, c.mode, &mut journal, &journal_file)?;
             }
-            if let Some(parent) = plan.dir.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    DaemonError::Internal(format!("cannot create {}: {e}", parent.display()))
-                })?;
-            }
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&plan.dir)
-                .map_err(|e| {
-                    DaemonError::Internal(format!("cannot create {}: {e}", plan.dir.display()))
-                })
+            super::make_dir(cfg, &plan.dir, super::Side::Destination)
         })();
         let identity = EphemeralIdentity::generate(&format!("vmferry-destination-{id}"))
             .map_err(|e| DaemonError::Internal(e.to_string()));

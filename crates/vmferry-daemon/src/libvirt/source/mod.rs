@@ -18,7 +18,6 @@ use crate::migration::lease::Lease;
 use crate::migration::record::{self, Parties};
 use crate::state::Daemon;
 use crate::vms::lock;
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -368,7 +367,7 @@ impl LibvirtSource {
         lock(&self.status).transport = Some(transport);
         lock(&self.status).transport_notes = cookie.transport_notes.clone();
         record::started(daemon, Role::Source, transport);
-        let started = self.open_sockets(link).and_then(|()| {
+        let started = self.open_sockets(daemon, link).and_then(|()| {
             let m = self.clone();
             let d = daemon.clone();
             std::thread::Builder::new()
@@ -383,19 +382,15 @@ impl LibvirtSource {
         started
     }
 
-    fn open_sockets(&self, link: Link) -> Result<()> {
+    fn open_sockets(&self, daemon: &Daemon, link: Link) -> Result<()> {
         let dir = &self.plan.dir;
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                DaemonError::Internal(format!("cannot create {}: {e}", parent.display()))
-            })?;
-        }
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| DaemonError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        super::make_dir(&daemon.config, dir, super::Side::Source)?;
         let relay = SourceRelay::start(dir, link, self.meter.clone(), self.filters())?;
         *lock(&self.relay) = Some(Arc::new(relay));
+        // QEMU itself connects to these (multifd channels, the mirrors' NBD clients).
+        for name in [MIGRATE_SOCKET, NBD_SOCKET] {
+            super::share_socket(&daemon.config, &dir.join(name))?;
+        }
         Ok(())
     }
 
