@@ -55,23 +55,12 @@ impl Server {
         // Before any socket is bound: a previous run killed mid-migration left a
         // receiving QEMU and half-copied images behind; the source kept the guest, so
         // they are undone.
-        for line in crate::migration::destination::roll_back_interrupted(&config.state_dir) {
-            tracing::warn!("{line}");
-            audit.record(&Event {
-                what: "migration",
-                who: "-",
-                from: "restart",
-                scheme: "-",
-                op: "roll_back",
-                subject: "",
-                outcome: "ok",
-                detail: &line,
-                role: "destination",
-                ..Default::default()
-            });
-        }
-        // Incoming libvirt migrations a previous run lost: their directories and images.
-        for line in crate::libvirt::recover(&config) {
+        // Incoming libvirt migrations a previous run lost likewise: their directories
+        // and the images they made.
+        let interrupted = crate::migration::destination::roll_back_interrupted(&config.state_dir)
+            .into_iter()
+            .chain(crate::libvirt::recover(&config));
+        for line in interrupted {
             tracing::warn!("{line}");
             audit.record(&Event {
                 what: "migration",

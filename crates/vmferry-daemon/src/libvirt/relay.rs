@@ -77,7 +77,6 @@ impl std::fmt::Debug for Link {
 pub struct Streams {
     stops: Mutex<Vec<StopHandle>>,
     error: Mutex<Option<String>>,
-    carried: std::sync::atomic::AtomicUsize,
 }
 
 impl Streams {
@@ -88,11 +87,6 @@ impl Streams {
 
     pub fn first_error(&self) -> Option<String> {
         lock(&self.error).clone()
-    }
-
-    /// How many connections were carried so far.
-    pub fn carried(&self) -> usize {
-        self.carried.load(Ordering::SeqCst)
     }
 
     pub fn cut(&self) {
@@ -113,7 +107,6 @@ impl Streams {
         let stop = StopHandle::new(&local, &c.sock)
             .map_err(|e| DaemonError::Internal(format!("{what}: {e}")))?;
         lock(&self.stops).push(stop.clone());
-        self.carried.fetch_add(1, Ordering::SeqCst);
         let streams = self.clone();
         std::thread::Builder::new()
             .name("libvirt-pump".into())
@@ -292,7 +285,6 @@ impl Acceptor {
             Link::Tunnel(t) => {
                 let sid = plan::tunnel_stream(self.kind, k)
                     .ok_or_else(|| DaemonError::Internal(format!("{what}: no tunnel stream id")))?;
-                self.streams.carried.fetch_add(1, Ordering::SeqCst);
                 t.open(sid, local)
                     .map_err(|e| DaemonError::Channel(format!("{what}: {e}")))
             }

@@ -16,7 +16,7 @@ use crate::vms::{lock, ManagedVm};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmferry_proto::{MigrationId, MigrationStatus, MigrationSummary, Role};
 use vmferry_qmp::{Qmp, QmpError};
 
@@ -376,6 +376,28 @@ impl Migrations {
             ))
         })
     }
+}
+
+/// Waits until `status` is finished, or `wait` passed (`finished` is signalled when it
+/// becomes so); returns the status held under its lock.
+pub(crate) fn wait_finished<'a>(
+    status: &'a Mutex<MigrationStatus>,
+    finished: &std::sync::Condvar,
+    wait: Duration,
+) -> std::sync::MutexGuard<'a, MigrationStatus> {
+    let deadline = Instant::now() + wait;
+    let mut st = lock(status);
+    while !st.finished {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        st = match finished.wait_timeout(st, left) {
+            Ok((g, _)) => g,
+            Err(p) => p.into_inner().0,
+        };
+    }
+    st
 }
 
 /// How long reaching an attached QEMU's QMP socket may take.

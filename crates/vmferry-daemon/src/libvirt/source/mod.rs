@@ -463,19 +463,11 @@ impl LibvirtSource {
 
     /// The status once it is finished, or after `wait` at the latest.
     pub fn wait_status(&self, wait: Duration) -> MigrationStatus {
-        let deadline = Instant::now() + wait;
-        let mut st = lock(&self.status);
-        while !st.finished {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = match self.finished.wait_timeout(st, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        drop(st);
+        drop(crate::migration::wait_finished(
+            &self.status,
+            &self.finished,
+            wait,
+        ));
         self.status()
     }
 

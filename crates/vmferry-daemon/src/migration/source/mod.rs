@@ -487,19 +487,7 @@ impl SourceMigration {
 
     /// The status once the migration finished, or after `wait` at the latest.
     pub fn wait_status(&self, wait: Duration) -> MigrationStatus {
-        let deadline = Instant::now() + wait;
-        let mut st = lock(&self.status);
-        while !st.finished {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = match self.finished.wait_timeout(st, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        let mut st = st.clone();
+        let mut st = super::wait_finished(&self.status, &self.finished, wait).clone();
         st.channel_bytes = self.meter.forward();
         st.wire_bytes = self.meter.wire_forward();
         st.state = Some(MigrationState::Source(self.state()));
