@@ -195,9 +195,11 @@ mod tests {
 
         let said = roll_back_interrupted(state.path());
         assert_eq!(said.len(), 2, "{said:?}");
-        assert!(said
-            .iter()
-            .any(|s| s.contains("m1") && s.contains("killed")));
+        assert!(
+            said.iter()
+                .any(|s| s.contains("m1") && s.contains("killed")),
+            "{said:?}"
+        );
         assert!(!img.exists(), "the half copy stays");
         assert!(other.exists(), "a file it never made went");
         assert!(
