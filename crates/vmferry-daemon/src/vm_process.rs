@@ -81,13 +81,20 @@ pub fn is_running_qemu_of(pid: u32, qmp: &std::path::Path) -> bool {
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Waits (2 s at most) until `pid` runs with `qmp` on its command line: spawn returns
-/// once the child's close-on-exec descriptors are closed, a moment before the kernel has
-/// set up the new program's arguments (until then /proc shows the parent's, or none).
+/// Waits until `pid` runs with `qmp` on its command line: spawn returns once the child's
+/// close-on-exec descriptors are closed, a moment before the kernel has set up the new
+/// program's arguments (until then /proc shows the parent's, or none). Waits 10 s at most
+/// (a loaded CI machine can keep the child off a CPU), then panics: a test that went on
+/// would fail later, saying less.
 #[cfg(test)]
 pub(crate) fn wait_for_cmdline(pid: u32, qmp: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !is_running_qemu_of(pid, qmp) && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_running_qemu_of(pid, qmp) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} never showed {} on its command line",
+            qmp.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -211,6 +211,8 @@ fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_
     let beat = wait_for_heartbeat(&dst_log, 0, Duration::from_secs(30))?;
     wait_for_heartbeat(&dst_log, beat + 2, Duration::from_secs(30))
         .context("the guest counts on at B")?;
+    // What it dirtied from at boot arrived intact, every page of it.
+    vmferry_testkit::serial::wait_for_memory_check(&dst_log, Duration::from_secs(60))?;
     Ok(())
 }
 
