@@ -57,6 +57,56 @@ fn a_libvirt_domain_with_a_local_disk_migrates_a_to_b_and_back_over_the_tunnel()
     })
 }
 
+/// The QEMUs run as `libvirt-qemu`, not root, with libvirt's dynamic ownership, as a
+/// distribution's libvirt runs them; the daemons are given its group
+/// (`--libvirt-qemu-group`). A → B with the disk copied and multifd: B's QEMU makes its
+/// sockets in B's DIR/ID, A's QEMU connects its multifd channels and its disk's NBD client
+/// to A's DIR/ID itself — all as that user. B's image, made by B's daemon as root, is
+/// given to QEMU by libvirt.
+#[test]
+fn a_domain_whose_qemu_is_not_root_migrates_with_its_disk() -> Result<()> {
+    const USER: &str = "libvirt-qemu";
+    let uid = nix::unistd::User::from_name(USER)?
+        .with_context(|| format!("no user {USER} (setup.sh installs libvirt, which adds it)"))?
+        .uid
+        .as_raw();
+    let t0 = Instant::now();
+    let s = LvSetup::new_as("lvuser", Some(USER))?;
+    let (dom, _) = s.boot_guest("vmf-lvuser", 128, "")?;
+    eprintln!("guest beats on A after {:?}", t0.elapsed());
+    with_diagnostics(&s, || {
+        ensure!(
+            qemu_uid(&s.a, &dom.name)? == uid,
+            "A's QEMU is not {USER}'s"
+        );
+        there_and_check(
+            &s,
+            &s.da,
+            &s.db,
+            &dom,
+            &["--copy-storage", "all", "--multifd", "2", "--json"],
+        )?;
+        ensure!(
+            qemu_uid(&s.b, &dom.name)? == uid,
+            "B's QEMU is not {USER}'s"
+        );
+        eprintln!("A → B as {USER} done after {:?}", t0.elapsed());
+        Ok(())
+    })
+}
+
+/// The real user id of the QEMU of domain `name` on `host`.
+fn qemu_uid(host: &LibvirtHost, name: &str) -> Result<u32> {
+    let pid = host.qemu_pid(name).context("no QEMU pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Uid in /proc/{pid}/status"))
+}
+
 /// How long `vmferry migrate` may take in the test that kills the destination daemon: it
 /// must fail within seconds of the kill, not run into the general limit.
 const KILLED_MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -10,14 +10,21 @@ use std::path::{Path, PathBuf};
 /// in 0.5–2 s. libvirt checks every cached file before using it (the QEMU binary's and
 /// libvirtd's own change times, libvirt's version, the kernel, the CPU microcode) and probes
 /// again when anything differs, so a stale file costs only the time it would have saved.
-fn capabilities_cache() -> PathBuf {
-    crate::guest::repo_root().join(".cache/libvirt-qemu-caps")
+/// Hosts whose QEMUs run as another user than root keep theirs apart
+/// (`libvirt-qemu-caps-USER`): libvirt records whether that user may open /dev/kvm, and
+/// one set of files shared by both kinds of host would be probed again at every start.
+fn capabilities_cache(qemu_user: Option<&str>) -> PathBuf {
+    let name = match qemu_user {
+        None => ".cache/libvirt-qemu-caps".to_string(),
+        Some(user) => format!(".cache/libvirt-qemu-caps-{user}"),
+    };
+    crate::guest::repo_root().join(name)
 }
 
 /// Copies the kept capabilities into a new host's /var/cache/libvirt (`cache`). Best
 /// effort: without them libvirtd only starts slower.
-pub(super) fn seed_capabilities(cache: &Path) {
-    let Ok(rd) = std::fs::read_dir(capabilities_cache()) else {
+pub(super) fn seed_capabilities(cache: &Path, qemu_user: Option<&str>) {
+    let Ok(rd) = std::fs::read_dir(capabilities_cache(qemu_user)) else {
         return;
     };
     let into = cache.join("qemu/capabilities");
@@ -34,11 +41,11 @@ pub(super) fn seed_capabilities(cache: &Path) {
 
 /// Keeps a ready host's capabilities for the next hosts (write to a temporary name, then
 /// rename: parallel test processes never see half a file). Best effort.
-pub(super) fn keep_capabilities(cache: &Path) {
+pub(super) fn keep_capabilities(cache: &Path, qemu_user: Option<&str>) {
     let Ok(rd) = std::fs::read_dir(cache.join("qemu/capabilities")) else {
         return;
     };
-    let keep = capabilities_cache();
+    let keep = capabilities_cache(qemu_user);
     if std::fs::create_dir_all(&keep).is_err() {
         return;
     }

@@ -23,7 +23,7 @@ const PRIVATE: [(&str, &str); 5] = [
     ("/etc/libvirt", "etc"),
 ];
 
-/// qemu.conf for every test host. Each line is needed here:
+/// qemu.conf for a test host whose QEMUs run as root. Each line is needed here:
 /// - `stdio_handler = "file"`: QEMU's stdout/stderr go straight to /var/log/libvirt/qemu/
 ///   NAME.log; the default ("logd") needs a virtlogd, which nobody runs here.
 /// - `cgroup_controllers = [ ]`: no cgroups (the machine's are not ours to change, and a
@@ -41,8 +41,27 @@ dynamic_ownership = 0
 remember_owner = 0
 "#;
 
+/// qemu.conf for a test host whose QEMUs run as `user` (and that user's group), as a
+/// distribution's libvirt runs them: `dynamic_ownership = 1`, so libvirt gives each
+/// domain's disk images, kernel and initrd to that user while the domain runs (and back to
+/// root after). `remember_owner = 0`: no xattrs left on the files. Still no security
+/// driver: this kernel has neither SELinux nor AppArmor (docs/libvirt.md).
+pub fn qemu_conf_as(user: &str) -> String {
+    format!(
+        "# vmferry test host, QEMU as {user} (vmferry-testkit libvirt/host.rs); see docs/libvirt.md\n\
+         stdio_handler = \"file\"\n\
+         cgroup_controllers = [ ]\n\
+         user = \"{user}\"\n\
+         group = \"{user}\"\n\
+         security_driver = \"none\"\n\
+         dynamic_ownership = 1\n\
+         remember_owner = 0\n"
+    )
+}
+
 /// The script that `unshare` runs in the host's new mount and UTS namespaces before it
-/// becomes libvirtd. Arguments: $1 host name, $2 the host's directory, $3 the work path.
+/// becomes libvirtd. Arguments: $1 host name, $2 the host's directory, $3 the work path,
+/// $4 empty, or the group that may open /dev/kvm (hosts whose QEMUs are not root's).
 /// `set -e`: a failed mount ends the start (the error is in the stderr file) rather than
 /// letting libvirtd run on the system's directories.
 const START_SCRIPT: &str = r#"set -e
@@ -55,6 +74,18 @@ mount --bind "$d/cache" /var/cache/libvirt
 mount --bind "$d/log" /var/log/libvirt
 mount --bind "$d/etc" /etc/libvirt
 mount --bind "$d/work" "$3"
+# QEMU as a user of its own: a distribution's /dev/kvm is root:kvm 0660, this machine's is
+# root's alone. libvirt's probe then finds KVM (QEMU opens it before it drops root) but not
+# for QEMU's user, and calls its capabilities stale at every request: each `virsh` call
+# waits seconds for a new probe. The host gets a private node, as a distribution has it.
+if [ -n "$4" ] && [ -c /dev/kvm ]; then
+    mkdir -p "$d/dev"
+    mount -t tmpfs -o mode=0755,size=64k vmferry-dev "$d/dev"
+    set -- $(stat -c '%t %T' /dev/kvm) "$4"
+    mknod -m 0660 "$d/dev/kvm" c "0x$1" "0x$2"
+    chgrp "$3" "$d/dev/kvm"
+    mount --bind "$d/dev/kvm" /dev/kvm
+fi
 for hide in /run/systemd /run/dbus; do
     if [ -d "$hide" ]; then mount -t tmpfs -o mode=0755,size=64k vmferry-hidden "$hide"; fi
 done
@@ -62,6 +93,9 @@ done
 # the hosts (the second fails to lock it) and the system's own libvirtd.
 exec libvirtd --pid-file /run/libvirt/libvirtd.pid
 "#;
+
+/// The group that may open /dev/kvm on a host whose QEMUs are not root's (Debian's).
+const KVM_GROUP: &str = "kvm";
 
 /// One libvirtd in its own mount and UTS namespace inside a netns test host; killed, with
 /// everything it started, on drop.
@@ -86,6 +120,8 @@ pub struct LibvirtHost {
     uts_ns: Option<String>,
     /// When [`LibvirtHost::spawn`] started it, for the start-up time.
     started: Instant,
+    /// The user its QEMUs run as, if not root.
+    qemu_user: Option<String>,
 }
 
 impl LibvirtHost {
@@ -113,6 +149,17 @@ impl LibvirtHost {
 
     /// Starts libvirtd without waiting for it; see [`LibvirtHost::wait_ready`].
     pub fn spawn(host: &Host, dir: &Path, work: &Path) -> Result<LibvirtHost> {
+        Self::spawn_as(host, dir, work, None)
+    }
+
+    /// [`LibvirtHost::spawn`]; with `qemu_user`, libvirt runs its QEMUs as that user
+    /// ([`qemu_conf_as`]) rather than as root.
+    pub fn spawn_as(
+        host: &Host,
+        dir: &Path,
+        work: &Path,
+        qemu_user: Option<&str>,
+    ) -> Result<LibvirtHost> {
         if !work.is_absolute() {
             bail!("the work path {} must be absolute", work.display());
         }
@@ -148,8 +195,11 @@ impl LibvirtHost {
              log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n"
         );
         write(&dir.join("etc/libvirtd.conf"), &libvirtd_conf)?;
-        write(&dir.join("etc/qemu.conf"), QEMU_CONF)?;
-        seed_capabilities(&dir.join("cache"));
+        match qemu_user {
+            None => write(&dir.join("etc/qemu.conf"), QEMU_CONF)?,
+            Some(user) => write(&dir.join("etc/qemu.conf"), &qemu_conf_as(user))?,
+        }
+        seed_capabilities(&dir.join("cache"), qemu_user);
         let stderr_path = dir.join("libvirtd.stderr");
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("create {}", stderr_path.display()))?;
@@ -160,6 +210,7 @@ impl LibvirtHost {
             .arg(&hostname)
             .arg(&dir)
             .arg(work)
+            .arg(if qemu_user.is_some() { KVM_GROUP } else { "" })
             // No D-Bus for libvirtd, even if the environment names a bus.
             .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
@@ -178,6 +229,7 @@ impl LibvirtHost {
             daemon,
             uts_ns: None,
             started: Instant::now(),
+            qemu_user: qemu_user.map(str::to_string),
         })
     }
 
@@ -210,7 +262,7 @@ impl LibvirtHost {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        keep_capabilities(&self.dir.join("cache"));
+        keep_capabilities(&self.dir.join("cache"), self.qemu_user.as_deref());
         self.uts_ns = uts_ns_of(self.daemon.id()).and_then(not_ours);
         if self.uts_ns.is_none() {
             bail!(

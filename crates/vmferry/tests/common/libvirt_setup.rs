@@ -51,26 +51,42 @@ pub struct LvSetup {
     pub migrations: PathBuf,
     /// Each daemon's flags, for restarts.
     pub daemon_flags: Vec<String>,
+    /// The user the hosts' QEMUs run as, if not root.
+    pub qemu_user: Option<String>,
 }
 
 impl LvSetup {
     /// Two netns hosts, a libvirtd in each (started at once), a vmferry daemon in each
     /// host's namespaces on IP:4700.
     pub fn new(tag: &str) -> Result<LvSetup> {
+        Self::new_as(tag, None)
+    }
+
+    /// [`LvSetup::new`]; with `qemu_user`, both libvirtds run their QEMUs as that user
+    /// (and its group, which both daemons are given as `--libvirt-qemu-group`).
+    pub fn new_as(tag: &str, qemu_user: Option<&str>) -> Result<LvSetup> {
         require::libvirt();
         let tmp = tempfile::tempdir()?;
+        if qemu_user.is_some() {
+            // A temporary directory is root's alone (0700): QEMU must reach the work path.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
         let hosts = TwoHosts::new(tag)?;
         let work = tmp.path().join("work");
         // libvirtd probes QEMU for seconds: make the certificates meanwhile.
-        let mut a = LibvirtHost::spawn(&hosts.a, &tmp.path().join("a"), &work)?;
-        let mut b = LibvirtHost::spawn(&hosts.b, &tmp.path().join("b"), &work)?;
+        let mut a = LibvirtHost::spawn_as(&hosts.a, &tmp.path().join("a"), &work, qemu_user)?;
+        let mut b = LibvirtHost::spawn_as(&hosts.b, &tmp.path().join("b"), &work, qemu_user)?;
         let pki = Pki::new(tmp.path())?;
         let a_certs = pki.issue("hosta", Some(&hosts.a.ip.to_string()))?;
         let b_certs = pki.issue("hostb", Some(&hosts.b.ip.to_string()))?;
         a.wait_ready(START_TIMEOUT)?;
         b.wait_ready(START_TIMEOUT)?;
         let migrations = work.join("mig");
-        let daemon_flags = daemon_flags(&migrations);
+        let mut daemon_flags = daemon_flags(&migrations);
+        if let Some(user) = qemu_user {
+            daemon_flags.extend(["--libvirt-qemu-group".to_string(), user.to_string()]);
+        }
         let flags: Vec<&str> = daemon_flags.iter().map(String::as_str).collect();
         let da = DaemonProc::start_with(
             &|bin| a.command(bin),
@@ -113,6 +129,7 @@ impl LvSetup {
             tmp,
             migrations,
             daemon_flags,
+            qemu_user: qemu_user.map(str::to_string),
         })
     }
 
@@ -123,6 +140,20 @@ impl LvSetup {
     pub fn boot_guest(&self, name: &str, memory_mib: u64, append: &str) -> Result<(Domain, u64)> {
         let mut dom = Domain::test_guest(name, &self.a.work, guest_image()?);
         dom.memory_mib = memory_mib;
+        if self.qemu_user.is_some() {
+            // QEMU, not root, opens the kernel and initrd, and libvirt gives them to QEMU's
+            // user while the domain runs: each host gets its own copies in its work path
+            // (the same path on both), never the shared ones in the repository's cache.
+            for file in [&mut dom.image.kernel, &mut dom.image.initrd] {
+                let name = file.file_name().context("guest image file name")?;
+                let inside = self.a.work.join(name);
+                for h in [&self.a, &self.b] {
+                    std::fs::copy(&*file, h.outside(&inside)?)
+                        .with_context(|| format!("copy {} into {}", file.display(), h.hostname))?;
+                }
+                *file = inside;
+            }
+        }
         if !append.is_empty() {
             dom.image.append = format!("{} {append}", dom.image.append);
         }
