@@ -97,6 +97,19 @@ pub struct LibvirtDisk {
     pub format: String,
     /// Virtual size in bytes.
     pub capacity: u64,
+    /// The image this one is an overlay on, if any: with `--copy-storage inc` libvirt
+    /// copies only this image, and the destination's must be an overlay on the same
+    /// backing file (which must be there already). Absent from a peer of an earlier version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<LibvirtBacking>,
+}
+
+/// The backing file of an overlay, as the source's libvirt names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtBacking {
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
 }
 
 #[cfg(test)]
@@ -129,6 +142,10 @@ mod tests {
                 path: "/var/lib/libvirt/images/web1.qcow2".into(),
                 format: "qcow2".into(),
                 capacity: 1 << 30,
+                backing: Some(LibvirtBacking {
+                    path: "/var/lib/libvirt/images/base.qcow2".into(),
+                    format: "qcow2".into(),
+                }),
             }],
             destination_uri: Some("qemu:///system".into()),
             source_libvirt: Some("9.0.0".into()),

@@ -16,6 +16,7 @@ mod common;
 use anyhow::{ensure, Context, Result};
 use common::libvirt_setup::*;
 use common::*;
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 use vmferry_testkit::guest::guest_image;
@@ -93,6 +94,83 @@ fn a_domain_whose_qemu_is_not_root_migrates_with_its_disk() -> Result<()> {
         eprintln!("A → B as {USER} done after {:?}", t0.elapsed());
         Ok(())
     })
+}
+
+/// `--copy-storage inc` with two disks: `vda` is an overlay on a base image both hosts
+/// have (8 MiB of a pattern past the guest's first line), `vdb` a plain image. B's daemon
+/// makes an overlay on B's base for `vda` and a blank image for `vdb`; libvirt copies only
+/// the overlay's own clusters and all of `vdb`. Through the chain, every disk reads the
+/// same on both hosts, and B's overlay holds none of the base's pattern.
+#[test]
+fn copy_storage_inc_copies_the_overlay_onto_the_same_base_and_every_disk_moves() -> Result<()> {
+    let t0 = Instant::now();
+    let s = LvSetup::new("lvinc")?;
+    let name = "vmf-lvinc";
+    let mut dom = Domain::test_guest(name, &s.a.work, guest_image()?);
+    let top = dom.disk.clone().context("the test guest has a disk")?;
+    let base = s.a.work.join(format!("{name}-base.qcow2"));
+    let data = s.a.work.join(format!("{name}-data.qcow2"));
+    make_base(&s.a, &base)?;
+    std::fs::copy(s.a.outside(&base)?, s.b.outside(&base)?)?;
+    s.a.create_overlay(&top, &base)?;
+    s.a.create_disk(&data, 8, Some("vmferry-data-disk"))?;
+    dom.more_disks.push(data.clone());
+    s.a.start_domain(&dom)?;
+    s.a.wait_for_heartbeat(&dom, 3, Duration::from_secs(90))?;
+    eprintln!("guest beats on A after {:?}", t0.elapsed());
+    with_diagnostics(&s, || {
+        there_and_check(&s, &s.da, &s.db, &dom, &["--copy-storage", "inc"])?;
+        let info = image_info(&s.b, &top)?;
+        ensure!(
+            info["backing-filename"] == base.to_string_lossy().as_ref(),
+            "B's vda is not an overlay on the base: {info}"
+        );
+        let copied = info["actual-size"].as_u64().unwrap_or(u64::MAX);
+        ensure!(
+            copied < 4 << 20,
+            "B's overlay holds {copied} bytes: the base's 8 MiB were copied into it: {info}"
+        );
+        let (was, now) = (s.a.read_disk(&data)?, s.b.read_disk(&data)?);
+        ensure!(
+            now.starts_with(b"vmferry-data-disk\n") && was == now,
+            "vdb differs on B"
+        );
+        eprintln!("inc with two disks done after {:?}", t0.elapsed());
+        Ok(())
+    })
+}
+
+/// A qcow2 base image at `inside` on `host`: the guest's first disk line, then 8 MiB of
+/// 0x5a from 1 MiB on ([`DISK_MIB`] in all).
+fn make_base(host: &LibvirtHost, inside: &Path) -> Result<()> {
+    let raw = host.outside(&inside.with_extension("raw"))?;
+    let mut bytes = vec![0u8; (DISK_MIB << 20) as usize];
+    let line = format!("{DISK_LINE}\n");
+    bytes[..line.len()].copy_from_slice(line.as_bytes());
+    bytes[1 << 20..9 << 20].fill(0x5a);
+    std::fs::write(&raw, &bytes)?;
+    let o = vmferry_testkit::libvirt::output_within(
+        host.command("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(inside.with_extension("raw"))
+            .arg(inside),
+        Duration::from_secs(30),
+    )?;
+    std::fs::remove_file(&raw)?;
+    ensure!(o.status.success(), "qemu-img convert: {}", text(&o));
+    Ok(())
+}
+
+/// `qemu-img info` of the image at `inside` on `host`, read while QEMU may hold it.
+fn image_info(host: &LibvirtHost, inside: &Path) -> Result<serde_json::Value> {
+    let o = vmferry_testkit::libvirt::output_within(
+        host.command("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(inside),
+        Duration::from_secs(30),
+    )?;
+    ensure!(o.status.success(), "qemu-img info: {}", text(&o));
+    Ok(serde_json::from_slice(&o.stdout)?)
 }
 
 /// The real user id of the QEMU of domain `name` on `host`.

@@ -13,6 +13,9 @@ pub struct XmlDisk {
     pub target: String,
     pub path: PathBuf,
     pub format: String,
+    /// The file this image is an overlay on (`<backingStore>`'s first level, which
+    /// libvirt fills in for a running domain), and its format.
+    pub backing: Option<(PathBuf, String)>,
 }
 
 /// The parts of a domain definition a migration looks at.
@@ -77,6 +80,7 @@ pub fn parse(domain: &str, xml: &str) -> Result<DomainFacts> {
                             .unwrap_or("raw")
                             .to_string();
                         facts.disks.push(XmlDisk {
+                            backing: backing_file(dev),
                             target,
                             path: PathBuf::from(path),
                             format,
@@ -91,6 +95,20 @@ pub fn parse(domain: &str, xml: &str) -> Result<DomainFacts> {
         }
     }
     Ok(facts)
+}
+
+/// A disk's backing file: `<backingStore type='file'><format type=.../><source file=.../>`.
+/// An empty `<backingStore/>` (the end of the chain) or one that is not a file is none.
+fn backing_file(disk: roxmltree::Node) -> Option<(PathBuf, String)> {
+    let b = child(disk, "backingStore")?;
+    if b.attribute("type") != Some("file") {
+        return None;
+    }
+    let path = child(b, "source")?.attribute("file")?;
+    let format = child(b, "format")
+        .and_then(|f| f.attribute("type"))
+        .unwrap_or("raw");
+    Some((PathBuf::from(path), format.to_string()))
 }
 
 /// The first child element of `n` called `name`.
@@ -110,7 +128,22 @@ mod tests {
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='/var/lib/libvirt/images/web1.qcow2'/>
+      <backingStore type='file' index='1'>
+        <format type='qcow2'/>
+        <source file='/var/lib/libvirt/images/base.qcow2'/>
+        <backingStore type='file' index='2'>
+          <format type='raw'/>
+          <source file='/var/lib/libvirt/images/root.raw'/>
+          <backingStore/>
+        </backingStore>
+      </backingStore>
       <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/libvirt/images/web1-data.raw'/>
+      <backingStore/>
+      <target dev='vde' bus='virtio'/>
     </disk>
     <disk type='file' device='cdrom'>
       <source file='/iso/installer.iso'/>
@@ -135,11 +168,21 @@ mod tests {
         assert_eq!(f.uuid, "6f1c0d2e-0000-4000-8000-000000000001");
         assert_eq!(
             f.disks,
-            vec![XmlDisk {
-                target: "vda".into(),
-                path: "/var/lib/libvirt/images/web1.qcow2".into(),
-                format: "qcow2".into(),
-            }]
+            vec![
+                XmlDisk {
+                    target: "vda".into(),
+                    path: "/var/lib/libvirt/images/web1.qcow2".into(),
+                    format: "qcow2".into(),
+                    // Only the first level: an overlay is made on its direct backing file.
+                    backing: Some(("/var/lib/libvirt/images/base.qcow2".into(), "qcow2".into())),
+                },
+                XmlDisk {
+                    target: "vde".into(),
+                    path: "/var/lib/libvirt/images/web1-data.raw".into(),
+                    format: "raw".into(),
+                    backing: None,
+                }
+            ]
         );
         assert_eq!(f.other_disks, vec!["vdb".to_string()]);
         assert!(f.hostdevs.is_empty());

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use vmferry_proto::disk::StorageMode;
-use vmferry_proto::libvirt::LibvirtDisk;
+use vmferry_proto::libvirt::{LibvirtBacking, LibvirtDisk};
 use vmferry_proto::MigrationId;
 
 /// What an incoming libvirt migration made on this host, kept until it ends.
@@ -80,6 +80,35 @@ fn check_path(d: &LibvirtDisk) -> Result<()> {
     Ok(())
 }
 
+/// The backing file an overlay made here for `--copy-storage inc` goes onto: it must
+/// already be here, a regular file at the source's path (libvirt copies none of it).
+fn check_backing<'a>(d: &LibvirtDisk, b: &'a LibvirtBacking) -> Result<&'a LibvirtBacking> {
+    let plain = b.path.is_absolute()
+        && b.path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || !matches!(b.format.as_str(), "qcow2" | "raw") || d.format != "qcow2" {
+        return Err(DaemonError::BadRequest(format!(
+            "disk {}: a {} overlay on {} ({:?}) is not one vmferry creates (a qcow2 overlay \
+             on a qcow2 or raw file at a plain absolute path)",
+            d.target,
+            d.format,
+            b.path.display(),
+            b.format
+        )));
+    }
+    if !b.path.is_file() {
+        return Err(DaemonError::BadRequest(format!(
+            "disk {}: --copy-storage inc copies only the top image, which is an overlay on \
+             {}; that backing file must be on this host already, at the same path, and it \
+             is not",
+            d.target,
+            b.path.display()
+        )));
+    }
+    Ok(b)
+}
+
 /// The virtual size of an existing image.
 fn virtual_size(path: &Path) -> Result<u64> {
     let o = Command::new("qemu-img")
@@ -132,14 +161,12 @@ pub fn prepare_images(
                 );
                 continue;
             }
-            if mode == StorageMode::Inc {
-                return Err(DaemonError::BadRequest(format!(
-                    "disk {}: with --copy-storage inc the image must exist here already (an \
-                     overlay on the same backing file) at {}",
-                    d.target,
-                    d.path.display()
-                )));
-            }
+            // inc copies only the overlay: it goes onto the same backing file here. A disk
+            // with no backing file is its own top, copied whole as with `all`.
+            let backing = match (mode, &d.backing) {
+                (StorageMode::Inc, Some(b)) => Some(check_backing(d, b)?),
+                _ => None,
+            };
             let parent = d.path.parent().unwrap_or(Path::new("/"));
             if !parent.is_dir() {
                 return Err(DaemonError::BadRequest(format!(
@@ -151,8 +178,12 @@ pub fn prepare_images(
             }
             journal.images.push(d.path.clone());
             journal.save(journal_file)?;
-            let o = Command::new("qemu-img")
-                .args(["create", "-q", "-f", &d.format])
+            let mut create = Command::new("qemu-img");
+            create.args(["create", "-q", "-f", &d.format]);
+            if let Some(b) = backing {
+                create.args(["-F", &b.format]).arg("-b").arg(&b.path);
+            }
+            let o = create
                 .arg(&d.path)
                 .arg(d.capacity.to_string())
                 .output()
@@ -198,6 +229,7 @@ mod tests {
             path: path.into(),
             format: "qcow2".into(),
             capacity: 1 << 20,
+            backing: None,
         }
     }
 
@@ -229,5 +261,54 @@ mod tests {
         .to_string();
         assert!(e.contains("does not exist on this host"), "{e}");
         assert!(j.images.is_empty());
+    }
+
+    #[test]
+    fn inc_makes_an_overlay_on_the_backing_file_here_and_refuses_without_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let jf = tmp.path().join("j.json");
+        let base = tmp.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).expect("base");
+        let top = tmp.path().join("top.qcow2");
+        let mut d = disk(top.to_str().expect("utf8"));
+        d.backing = Some(LibvirtBacking {
+            path: tmp.path().join("missing.raw"),
+            format: "raw".into(),
+        });
+        let mut j = Journal::default();
+        let e = prepare_images(std::slice::from_ref(&d), StorageMode::Inc, &mut j, &jf)
+            .expect_err("no backing file here")
+            .to_string();
+        assert!(
+            e.contains("missing.raw") && e.contains("must be on this host"),
+            "{e}"
+        );
+        assert!(!top.exists() && j.images.is_empty());
+        for (path, format) in [("/a/../etc/shadow", "raw"), ("/x.raw", "vmdk")] {
+            d.backing = Some(LibvirtBacking {
+                path: path.into(),
+                format: format.into(),
+            });
+            let e = prepare_images(std::slice::from_ref(&d), StorageMode::Inc, &mut j, &jf)
+                .expect_err(path)
+                .to_string();
+            assert!(e.contains("not one vmferry creates"), "{e}");
+        }
+
+        d.backing = Some(LibvirtBacking {
+            path: base.clone(),
+            format: "raw".into(),
+        });
+        prepare_images(std::slice::from_ref(&d), StorageMode::Inc, &mut j, &jf).expect("made");
+        assert_eq!(j.images, vec![top.clone()]);
+        let o = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&top)
+            .output()
+            .expect("qemu-img");
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(info["backing-filename"], base.to_str().expect("utf8"));
+        assert_eq!(info["backing-filename-format"], "raw");
+        assert_eq!(info["virtual-size"], 1 << 20);
     }
 }

@@ -16,6 +16,8 @@ pub struct Domain {
     pub image: GuestImage,
     /// A qcow2 image (path as the hosts see it) on virtio (`vda`), if any.
     pub disk: Option<PathBuf>,
+    /// More qcow2 images, on `vdb`, `vdc`, ... (the guest does not use them).
+    pub more_disks: Vec<PathBuf>,
     /// The serial console's log (path as the hosts see it).
     pub serial: PathBuf,
 }
@@ -30,6 +32,7 @@ impl Domain {
             machine: "pc-q35-7.2".into(),
             image,
             disk: Some(work.join(format!("{name}.qcow2"))),
+            more_disks: Vec::new(),
             serial: work.join(format!("{name}.serial")),
         }
     }
@@ -38,17 +41,20 @@ impl Domain {
     /// to a file; any end of the guest (power-off, reboot, crash: the guest's kernel runs
     /// with panic=-1) destroys the domain rather than restarting it.
     pub fn xml(&self) -> String {
-        let disk = match &self.disk {
-            Some(p) => format!(
+        let disk_xml = |p: &Path, dev: char| {
+            format!(
                 "    <disk type='file' device='disk'>\n\
                  \x20     <driver name='qemu' type='qcow2'/>\n\
                  \x20     <source file='{}'/>\n\
-                 \x20     <target dev='vda' bus='virtio'/>\n\
+                 \x20     <target dev='vd{dev}' bus='virtio'/>\n\
                  \x20   </disk>\n",
                 esc(&p.to_string_lossy())
-            ),
-            None => String::new(),
+            )
         };
+        let mut disk: String = self.disk.iter().map(|p| disk_xml(p, 'a')).collect();
+        for (p, dev) in self.more_disks.iter().zip('b'..='z') {
+            disk.push_str(&disk_xml(p, dev));
+        }
         format!(
             "<domain type='qemu'>\n\
              \x20 <name>{name}</name>\n\
@@ -110,6 +116,11 @@ mod tests {
         assert!(x.contains("machine='pc-q35-7.2'"));
         assert!(x.contains("<cmdline>console=ttyS0 a&lt;b</cmdline>"));
         assert!(x.contains("<source file='/w/vm.qcow2'/>"));
+        let mut d = d;
+        d.more_disks = vec!["/w/data.qcow2".into()];
+        assert!(d
+            .xml()
+            .contains("<source file='/w/data.qcow2'/>\n      <target dev='vdb'"));
         assert!(x.contains("<on_crash>destroy</on_crash>"));
     }
 }

@@ -377,6 +377,27 @@ impl LibvirtHost {
         Ok(())
     }
 
+    /// Makes a qcow2 overlay at `inside` on the image `backing` (both paths as the host
+    /// sees them; the overlay names its backing file by that path).
+    pub fn create_overlay(&self, inside: &Path, backing: &Path) -> Result<()> {
+        let o = output_within(
+            self.command("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(backing)
+                .arg(inside),
+            Duration::from_secs(30),
+        )?;
+        if !o.status.success() {
+            bail!(
+                "qemu-img create {} on {} failed: {}",
+                inside.display(),
+                backing.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Defines `d` (persistently) without starting it.
     pub fn define_domain(&self, d: &Domain) -> Result<()> {
         let xml = self.dir.join(format!("{}.xml", d.name));
@@ -398,13 +419,15 @@ impl LibvirtHost {
     /// bytes; readable while a QEMU has the image open (`qemu-img convert -U`), but then
     /// only what has reached the file.
     pub fn read_disk(&self, inside: &Path) -> Result<Vec<u8>> {
+        // Run inside the host: an overlay names its backing file by the host's path.
         let img = self.outside(inside)?;
-        let raw = img.with_extension("read.raw");
+        let raw_inside = inside.with_extension("read.raw");
+        let raw = self.outside(&raw_inside)?;
         let o = output_within(
-            Command::new("qemu-img")
+            self.command("qemu-img")
                 .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-                .arg(&img)
-                .arg(&raw),
+                .arg(inside)
+                .arg(&raw_inside),
             Duration::from_secs(30),
         );
         let data = match o {

@@ -27,7 +27,7 @@ use vmferry_channel::meter::Meter;
 use vmferry_channel::tunnel::Tunnel;
 use vmferry_proto::disk::{CopyMode, StorageMode};
 use vmferry_proto::libvirt::{
-    LibvirtDisk, LibvirtPlan, LIBVIRT_SOCKET, MIGRATE_SOCKET, NBD_SOCKET,
+    LibvirtBacking, LibvirtDisk, LibvirtPlan, LIBVIRT_SOCKET, MIGRATE_SOCKET, NBD_SOCKET,
 };
 use vmferry_proto::preamble::{Preamble, StreamKind};
 use vmferry_proto::{
@@ -136,6 +136,10 @@ impl LibvirtSource {
                         path: d.path.clone(),
                         format: d.format.clone(),
                         capacity: info.capacity,
+                        backing: d
+                            .backing
+                            .clone()
+                            .map(|(path, format)| LibvirtBacking { path, format }),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
