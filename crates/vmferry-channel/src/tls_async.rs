@@ -2,9 +2,9 @@
 //! single-threaded tokio runtime (the tunnel's mux): the pump's rules, without a thread
 //! and a local socket of its own.
 //!
-//! - The record layer is the pump's (`pump::wire`): once rustls finished the
-//!   handshake, its traffic keys are taken over, and records are sealed and opened in
-//!   place in buffers reused for the whole connection (no per-record copy or `Vec`).
+//! - The record layer is the pump's (`pump::wire`), taken over from a [`Session`]:
+//!   records are sealed and opened in place in buffers reused for the whole connection
+//!   (no per-record copy or `Vec`), and keys are renewed with TLS KeyUpdate.
 //! - Reads return decrypted plaintext. TCP is read (up to 256 KiB of records at a time)
 //!   only once everything opened before was handed out.
 //! - Writes are bounded: small writes (yamux's frame headers) are gathered in a small
@@ -19,7 +19,7 @@
 //! kept ([`TlsIo::failure`]) and handed to the `on_fail` hook when it happens.
 
 use crate::pump::wire::{Inbound, Outbound, WireError};
-use crate::pump::PumpError;
+use crate::pump::{PumpError, Session};
 use std::cell::RefCell;
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -48,8 +48,8 @@ struct Inner {
     /// Records to send, and records received.
     outbound: Outbound,
     inbound: Inbound,
-    /// Plaintext rustls had decrypted before the keys were taken over, and how far it
-    /// was read.
+    /// Plaintext that arrived with the handshake or before the session was handed over,
+    /// and how far it was read.
     early: Vec<u8>,
     early_off: usize,
     tcp: tokio::net::TcpStream,
@@ -94,16 +94,17 @@ impl TlsIo {
     /// Takes over an established TLS connection. Must be called within a tokio runtime
     /// with I/O enabled. `peer` names the TLS peer in errors.
     pub fn new(
-        conn: rustls::Connection,
-        mut tcp: TcpStream,
+        session: Session,
+        tcp: TcpStream,
         peer: &str,
         on_fail: OnFail,
     ) -> std::io::Result<TlsIo> {
-        let mut early = Vec::new();
-        let mut peer_done = false;
-        let (outbound, inbound) =
-            crate::pump::take_keys(conn, &mut tcp, &mut early, &mut peer_done, peer)
-                .map_err(std::io::Error::other)?;
+        let crate::pump::session::Parts {
+            outbound,
+            inbound,
+            early,
+            peer_done,
+        } = session.into_parts();
         tcp.set_nonblocking(true)?;
         let shut = tcp.try_clone()?;
         let tcp = tokio::net::TcpStream::from_std(tcp)?;

@@ -4,10 +4,12 @@
 //! with nonblocking sockets and `poll`, so neither direction can deadlock the other and
 //! memory stays bounded: the local socket is read only when the records sealed before
 //! went to TCP, and the TCP socket only when the plaintext already opened has been handed
-//! to QEMU. rustls does the handshake; then the pump takes the traffic keys and runs the
-//! TLS 1.3 record layer itself (`record`), sealing and opening records in place in two
-//! buffers reused for the whole stream (`wire`): 256 KiB per read and per write, no copy
-//! or allocation per record. With the compression filter on, what QEMU sends is compressed
+//! to QEMU. rustls does the handshake (its unbuffered API, see `tls::data`); then the pump
+//! runs the TLS 1.3 record layer itself (`record`) with the traffic secrets rustls handed
+//! over in a [`Session`], sealing and opening records in place in two buffers reused for
+//! the whole stream (`wire`): 256 KiB per read and per write, no copy or allocation per
+//! record. Keys are renewed with TLS KeyUpdate through rustls' `KernelConnection`, long
+//! before the cipher's confidentiality limit. With the compression filter on, what QEMU sends is compressed
 //! before it is sealed, and what arrives is decompressed a bounded chunk at a time after
 //! it is opened.
 //!
@@ -17,17 +19,21 @@
 use crate::compress::{Filters, Outgoing};
 use crate::meter::Meter;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use record::{Opener, RecordError, Sealer};
+use record::RecordError;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use wire::{Inbound, Outbound, WireError};
+use wire::WireError;
 
-mod record;
+pub(crate) mod record;
+pub(crate) mod session;
 pub(crate) mod wire;
+
+pub(crate) use record::Kernel;
+pub use session::{KeyUpdates, Session, SessionStream};
 
 /// Bytes per read from QEMU's socket when compressing, and per decompressed chunk.
 const CHUNK: usize = 256 * 1024;
@@ -111,7 +117,7 @@ fn would_block(e: &std::io::Error) -> bool {
 /// in errors (e.g. "10.0.0.2:4700").
 pub fn pump(
     local: UnixStream,
-    conn: rustls::Connection,
+    conn: Session,
     tcp: TcpStream,
     peer: &str,
     meter: &Meter,
@@ -123,7 +129,7 @@ pub fn pump(
 /// [`pump`] with filters: both ends of a stream must use the same options.
 pub fn pump_with(
     mut local: UnixStream,
-    conn: rustls::Connection,
+    conn: Session,
     mut tcp: TcpStream,
     peer: &str,
     meter: &Meter,
@@ -139,7 +145,7 @@ pub fn pump_with(
 
 fn run(
     local: &mut UnixStream,
-    conn: rustls::Connection,
+    conn: Session,
     tcp: &mut TcpStream,
     peer: &str,
     meter: &Meter,
@@ -166,16 +172,19 @@ fn run(
     let mut decode_more = false;
     // Plaintext waiting for the local socket that is not in `inbound` (what arrived with
     // the handshake, or the decompressor's output), and how far it was written.
+    let session::Parts {
+        mut outbound,
+        mut inbound,
+        early,
+        mut peer_done,
+    } = conn.into_parts();
     let mut pending: Vec<u8> = Vec::new();
     let mut pending_off = 0usize;
-    let mut peer_done = false;
-
-    let inbox = if decompressor.is_some() {
-        &mut staged
+    if decompressor.is_some() {
+        staged = early;
     } else {
-        &mut pending
-    };
-    let (mut outbound, mut inbound) = take_keys(conn, tcp, inbox, &mut peer_done, peer)?;
+        pending = early;
+    }
     if decompressor.is_some() {
         pending.reserve(CHUNK);
     }
@@ -381,79 +390,7 @@ fn run(
     }
 }
 
-/// Takes the record layer over from rustls once its handshake is done: sends what rustls
-/// still holds for the peer, moves the plaintext it already decrypted into `inbox`, and
-/// extracts the traffic keys and sequence numbers for [`Outbound`] and [`Inbound`].
-///
-/// Any records rustls read but did not yet process are processed first; a record it
-/// holds only in part is lost to us, which shows as a record that fails authentication
-/// (an error, never wrong bytes).
-pub(crate) fn take_keys(
-    mut conn: rustls::Connection,
-    tcp: &mut TcpStream,
-    inbox: &mut Vec<u8>,
-    peer_done: &mut bool,
-    peer: &str,
-) -> Result<(Outbound, Inbound), PumpError> {
-    let peer_err = |msg: String| PumpError::Peer {
-        peer: peer.to_string(),
-        msg,
-    };
-    tcp.set_nonblocking(false)
-        .map_err(|e| peer_err(e.to_string()))?;
-    while conn.wants_write() {
-        conn.write_tls(tcp).map_err(|e| peer_err(e.to_string()))?;
-    }
-    conn.process_new_packets()
-        .map_err(|e| peer_err(crate::tls::describe(&e, peer)))?;
-    drain_plaintext(&mut conn, inbox, peer_done).map_err(|source| PumpError::Tls {
-        peer: peer.to_string(),
-        source,
-    })?;
-    let limit = match conn.negotiated_cipher_suite() {
-        Some(rustls::SupportedCipherSuite::Tls13(s)) => s.common.confidentiality_limit,
-        _ => {
-            return Err(peer_err(
-                "the data path carries TLS 1.3 only, and this connection is not".into(),
-            ))
-        }
-    };
-    let secrets = conn.dangerous_extract_secrets().map_err(|e| {
-        peer_err(format!(
-            "cannot take over the TLS record layer ({e}): the configuration must enable secret extraction"
-        ))
-    })?;
-    let (tx_seq, tx) = secrets.tx;
-    let (rx_seq, rx) = secrets.rx;
-    let sealer = Sealer::new(tx_seq, tx, limit).map_err(|e| peer_err(e.to_string()))?;
-    let opener = Opener::new(rx_seq, rx).map_err(|e| peer_err(e.to_string()))?;
-    Ok((Outbound::new(sealer), Inbound::new(opener)))
-}
-
-/// Moves all plaintext rustls has decrypted into `pending`; notes a close_notify.
-fn drain_plaintext(
-    conn: &mut rustls::Connection,
-    pending: &mut Vec<u8>,
-    peer_done: &mut bool,
-) -> std::io::Result<()> {
-    use std::io::BufRead;
-    loop {
-        let mut reader = conn.reader();
-        match reader.fill_buf() {
-            Ok([]) => {
-                *peer_done = true;
-                return Ok(());
-            }
-            Ok(buf) => {
-                let n = buf.len();
-                pending.extend_from_slice(buf);
-                reader.consume(n);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
+#[cfg(test)]
+mod renewal_tests;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 //! The TLS 1.3 record layer of a pump: records sealed and opened in place, in buffers the
-//! pump owns and reuses, with the traffic keys rustls extracted once its handshake was
+//! pump owns and reuses, with the traffic keys rustls handed over once its handshake was
 //! done — what kernel TLS offload does with the same keys, in userspace.
 //!
 //! rustls' buffered connection copies every record at least twice on the way in (into its
@@ -8,16 +8,27 @@
 //! straight into the place where it is encrypted, and decrypted where it arrived from TCP.
 //! The wire format is unchanged: the peer may be rustls itself.
 //!
-//! What this module must never do: use a nonce twice (sequence numbers only go up, and a
-//! direction ends with an error before the cipher's confidentiality limit — we cannot send
-//! a KeyUpdate, as rustls hands out keys, not traffic secrets), hand out any byte of a
-//! record that failed authentication, or accept a record larger than TLS 1.3 allows.
+//! Keys are renewed as TLS 1.3 does it (RFC 8446 §4.6.3): rustls' [`KernelConnection`]
+//! (shared by both directions in a [`Renewal`]) derives the next traffic secret. A sender
+//! sends a KeyUpdate and switches its key once half the suite's confidentiality limit of
+//! records was sealed under one key; a KeyUpdate from the peer switches the receiving key
+//! (and, if the peer asks, ours too).
+//!
+//! What this module must never do: use a nonce twice (sequence numbers only go up, and
+//! restart at 0 only with a new key), seal more records under one key than the suite's
+//! confidentiality limit, hand out any byte of a record that failed authentication, accept
+//! a record larger than TLS 1.3 allows, or panic on anything the peer sent.
 
 use aws_lc_rs::aead::{
     Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
 };
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
 use rustls::ConnectionTrafficSecrets;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A record header: content type, legacy version, length.
 pub const HEADER: usize = 5;
@@ -29,12 +40,19 @@ pub const MAX_PLAIN: usize = 16 * 1024;
 const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
 /// The room a full record takes on the wire: header, plaintext, content type, tag.
 pub const SLOT: usize = HEADER + MAX_PLAIN + 1 + TAG;
+/// A KeyUpdate message: type, 3-byte length, request_update.
+const KEY_UPDATE_MSG: usize = 5;
+/// The record of one KeyUpdate on the wire.
+pub const KEY_UPDATE_WIRE: usize = HEADER + KEY_UPDATE_MSG + 1 + TAG;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
+/// KeyUpdateRequest values (RFC 8446 §4.6.3).
+const UPDATE_NOT_REQUESTED: u8 = 0;
+const UPDATE_REQUESTED: u8 = 1;
 
 /// Why a record could not be sealed or opened. Messages are sentences about the peer's
 /// stream, for `PumpError::Peer`.
@@ -48,25 +66,85 @@ pub enum RecordError {
     Unprotected(u8),
     #[error("a TLS record has no content type (all padding)")]
     NoContentType,
-    #[error("the peer sent the TLS alert {0}")]
-    Alert(String),
+    #[error("the peer sent the TLS alert {0:?}")]
+    Alert(rustls::AlertDescription),
     #[error("the peer sent a malformed TLS alert")]
     MalformedAlert,
-    #[error("the peer updated its TLS keys (KeyUpdate), which this data path cannot follow")]
+    #[error(
+        "the peer updated its TLS keys (KeyUpdate) on a connection whose keys cannot be renewed"
+    )]
     KeyUpdate,
+    #[error("the peer sent a TLS KeyUpdate with request_update {0}, which is neither 0 nor 1 (illegal_parameter)")]
+    KeyUpdateValue(u8),
+    #[error("the peer sent a malformed TLS KeyUpdate (decode_error)")]
+    MalformedKeyUpdate,
+    #[error("the peer sent more after a TLS KeyUpdate in the same record (unexpected_message)")]
+    AfterKeyUpdate,
     #[error("the peer sent the TLS handshake message {0} after the handshake")]
     Handshake(u8),
+    #[error("the peer sent a truncated TLS handshake message (type {0}) after the handshake")]
+    TruncatedHandshake(u8),
     #[error("a TLS record of content type {0} is not one TLS 1.3 knows")]
     ContentType(u8),
     /// One key may seal at most this many records (AES-128-GCM: 2^24, 256 GiB of full
-    /// records); we cannot send a KeyUpdate (see the module docs), so the stream ends.
-    #[error(
-        "this stream reached the cipher's confidentiality limit of {0} records (16 KiB each) \
-         in one direction; with more streams (--multifd N) each carries a part under its own key"
-    )]
+    /// records). Keys are renewed long before; only a connection without a [`Renewal`]
+    /// (a test) gets here.
+    #[error("this stream reached the cipher's confidentiality limit of {0} records in one direction without renewing its key")]
     Exhausted(u64),
     #[error("the negotiated cipher suite's keys cannot be used by the data path")]
     Key,
+    #[error("cannot derive the next TLS traffic secret: {0}")]
+    Renew(String),
+}
+
+/// rustls' half of a connection whose records we seal and open: it derives the next
+/// traffic secrets after a KeyUpdate.
+pub enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+/// What both directions of one connection share to renew their keys. Used once per
+/// KeyUpdate (every 2^23 records at the most), so a mutex costs nothing.
+pub struct Renewal {
+    kernel: Mutex<Kernel>,
+    /// The peer asked us (update_requested) to renew our sending key too.
+    tx_requested: AtomicBool,
+    /// KeyUpdates sent and followed.
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Renewal {
+    pub fn new(kernel: Kernel) -> Arc<Renewal> {
+        Arc::new(Renewal {
+            kernel: Mutex::new(kernel),
+            tx_requested: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        })
+    }
+
+    /// KeyUpdates (sent, followed) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    fn next(&self, tx: bool) -> Result<(u64, ConnectionTrafficSecrets), RecordError> {
+        // A poisoned lock means another thread panicked mid-call; the kernel state is
+        // only ever replaced whole by rustls, so it is still consistent.
+        let mut k = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match (&mut *k, tx) {
+            (Kernel::Client(c), true) => c.update_tx_secret(),
+            (Kernel::Client(c), false) => c.update_rx_secret(),
+            (Kernel::Server(c), true) => c.update_tx_secret(),
+            (Kernel::Server(c), false) => c.update_rx_secret(),
+        };
+        r.map_err(|e| RecordError::Renew(e.to_string()))
+    }
 }
 
 /// One direction's key, its IV and the next record's sequence number.
@@ -111,15 +189,89 @@ impl Keys {
 }
 
 /// The sending direction.
-pub struct Sealer(Keys);
+pub struct Sealer {
+    keys: Keys,
+    /// Renew the key once this many records were sealed under it.
+    renew_at: u64,
+    renewal: Option<Arc<Renewal>>,
+    /// Our KeyUpdates ask the peer to update too (tests only: we never need it).
+    #[cfg(test)]
+    pub request_peer_update: bool,
+}
 
 impl Sealer {
+    /// A sealer that cannot renew its key: it stops at `limit` records. For tests and
+    /// the fuzz target (fuzz/fuzz_targets/record_layer.rs), which compiles this file.
+    #[allow(dead_code)]
     pub fn new(
         seq: u64,
         secrets: ConnectionTrafficSecrets,
         limit: u64,
     ) -> Result<Self, RecordError> {
-        Keys::new(seq, secrets, limit).map(Sealer)
+        Ok(Sealer {
+            keys: Keys::new(seq, secrets, limit)?,
+            renew_at: u64::MAX,
+            renewal: None,
+            #[cfg(test)]
+            request_peer_update: false,
+        })
+    }
+
+    /// A sealer that renews its key (through `renewal`) every `renew_at` records; the
+    /// caller keeps `renew_at` well below `limit` (the pump uses half of it).
+    pub fn renewing(
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+        limit: u64,
+        renew_at: u64,
+        renewal: Arc<Renewal>,
+    ) -> Result<Self, RecordError> {
+        Ok(Sealer {
+            keys: Keys::new(seq, secrets, limit)?,
+            renew_at: renew_at.clamp(1, limit),
+            renewal: Some(renewal),
+            #[cfg(test)]
+            request_peer_update: false,
+        })
+    }
+
+    /// Renews after this many records per key from now on (tests force frequent updates).
+    #[cfg(test)]
+    pub fn set_renew_at(&mut self, records: u64) {
+        self.renew_at = records.clamp(1, self.keys.limit);
+    }
+
+    /// Whether the next record must be preceded by a KeyUpdate ([`Self::seal_key_update`]).
+    pub fn renewal_due(&self) -> bool {
+        self.renewal.as_ref().is_some_and(|r| {
+            self.keys.seq >= self.renew_at || r.tx_requested.load(Ordering::SeqCst)
+        })
+    }
+
+    /// Writes a KeyUpdate (update_not_requested) at the start of `slot` (at least
+    /// [`KEY_UPDATE_WIRE`] bytes), sealed with the current key, then switches to the next
+    /// key at sequence 0. Returns the record's length on the wire.
+    pub fn seal_key_update(&mut self, slot: &mut [u8]) -> Result<usize, RecordError> {
+        let Some(renewal) = self.renewal.clone() else {
+            return Err(RecordError::Exhausted(self.keys.limit));
+        };
+        #[cfg(not(test))]
+        let request = UPDATE_NOT_REQUESTED;
+        #[cfg(test)]
+        let request = if self.request_peer_update {
+            UPDATE_REQUESTED
+        } else {
+            UPDATE_NOT_REQUESTED
+        };
+        slot[HEADER..HEADER + KEY_UPDATE_MSG].copy_from_slice(&[KEY_UPDATE, 0, 0, 1, request]);
+        let wire = self.seal(slot, KEY_UPDATE_MSG, HANDSHAKE)?;
+        // A request from the peer is answered by this update; clear it before deriving,
+        // so that a request arriving meanwhile asks for another one.
+        renewal.tx_requested.store(false, Ordering::SeqCst);
+        let (seq, secrets) = renewal.next(true)?;
+        self.keys = Keys::new(seq, secrets, self.keys.limit)?;
+        renewal.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(wire)
     }
 
     /// Seals the record whose plaintext (`len` ≤ [`MAX_PLAIN`] bytes) is already in place
@@ -136,9 +288,9 @@ impl Sealer {
         let header = record_header(inner + TAG);
         slot[..HEADER].copy_from_slice(&header);
         slot[HEADER + len] = content_type;
-        let nonce = self.0.next_nonce()?;
+        let nonce = self.keys.next_nonce()?;
         let tag = self
-            .0
+            .keys
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(header), &mut slot[HEADER..HEADER + inner])
             .map_err(|_| RecordError::Key)?;
@@ -170,17 +322,39 @@ pub enum Opened {
     Data(Range<usize>),
     /// The peer's close_notify: its direction ended cleanly.
     CloseNotify,
-    /// Something that needs no action (a session ticket, a warning alert).
+    /// Something that needs no action (a session ticket, a warning alert), or a KeyUpdate
+    /// that was followed.
     Nothing,
 }
 
 /// The receiving direction.
-pub struct Opener(Keys);
+pub struct Opener {
+    keys: Keys,
+    renewal: Option<Arc<Renewal>>,
+}
 
 impl Opener {
+    /// An opener that cannot follow a KeyUpdate (it ends the stream with an error). For
+    /// tests and the fuzz target.
+    #[allow(dead_code)]
     pub fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Self, RecordError> {
         // Receiving has no confidentiality limit of ours to keep; a wrap would be an error.
-        Keys::new(seq, secrets, u64::MAX).map(Opener)
+        Ok(Opener {
+            keys: Keys::new(seq, secrets, u64::MAX)?,
+            renewal: None,
+        })
+    }
+
+    /// An opener that follows the peer's KeyUpdates through `renewal`.
+    pub fn renewing(
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+        renewal: Arc<Renewal>,
+    ) -> Result<Self, RecordError> {
+        Ok(Opener {
+            keys: Keys::new(seq, secrets, u64::MAX)?,
+            renewal: Some(renewal),
+        })
     }
 
     /// Opens the record at the start of `buf` in place. Returns `None` if `buf` does not
@@ -203,9 +377,9 @@ impl Opener {
         if len < TAG + 1 {
             return Err(RecordError::BadRecordMac);
         }
-        let nonce = self.0.next_nonce()?;
+        let nonce = self.keys.next_nonce()?;
         let plain = self
-            .0
+            .keys
             .key
             .open_in_place(nonce, Aad::from(header), &mut buf[HEADER..HEADER + len])
             .map_err(|_| RecordError::BadRecordMac)?;
@@ -220,10 +394,31 @@ impl Opener {
         let opened = match plain[end] {
             APPLICATION_DATA => Opened::Data(content),
             ALERT => alert(&plain[..end])?,
-            HANDSHAKE => handshake(&plain[..end])?,
+            HANDSHAKE => match handshake(&plain[..end])? {
+                None => Opened::Nothing,
+                Some(requested) => {
+                    self.follow_key_update(requested)?;
+                    Opened::Nothing
+                }
+            },
             other => return Err(RecordError::ContentType(other)),
         };
         Ok(Some((HEADER + len, opened)))
+    }
+
+    /// The peer switched its key after the KeyUpdate just opened: so do we, at sequence
+    /// 0; if it asked, our sending direction renews before its next record.
+    fn follow_key_update(&mut self, requested: bool) -> Result<(), RecordError> {
+        let Some(renewal) = &self.renewal else {
+            return Err(RecordError::KeyUpdate);
+        };
+        let (seq, secrets) = renewal.next(false)?;
+        self.keys = Keys::new(seq, secrets, u64::MAX)?;
+        renewal.received.fetch_add(1, Ordering::Relaxed);
+        if requested {
+            renewal.tx_requested.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 
@@ -232,30 +427,43 @@ fn alert(body: &[u8]) -> Result<Opened, RecordError> {
     match body {
         [_, 0] => Ok(Opened::CloseNotify),
         [_, 90] => Ok(Opened::Nothing),
-        [_, desc] => Err(RecordError::Alert(format!(
-            "{:?}",
-            rustls::AlertDescription::from(*desc)
-        ))),
+        [_, desc] => Err(RecordError::Alert(rustls::AlertDescription::from(*desc))),
         _ => Err(RecordError::MalformedAlert),
     }
 }
 
-/// Post-handshake messages: tickets are ignored (we never resume); KeyUpdate cannot be
-/// followed, so it ends the stream with an error rather than garbling it.
-fn handshake(mut body: &[u8]) -> Result<Opened, RecordError> {
-    while !body.is_empty() {
-        let [kind, a, b, c, ..] = *body else {
-            return Err(RecordError::Handshake(body[0]));
+/// Post-handshake messages. Tickets are ignored: no data connection resumes (servers send
+/// none, clients keep none). A KeyUpdate must be the record's last message (RFC 8446
+/// §5.1: handshake messages must not span a key change): `Some(update_requested)`.
+/// Anything else is an error naming it.
+fn handshake(mut body: &[u8]) -> Result<Option<bool>, RecordError> {
+    while let Some(&kind) = body.first() {
+        let [_, a, b, c, ref rest @ ..] = *body else {
+            return Err(RecordError::TruncatedHandshake(kind));
         };
         let len = u32::from_be_bytes([0, a, b, c]) as usize;
+        let Some(msg) = rest.get(..len) else {
+            return Err(RecordError::TruncatedHandshake(kind));
+        };
         match kind {
             NEW_SESSION_TICKET => {}
-            KEY_UPDATE => return Err(RecordError::KeyUpdate),
+            KEY_UPDATE => {
+                let requested = match *msg {
+                    [UPDATE_NOT_REQUESTED] => false,
+                    [UPDATE_REQUESTED] => true,
+                    [other] => return Err(RecordError::KeyUpdateValue(other)),
+                    _ => return Err(RecordError::MalformedKeyUpdate),
+                };
+                if rest.len() > len {
+                    return Err(RecordError::AfterKeyUpdate);
+                }
+                return Ok(Some(requested));
+            }
             other => return Err(RecordError::Handshake(other)),
         }
-        body = body.get(4 + len..).ok_or(RecordError::Handshake(kind))?;
+        body = &rest[len..];
     }
-    Ok(Opened::Nothing)
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -340,6 +548,66 @@ mod tests {
         let n = s.seal(&mut buf, 2, ALERT).expect("seal");
         let e = o.open(&mut buf[..n]).expect_err("fatal");
         assert!(e.to_string().contains("HandshakeFailure"), "{e}");
+    }
+
+    /// Seals `body` as one handshake record and opens it with an opener that cannot
+    /// renew keys.
+    fn open_handshake(body: &[u8]) -> Result<Option<(usize, Opened)>, RecordError> {
+        let mut s = Sealer::new(0, keys(), 10).expect("sealer");
+        let mut o = Opener::new(0, keys()).expect("opener");
+        let mut buf = vec![0u8; SLOT];
+        buf[HEADER..HEADER + body.len()].copy_from_slice(body);
+        let n = s.seal(&mut buf, body.len(), HANDSHAKE).expect("seal");
+        o.open(&mut buf[..n])
+    }
+
+    #[test]
+    fn post_handshake_messages_are_parsed_strictly() {
+        assert!(matches!(
+            open_handshake(&[24, 0, 0, 1, 2]),
+            Err(RecordError::KeyUpdateValue(2))
+        ));
+        assert!(matches!(
+            open_handshake(&[24, 0, 0, 2, 0, 0]),
+            Err(RecordError::MalformedKeyUpdate)
+        ));
+        assert!(matches!(
+            open_handshake(&[24, 0, 0, 1, 0, 4, 0, 0, 0]),
+            Err(RecordError::AfterKeyUpdate)
+        ));
+        // A valid KeyUpdate, on a connection that cannot renew its keys.
+        assert!(matches!(
+            open_handshake(&[24, 0, 0, 1, 1]),
+            Err(RecordError::KeyUpdate)
+        ));
+        assert!(matches!(
+            open_handshake(&[4, 0, 0, 9, 1]),
+            Err(RecordError::TruncatedHandshake(4))
+        ));
+        assert!(matches!(
+            open_handshake(&[24, 0]),
+            Err(RecordError::TruncatedHandshake(24))
+        ));
+        assert!(matches!(
+            open_handshake(&[20, 0, 0, 0]),
+            Err(RecordError::Handshake(20))
+        ));
+        // Session tickets are read past.
+        assert!(matches!(
+            open_handshake(&[4, 0, 0, 2, 0xaa, 0xbb, 4, 0, 0, 0]),
+            Ok(Some((_, Opened::Nothing)))
+        ));
+    }
+
+    #[test]
+    fn a_key_update_record_fits_the_room_kept_for_it() {
+        let mut s = Sealer::new(0, keys(), 10).expect("sealer");
+        let mut buf = vec![0u8; KEY_UPDATE_WIRE];
+        buf[HEADER..HEADER + KEY_UPDATE_MSG].copy_from_slice(&[24, 0, 0, 1, 0]);
+        assert_eq!(
+            s.seal(&mut buf, KEY_UPDATE_MSG, HANDSHAKE).expect("seal"),
+            KEY_UPDATE_WIRE
+        );
     }
 
     #[test]

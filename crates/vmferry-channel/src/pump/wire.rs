@@ -3,6 +3,8 @@
 //!
 //! Outbound, QEMU's bytes are read (one `readv`) straight into the plaintext slots of up
 //! to [`SLOTS`] records laid out back to back, sealed there, and written with one `write`.
+//! When the key is due for renewal, a KeyUpdate record goes in the room kept before the
+//! first slot, sealed before the records after it.
 //! Inbound, one large TCP read lands whole records, which are opened where they lie; their
 //! plaintext goes to QEMU with one `writev` over the pieces, headers and tags skipped.
 //!
@@ -10,12 +12,16 @@
 //! it has been authenticated, or grow without bound (a buffer is refilled only once it has
 //! been emptied).
 
-use super::record::{Opened, Opener, RecordError, Sealer, HEADER, MAX_PLAIN, SLOT};
+use super::record::{
+    Opened, Opener, RecordError, Sealer, HEADER, KEY_UPDATE_WIRE, MAX_PLAIN, SLOT,
+};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::ops::Range;
 
 /// Records per read from QEMU: 16 × 16 KiB = 256 KiB of plaintext per `readv`.
 pub const SLOTS: usize = 16;
+/// Room before the first slot for a KeyUpdate record.
+const PREFIX: usize = KEY_UPDATE_WIRE;
 /// Bytes asked of TCP per read (whole records, mostly).
 const TCP_READ: usize = SLOTS * SLOT;
 /// At most this many plaintext pieces per `writev` (below every IOV_MAX).
@@ -34,7 +40,7 @@ impl Outbound {
     pub fn new(sealer: Sealer) -> Outbound {
         Outbound {
             sealer,
-            buf: vec![0u8; SLOTS * SLOT],
+            buf: vec![0u8; PREFIX + SLOTS * SLOT],
             len: 0,
             sent: 0,
         }
@@ -52,14 +58,26 @@ impl Outbound {
         self.len = 0;
         self.sent = 0;
         let n = {
-            let mut iov: Vec<IoSliceMut<'_>> = self.buf[..SLOTS * SLOT]
+            let mut iov: Vec<IoSliceMut<'_>> = self.buf[PREFIX..PREFIX + SLOTS * SLOT]
                 .chunks_exact_mut(SLOT)
                 .map(|slot| IoSliceMut::new(&mut slot[HEADER..HEADER + MAX_PLAIN]))
                 .collect();
             src.read_vectored(&mut iov).map_err(WireError::Io)?
         };
+        if n == 0 {
+            return Ok(0);
+        }
+        // The KeyUpdate ends the old key's records; the slots are sealed with the new one.
+        self.sent = if self.sealer.renewal_due() {
+            self.sealer
+                .seal_key_update(&mut self.buf[..PREFIX])
+                .map_err(WireError::Record)?;
+            0
+        } else {
+            PREFIX
+        };
         let mut left = n;
-        let mut at = 0;
+        let mut at = PREFIX;
         while left > 0 {
             let len = left.min(MAX_PLAIN);
             let wire = self
@@ -77,6 +95,7 @@ impl Outbound {
     /// Seals `data` (any length) as records after those already waiting.
     pub fn stage(&mut self, data: &[u8]) -> Result<(), RecordError> {
         for chunk in data.chunks(MAX_PLAIN) {
+            self.renew_if_due()?;
             let at = self.room_for_one();
             self.buf[at + HEADER..at + HEADER + chunk.len()].copy_from_slice(chunk);
             self.len += self
@@ -84,6 +103,21 @@ impl Outbound {
                 .seal_data(&mut self.buf[at..at + SLOT], chunk.len())?;
         }
         Ok(())
+    }
+
+    /// Seals a KeyUpdate after the records already waiting, if the key is due for renewal.
+    fn renew_if_due(&mut self) -> Result<(), RecordError> {
+        if self.sealer.renewal_due() {
+            let at = self.room_for_one();
+            self.len += self.sealer.seal_key_update(&mut self.buf[at..at + SLOT])?;
+        }
+        Ok(())
+    }
+
+    /// The sealer, to force frequent key renewals in tests.
+    #[cfg(test)]
+    pub fn sealer_mut(&mut self) -> &mut Sealer {
+        &mut self.sealer
     }
 
     /// Seals a close_notify after the records already waiting.
@@ -150,6 +184,19 @@ impl Inbound {
             next: 0,
             skip: 0,
         }
+    }
+
+    /// As [`Self::new`], with `tls` (the start of a record that arrived with the handshake
+    /// but was not processed by it) read already. At most one record fits there: a
+    /// handshake driver processes every whole record it holds.
+    pub fn with_unread(opener: Opener, tls: &[u8]) -> Result<Inbound, RecordError> {
+        let mut me = Inbound::new(opener);
+        if tls.len() > 2 * SLOT {
+            return Err(RecordError::Overflow(tls.len()));
+        }
+        me.buf[..tls.len()].copy_from_slice(tls);
+        me.filled = tls.len();
+        Ok(me)
     }
 
     /// Whether all plaintext went to QEMU (or to `copy_to`).
