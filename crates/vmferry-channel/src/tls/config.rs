@@ -6,9 +6,9 @@
 //! without [`Verifier`] checking it.
 //!
 //! Every configuration a data connection may use enables secret extraction: once the
-//! handshake is done, the pump takes the record layer over with the traffic keys (as
-//! kernel TLS would). Extraction is an API of the connection's owner only; it changes
-//! nothing a peer can see or do.
+//! handshake is done, the pump takes the record layer over with the traffic secrets and
+//! rustls' `KernelConnection`, which renews them (as kernel TLS would). Extraction is an
+//! API of the connection's owner only; it changes nothing a peer can see or do.
 
 use super::verify::Verifier;
 use super::TlsError;
