@@ -1,5 +1,5 @@
-//! Test support, shared by this crate's unit tests and its integration tests (hidden from
-//! the docs; not for use by the daemon). What it must never do: weaken a configuration
+//! Test support, shared by this crate's unit tests, its integration tests and other
+//! crates' tests (hidden from the docs; not for use by the daemon's own code). What it must never do: weaken a configuration
 //! the daemon uses — it builds connections only with the real pinned configurations.
 
 use crate::compress::Filters;
@@ -11,35 +11,6 @@ use crate::tunnel::{Accept, Tunnel};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A pinned TLS 1.3 connection on loopback, both handshakes complete, exactly as a data
-/// stream starts: (client, server). Panics on failure: for tests only.
-pub fn tls_streams() -> (
-    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-    rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-) {
-    let s = EphemeralIdentity::generate("s").expect("s");
-    let d = EphemeralIdentity::generate("d").expect("d");
-    let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
-    let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr").to_string();
-    let srv = std::thread::spawn(move || {
-        let (tcp, _) = l.accept().expect("accept");
-        tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
-    });
-    let tcp = TcpStream::connect(&addr).expect("connect");
-    let c = tls::connect(
-        tcp,
-        tls::PINNED_SERVER_NAME,
-        ccfg,
-        Duration::from_secs(5),
-        &addr,
-    )
-    .expect("client tls");
-    let (s, _) = srv.join().expect("join");
-    (c, s)
-}
 
 /// A pinned data connection on loopback, both handshakes complete through the data
 /// path's own handshakes (rustls' unbuffered API), exactly as the daemons make them:
@@ -106,7 +77,8 @@ pub fn stock_client_and_session() -> (
     (c, s, st)
 }
 
-fn pinned_configs() -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
+/// A pinned (client, server) configuration pair for two fresh identities.
+pub fn pinned_configs() -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
     let s = EphemeralIdentity::generate("s").expect("s");
     let d = EphemeralIdentity::generate("d").expect("d");
     let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");

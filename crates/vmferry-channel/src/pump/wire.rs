@@ -68,7 +68,9 @@ impl Outbound {
             return Ok(0);
         }
         // The KeyUpdate ends the old key's records; the slots are sealed with the new one.
-        self.sent = if self.sealer.renewal_due() {
+        // (`sent` and `len` change only once all is sealed: after an error the buffer
+        // stays empty.)
+        let start = if self.sealer.renewal_due() {
             self.sealer
                 .seal_key_update(&mut self.buf[..PREFIX])
                 .map_err(WireError::Record)?;
@@ -88,6 +90,7 @@ impl Outbound {
             at += wire;
             left -= len;
         }
+        self.sent = start;
         self.len = at;
         Ok(n)
     }
@@ -187,11 +190,11 @@ impl Inbound {
     }
 
     /// As [`Self::new`], with `tls` (the start of a record that arrived with the handshake
-    /// but was not processed by it) read already. At most one record fits there: a
+    /// but was not processed by it) read already. Less than one record, normally: a
     /// handshake driver processes every whole record it holds.
     pub fn with_unread(opener: Opener, tls: &[u8]) -> Result<Inbound, RecordError> {
         let mut me = Inbound::new(opener);
-        if tls.len() > 2 * SLOT {
+        if tls.len() > TCP_READ {
             return Err(RecordError::Overflow(tls.len()));
         }
         me.buf[..tls.len()].copy_from_slice(tls);

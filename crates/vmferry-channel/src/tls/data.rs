@@ -21,8 +21,9 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The most handshake bytes held at once: a record of the largest size, twice.
-const MAX_INCOMING: usize = 2 * crate::pump::record::SLOT;
+/// The most handshake bytes held at once: a handshake message may span records, which
+/// stay in the buffer until it is whole (a long certificate chain); 64 KiB is plenty.
+const MAX_INCOMING: usize = 4 * crate::pump::record::SLOT;
 
 /// Client side of a data connection: a TLS handshake over the connected `tcp`, completed
 /// within `timeout`. `server_name` is what the server's certificate is checked against
@@ -114,6 +115,8 @@ enum Next {
     /// rustls may send data; the handshake is done unless it still waits for the peer
     /// (a server may write before the client's Finished arrived).
     Writable,
+    /// The handshake failed.
+    Failed(rustls::Error),
 }
 
 /// One handshake's buffers and deadline.
@@ -164,11 +167,7 @@ impl<'a> Driver<'a> {
             let UnbufferedStatus { mut discard, state } =
                 conn.process(&mut self.incoming[..self.used]);
             let next = match state {
-                Err(e) => {
-                    let err = TlsError::Handshake(describe_as(&e, self.who, self.side));
-                    self.send_alert(conn);
-                    return Err(err);
-                }
+                Err(e) => Next::Failed(e),
                 Ok(ConnectionState::EncodeTlsData(mut s)) => {
                     loop {
                         match s.encode(&mut self.outgoing[self.out..]) {
@@ -227,6 +226,10 @@ impl<'a> Driver<'a> {
             self.incoming.copy_within(discard..self.used, 0);
             self.used -= discard;
             match next {
+                Next::Failed(e) => {
+                    self.send_alert(conn);
+                    return Err(TlsError::Handshake(describe_as(&e, self.who, self.side)));
+                }
                 Next::Continue => {}
                 Next::Writable if !conn.handshaking() => break,
                 Next::Writable | Next::ReadMore => self.read_more()?,
@@ -289,27 +292,26 @@ impl<'a> Driver<'a> {
     }
 
     /// After a failure rustls holds an alert saying why: send it, best effort, so the
-    /// peer learns the reason rather than seeing a closed connection.
+    /// peer learns the reason rather than seeing a closed connection. (rustls must be
+    /// given the same buffer again: a handshake message it holds in part points into it.)
     fn send_alert<C: Unbuffered>(&mut self, conn: &mut C) {
+        // Each alert chunk is written as soon as it is encoded: asked again, rustls would
+        // go on with the records after the failed one and answer with the error again.
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = conn.process(&mut []);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut s)) => {
-                    self.out = 0;
-                    let Ok(n) = s.encode(&mut self.outgoing) else {
-                        return;
-                    };
-                    self.out = n;
-                }
-                Ok(ConnectionState::TransmitTlsData(s)) => {
-                    if self.transmit().is_err() {
-                        return;
-                    }
-                    s.done();
-                    return;
-                }
-                _ => return,
+            let UnbufferedStatus { discard, state } = conn.process(&mut self.incoming[..self.used]);
+            let Ok(ConnectionState::EncodeTlsData(mut s)) = state else {
+                return;
+            };
+            self.out = 0;
+            match s.encode(&mut self.outgoing) {
+                Ok(n) => self.out = n,
+                Err(_) => return,
             }
+            if self.transmit().is_err() {
+                return;
+            }
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
         }
     }
 

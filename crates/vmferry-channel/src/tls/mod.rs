@@ -75,4 +75,6 @@ pub enum TlsError {
 }
 
 #[cfg(test)]
+mod data_tests;
+#[cfg(test)]
 mod tests;
