@@ -230,6 +230,47 @@ fn the_session_stream_carries_the_first_messages_across_key_updates() {
     assert!(rest.is_empty());
 }
 
+#[test]
+fn plaintext_that_came_with_the_last_message_read_is_decompressed_by_the_pump() {
+    // As a source dials: it reads the destination's one-byte acknowledgement through the
+    // session, and the same TCP read may bring the first compressed bytes of the stream
+    // (an NBD server greets at once). They must go through the decompressor, not to QEMU.
+    const ZSTD: Filters = Filters {
+        compress: crate::compress::Compression::Zstd { level: 1 },
+    };
+    let (mut cs, mut ct, mut ss, mut st) = tls_pair();
+    ss.stream(&mut st).write_all(&[6]).expect("ack");
+    let (mut dst_qemu, b_local) = UnixStream::pair().expect("pair");
+    let stop_b = StopHandle::new(&b_local, &st).expect("stop");
+    let b = std::thread::spawn(move || {
+        pump_with(b_local, ss, st, "a", &Meter::default(), &stop_b, ZSTD)
+    });
+    let greeting = data(100_000);
+    dst_qemu.write_all(&greeting).expect("greet");
+    dst_qemu.shutdown(Shutdown::Write).expect("shut");
+    // Let the compressed greeting arrive behind the acknowledgement.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ack = [0u8; 1];
+    cs.stream(&mut ct).read_exact(&mut ack).expect("ack");
+    assert_eq!(ack, [6]);
+    assert!(
+        cs.has_plaintext(),
+        "the greeting should have come with the ack"
+    );
+    let (mut src_qemu, a_local) = UnixStream::pair().expect("pair");
+    let stop_a = StopHandle::new(&a_local, &ct).expect("stop");
+    let a = std::thread::spawn(move || {
+        pump_with(a_local, cs, ct, "b", &Meter::default(), &stop_a, ZSTD)
+    });
+    src_qemu.shutdown(Shutdown::Write).expect("shut");
+    let mut got = Vec::new();
+    src_qemu.read_to_end(&mut got).expect("read");
+    assert_eq!(sha256(&got), sha256(&greeting), "the greeting differs");
+    a.join().expect("a").expect("pump a");
+    b.join().expect("b").expect("pump b");
+    drop(dst_qemu);
+}
+
 /// A connected loopback TCP pair.
 fn loopback() -> (TcpStream, TcpStream) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -45,6 +45,7 @@ impl KeyUpdates {
 /// What the pump takes over from a [`Session`].
 pub(crate) struct Parts {
     pub outbound: Outbound,
+    /// Holds no opened plaintext: only the start of a record not yet whole.
     pub inbound: Inbound,
     /// Plaintext not read yet.
     pub early: Vec<u8>,
@@ -165,8 +166,19 @@ impl Session {
         }
     }
 
+    /// Hands the session over. Plaintext opened but not read yet (records that came with
+    /// the last message read through [`Self::stream`]) joins `early`, so that the new
+    /// owner filters it like everything after it (a decompressor must see it).
     pub(crate) fn into_parts(mut self) -> Parts {
-        let early = self.early.split_off(self.early_off);
+        let mut early = self.early.split_off(self.early_off);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.inbound.read_into(&mut chunk);
+            if n == 0 {
+                break;
+            }
+            early.extend_from_slice(&chunk[..n]);
+        }
         Parts {
             outbound: self.outbound,
             inbound: self.inbound,
