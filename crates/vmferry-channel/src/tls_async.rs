@@ -99,6 +99,11 @@ impl TlsIo {
         peer: &str,
         on_fail: OnFail,
     ) -> std::io::Result<TlsIo> {
+        if let Some(why) = session.failure() {
+            return Err(std::io::Error::other(format!(
+                "{peer}: the connection failed before the tunnel: {why}"
+            )));
+        }
         let crate::pump::session::Parts {
             outbound,
             inbound,

@@ -172,6 +172,11 @@ fn run(
     let mut decode_more = false;
     // Plaintext waiting for the local socket that is not in `inbound` (what arrived with
     // the handshake, or the decompressor's output), and how far it was written.
+    if let Some(why) = conn.failure() {
+        return Err(peer_err(format!(
+            "the connection failed before the pump: {why}"
+        )));
+    }
     let session::Parts {
         mut outbound,
         mut inbound,

@@ -142,6 +142,11 @@ impl Session {
         KeyUpdates(self.renewal.clone())
     }
 
+    /// Why the session is unusable, if a record or the socket failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
     /// Whether plaintext is waiting to be read without touching the socket.
     pub fn has_plaintext(&self) -> bool {
         self.early_off < self.early.len() || !self.inbound.is_empty()
