@@ -248,8 +248,17 @@ fn plaintext_that_came_with_the_last_message_read_is_decompressed_by_the_pump() 
     let greeting = data(100_000);
     dst_qemu.write_all(&greeting).expect("greet");
     dst_qemu.shutdown(Shutdown::Write).expect("shut");
-    // Let the compressed greeting arrive behind the acknowledgement.
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the compressed greeting arrived behind the acknowledgement (a record
+    // of 23 bytes on the wire).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut peek = vec![0u8; 4096];
+    while ct.peek(&mut peek).expect("peek") < peek.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the greeting never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut ack = [0u8; 1];
     cs.stream(&mut ct).read_exact(&mut ack).expect("ack");
     assert_eq!(ack, [6]);
