@@ -459,9 +459,15 @@ impl SourceMigration {
                 }
                 QemuMigrationStatus::Cancelled => {
                     return Err(match lock(&self.pump_error).clone() {
-                        Some(p) => DaemonError::Channel(p),
+                        // A broken stream is usually how a failure on the destination
+                        // looks from here: give its own word a moment to arrive (fail()
+                        // prefers it).
+                        Some(p) => {
+                            self.await_peer_word(PEER_WORD_WAIT);
+                            DaemonError::Channel(p)
+                        }
                         None => DaemonError::Cancelled("cancelled on request".into()),
-                    })
+                    });
                 }
                 _ => {}
             }
@@ -469,17 +475,22 @@ impl SourceMigration {
         }
     }
 
+    /// Waits (at most `wait`) for the destination's own account of a failure, which
+    /// usually follows a broken stream by a moment; returns it if it came.
+    fn await_peer_word(&self, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        while lock(&self.peer_failure).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lock(&self.peer_failure).clone()
+    }
+
     /// What a post-copy that broke means. Nothing can be cancelled once post-copy
     /// started: the guest runs on the destination with part of its memory here. If the
     /// destination says its QEMU died, the guest is gone; otherwise QEMU holds both
     /// halves paused.
     fn postcopy_broken(&self) -> DaemonError {
-        // The destination's word usually follows the broken stream by a moment.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while lock(&self.peer_failure).is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Some(p) = lock(&self.peer_failure).clone() {
+        if let Some(p) = self.await_peer_word(PEER_WORD_WAIT) {
             return super::recover::guest_lost(&p);
         }
         let why = lock(&self.pump_error)

@@ -53,6 +53,8 @@ const QEMU_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often QEMU is asked how the migration goes (query-migrate is cheap).
 const POLL: Duration = Duration::from_millis(5);
+/// How long a broken stream waits for the destination's word on why.
+const PEER_WORD_WAIT: Duration = Duration::from_secs(2);
 
 /// The data channel made by `connect`, waiting for `perform`.
 #[derive(Debug, Default)]
@@ -210,6 +212,15 @@ impl SourceMigration {
                 "{} is already migrating ({:?})",
                 qemu.describe(),
                 active.status
+            )));
+        }
+        // QEMU refuses to migrate again once it has handed its guest over; say so here,
+        // before a destination is prepared, and in words that name what happened.
+        if qemu.with_qmp(|q| q.query_status())?.status == "postmigrate" {
+            return Err(DaemonError::Exists(format!(
+                "{} has already migrated its guest away (it is paused after a completed \
+                 migration); the guest runs on the destination of that migration",
+                qemu.describe()
             )));
         }
         let identity = EphemeralIdentity::generate(&format!("vmferry-source-{id}"))
