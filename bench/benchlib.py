@@ -371,7 +371,8 @@ class Daemon:
         self.addr = f"127.0.0.1:{self.port}"
         state = os.path.join(self.work, self.name)
         remove(os.path.join(state, "control.sock"))
-        with open(os.path.join(self.work, f"{self.name}.log"), "a") as log:
+        self.log_path = os.path.join(self.work, f"{self.name}.log")
+        with open(self.log_path, "a") as log:
             self.p = spawn([VMFERRY, "serve", "--listen", self.addr, "--state-dir", state,
                             "--certs", self.certs], stderr=log)
         self.pid = self.p.pid

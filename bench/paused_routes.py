@@ -11,6 +11,7 @@ failure limit; summarize() and print_paused() make the table.
 Processes, QEMU, QMP and the carriers come from benchlib, which registers everything for its
 one cleanup; this module must never leave a QEMU, daemon, relay or /dev/shm file behind.
 """
+import datetime
 import json
 import os
 import statistics
@@ -125,6 +126,7 @@ def vmferry_route_migrate(env, route, src, dst, multifd, live):
            "--timeout", str(env.args.timeout)] + compress
     carrier = [d.pid for d in env.daemons]
     c0 = children_cpu()
+    wall0 = time.time()
     t0 = time.perf_counter()
     p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -150,8 +152,32 @@ def vmferry_route_migrate(env, route, src, dst, multifd, live):
         raise RuntimeError(f"asked for transport {transport}, got {result.get('transport')}")
     r = {"qemu_ms": result.get("qemu_total_time_ms"), "downtime_ms": result.get("downtime_ms"),
          "bytes": result.get("bytes"), "transport": result.get("transport"),
-         "streams": result.get("streams"), "controller_cpu": controller_cpu}
+         "streams": result.get("streams"), "controller_cpu": controller_cpu,
+         "first_byte_ms": first_byte_ms(env.daemons[1], wall0)}
     return elapsed, r, carrier
+
+
+def first_byte_ms(dst_daemon, wall0):
+    """Milliseconds from the controller's start (`wall0`, time.time()) to the destination
+    daemon's "data streams reached QEMU": it connects QEMU once the source's first bytes
+    have arrived, so this is the controller's time to the first guest byte. None if the
+    daemon's log has no such line since then."""
+    best = None
+    try:
+        with open(dst_daemon.log_path, errors="replace") as f:
+            for line in f:
+                if "data streams reached QEMU" not in line:
+                    continue
+                stamp = line.split()[0] if line.strip() else ""
+                try:
+                    t = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+                if t >= wall0:
+                    best = (t - wall0) * 1000
+    except OSError:
+        return None
+    return best
 
 
 def migrate(env, route, src, dst, multifd, live=False):
@@ -258,6 +284,8 @@ def summarize(cells, results, failures, gib):
                        cpu_src=statistics.median(r["cpu_src"] for r in runs) / gib,
                        cpu_dst=statistics.median(r["cpu_dst"] for r in runs) / gib,
                        cpu_carrier=statistics.median(r["cpu_carrier"] for r in runs) / gib)
+            firsts = [r["first_byte_ms"] for r in runs if r.get("first_byte_ms") is not None]
+            row["first_byte_ms"] = statistics.median(firsts) if firsts else None
         rows.append(row)
     for row in rows:
         base = next((b for b in rows if b["route"] == "plain" and b["multifd"] == row["multifd"]
@@ -274,15 +302,21 @@ def print_paused(rows, a):
           " total-time on the source.")
     print("cpu s/GiB: both QEMUs + the carrier (stunnel, the socat relays, or both vmferry daemons"
           " + controller); then each share: QEMUs, source QEMU, destination QEMU, carrier"
-          " (each a median of its own, so they need not add up exactly).")
+          " (each a median of its own, so they need not add up exactly).  1st byte: vmferry"
+          " routes, from starting `vmferry migrate` to the destination daemon connecting QEMU"
+          " on the source's first bytes (its log).")
     print()
     print_table(rows, a.runs)
+
+
+def first_byte_label(ms):
+    return "-" if ms is None else f"{ms:.0f} ms"
 
 
 def print_table(rows, runs):
     print(f"{'route':11} {'streams':10} {'n':>2} {'median s':>9} {'min-max s':>13} {'GiB/s':>6}"
           f" {'vs plain':>9} {'QEMU ms':>8} {'cpu s/GiB':>10} {'QEMUs':>6} {'src':>5} {'dst':>5}"
-          f" {'carrier':>7}")
+          f" {'carrier':>7} {'1st byte':>8}")
     last = None
     for row in rows:
         if last is not None and row["multifd"] != last:
@@ -295,6 +329,7 @@ def print_table(rows, runs):
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         print(f"{head} {row['median']:9.3f} {row['min']:6.3f}-{row['max']:<6.3f} {row['gibps']:6.2f}"
               f" {ratio:>9} {row['qemu_ms']:8.0f} {row['cpu']:10.2f} {row['cpu_qemu']:6.2f}"
-              f" {row['cpu_src']:5.2f} {row['cpu_dst']:5.2f} {row['cpu_carrier']:7.2f}")
+              f" {row['cpu_src']:5.2f} {row['cpu_dst']:5.2f} {row['cpu_carrier']:7.2f}"
+              f" {first_byte_label(row.get('first_byte_ms')):>8}")
         if row["failed"]:
             print(f"{'':13} and {row['failed']} failed run(s), the last: {row['error']}")
