@@ -134,13 +134,25 @@ class LvBench:
 
     def locate(self, d):
         """Where the domain runs now (after a failed run libvirt may have kept it on the
-        source); boots it again on A if it is lost."""
+        source); boots it again on A if it is lost. Between runs the bench keeps it paused
+        by hand ("paused (user)"): a paused copy for any other reason (an incoming domain a
+        failed migration left behind) is not it, and is removed."""
+        found = [(h, h.virsh("domstate", "--reason", d["name"], check=False).strip())
+                 for h in self.hosts if d["name"] in h.domains()]
+        live = [h for h, st in found if st.startswith("running") or st == "paused (user)"]
+        if len(live) == 1:
+            d["on"] = live[0]
+            for h, st in found:
+                if h is not live[0]:
+                    print(f"    (a stale copy of {d['name']} on {h.hostname}, {st}: removed)",
+                          flush=True)
+                    h.virsh("destroy", d["name"], check=False)
+                    h.virsh("undefine", d["name"], check=False)
+            return
+        print(f"    ({d['name']} is lost ({found and ', '.join(st for _, st in found)}):"
+              " booting it again on A)", flush=True)
         for h in self.hosts:
-            if d["name"] in h.domains() and h.state(d["name"]) in ("running", "paused"):
-                d["on"] = h
-                return
-        print(f"    ({d['name']} is lost: booting it again on A)", flush=True)
-        for h in self.hosts:
+            h.virsh("destroy", d["name"], check=False)
             h.virsh("undefine", d["name"], check=False)
         d["on"] = self.a
         self.boot(d)
@@ -284,7 +296,12 @@ def run_libvirt(lv, route):
             r["libvirt_ms"] = int(v[0])
     state = dst.state(d["name"])
     if state != "running":
-        raise RuntimeError(f"the domain is {state} on the destination")
+        try:
+            console = open(dst.outside(d["serial"]), errors="replace").read()
+        except OSError:
+            console = ""
+        raise RuntimeError(f"the domain is {state} on the destination; its console ends:"
+                           f" {console[-1500:]!r}")
     if d["name"] in src.domains():
         raise RuntimeError("the source still has the domain")
     text = wait_beats(dst.outside(d["serial"]), 2, 30)
