@@ -30,8 +30,17 @@ fn parse_heartbeats(text: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Waits until the last heartbeat is at least `min`, and returns it.
+/// The shortest a wait for the guest may be. The guests are TCG guests, several at once
+/// on a shared 2-core machine under the whole suite: a vCPU can get next to no CPU for
+/// tens of seconds (CI saw a guest report "soft lockup - CPU#0 stuck for 44s" right after
+/// its migration, then count on). A wait exists to catch a guest that never goes on, so
+/// a shorter one asked for is lengthened to this; one that succeeds returns at once.
+pub const MIN_GUEST_WAIT: Duration = Duration::from_secs(90);
+
+/// Waits until the last heartbeat is at least `min`, and returns it; waits
+/// [`MIN_GUEST_WAIT`] at least, whatever `timeout` says.
 pub fn wait_for_heartbeat(log: &Path, min: u64, timeout: Duration) -> Result<u64> {
+    let timeout = timeout.max(MIN_GUEST_WAIT);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(&last) = heartbeats(log).last() {
@@ -65,6 +74,7 @@ pub fn wait_for_memory_check(log: &Path, timeout: Duration) -> Result<()> {
 }
 
 fn wait_for_check(log: &Path, prefix: &str, timeout: Duration) -> Result<()> {
+    let timeout = timeout.max(MIN_GUEST_WAIT);
     let deadline = Instant::now() + timeout;
     loop {
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
