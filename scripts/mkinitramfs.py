@@ -7,7 +7,7 @@ The guest prints "vmferry-guest: booted" once. If it has a virtio disk (/dev/vda
 virtio modules come from the kernel package's KERNEL_MODULES_DIR), it prints the disk's
 first line as "vmferry-disk: LINE" and writes each heartbeat's number into the disk's
 second 512-byte sector, synchronously, so a test can see which host last wrote it; before
-each write it reads the sector back past the page cache (O_DIRECT) and prints "vmferry-diskcheck BAD
+each write it reads the sector back past the page cache and prints "vmferry-diskcheck BAD
 N" if it does not hold the previous number ("vmferry-diskcheck ok N" every 10th time).
 Then it forever rewrites 16 MiB of a tmpfs file
 in place (so memory keeps getting dirtied during a live migration) and prints
@@ -81,10 +81,9 @@ while true; do
     if [ $disk = yes ]; then
         # Read back (past the page cache) what the last heartbeat wrote: after a migration
         # that copied the disk, the destination's disk must hold the source's last write.
-        # O_DIRECT, not drop_caches: dropping every cache is long kernel work in init's
-        # own context, and on a starved TCG CPU it stalled init for 44 s (a soft lockup).
         if [ $n -gt 1 ]; then
-            prev=$(dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | { read -r l; echo "$l"; })
+            echo 1 >/proc/sys/vm/drop_caches
+            prev=$(dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | { read -r l; echo "$l"; })
             if [ "$prev" != "$((n - 1))" ]; then
                 echo "vmferry-diskcheck BAD $n (read '$prev')"
             elif [ $((n % 10)) -eq 0 ]; then

@@ -124,7 +124,7 @@ impl Tunnel {
 
     /// Client (source): starts the mux over an established TLS connection.
     pub fn client(
-        conn: crate::pump::Session,
+        conn: rustls::Connection,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
@@ -138,7 +138,7 @@ impl Tunnel {
     /// to carry that stream to, or `Err(cause)` to refuse it, which fails the stream on
     /// both ends with that cause.
     pub fn server(
-        conn: crate::pump::Session,
+        conn: rustls::Connection,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
@@ -149,7 +149,7 @@ impl Tunnel {
     }
 
     fn start(
-        conn: crate::pump::Session,
+        conn: rustls::Connection,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,

@@ -49,7 +49,7 @@ enum Opening {
 
 pub(super) async fn mux(
     shared: Arc<Shared>,
-    tls: crate::pump::Session,
+    tls: rustls::Connection,
     tcp: TcpStream,
     mut commands: mpsc::Receiver<Command>,
     accept: Option<std::sync::mpsc::Sender<AcceptRequest>>,
