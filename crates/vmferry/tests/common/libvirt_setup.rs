@@ -234,18 +234,41 @@ impl LvSetup {
         }
     }
 
-    /// Both daemons' logs and both hosts' libvirt logs: for failure messages.
+    /// Both daemons' logs, both hosts' libvirt logs and the ends of the guests' consoles
+    /// on both hosts (a domain that died says why there): for failure messages.
     pub fn diagnostics(&self) -> String {
         format!(
-            "=== vmferry daemon A ({}):\n{}\n=== vmferry daemon B ({}):\n{}\n=== libvirt host A:{}\n=== libvirt host B:{}",
+            "=== vmferry daemon A ({}):\n{}\n=== vmferry daemon B ({}):\n{}\n=== libvirt host A:{}\n=== libvirt host B:{}\n=== consoles:{}",
             self.da.log.display(),
             self.da.log_text(),
             self.db.log.display(),
             self.db.log_text(),
             self.a.diagnostics(),
-            self.b.diagnostics()
+            self.b.diagnostics(),
+            consoles(&[&self.a, &self.b])
         )
     }
+}
+
+/// The last 1500 characters of every `*.serial` file in each host's work directory.
+fn consoles(hosts: &[&LibvirtHost]) -> String {
+    let mut out = String::new();
+    for h in hosts {
+        let Ok(rd) = std::fs::read_dir(h.dir.join("work")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "serial") {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
+                let skip = text.chars().count().saturating_sub(1500);
+                let end: String = text.chars().skip(skip).collect();
+                out.push_str(&format!("\n--- {} on {}:\n{end}", p.display(), h.hostname));
+            }
+        }
+    }
+    out
 }
 
 /// The daemons' flags: libvirt's URI as a process inside the host reaches it (the default,
