@@ -138,7 +138,7 @@ fn what_went_wrong(log: &Path) -> String {
 }
 
 /// The last `n` characters of the log, for error messages.
-fn tail(log: &Path, n: usize) -> String {
+pub fn tail(log: &Path, n: usize) -> String {
     let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
     let skip = text.chars().count().saturating_sub(n);
     text.chars().skip(skip).collect()

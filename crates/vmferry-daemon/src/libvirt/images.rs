@@ -58,13 +58,16 @@ impl Journal {
     }
 }
 
+/// Whether a path a peer sent is absolute and plain (no `.` or `..`).
+fn plain_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
 /// A path the peer sent that this host may create a file at: absolute, no `..`.
 fn check_path(d: &LibvirtDisk) -> Result<()> {
-    let ok = d.path.is_absolute()
-        && d.path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    if !ok {
+    if !plain_absolute(&d.path) {
         return Err(DaemonError::BadRequest(format!(
             "disk {}: {} is not a plain absolute path",
             d.target,
@@ -83,11 +86,10 @@ fn check_path(d: &LibvirtDisk) -> Result<()> {
 /// The backing file an overlay made here for `--copy-storage inc` goes onto: it must
 /// already be here, a regular file at the source's path (libvirt copies none of it).
 fn check_backing<'a>(d: &LibvirtDisk, b: &'a LibvirtBacking) -> Result<&'a LibvirtBacking> {
-    let plain = b.path.is_absolute()
-        && b.path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    if !plain || !matches!(b.format.as_str(), "qcow2" | "raw") || d.format != "qcow2" {
+    if !plain_absolute(&b.path)
+        || !matches!(b.format.as_str(), "qcow2" | "raw")
+        || d.format != "qcow2"
+    {
         return Err(DaemonError::BadRequest(format!(
             "disk {}: a {} overlay on {} ({:?}) is not one vmferry creates (a qcow2 overlay \
              on a qcow2 or raw file at a plain absolute path)",

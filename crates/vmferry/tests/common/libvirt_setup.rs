@@ -260,10 +260,7 @@ fn consoles(hosts: &[&LibvirtHost]) -> String {
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "serial") {
-                let text =
-                    String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
-                let skip = text.chars().count().saturating_sub(1500);
-                let end: String = text.chars().skip(skip).collect();
+                let end = vmferry_testkit::serial::tail(&p, 1500);
                 out.push_str(&format!("\n--- {} on {}:\n{end}", p.display(), h.hostname));
             }
         }
