@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMFERRY = os.environ.get("VMFERRY", os.path.join(ROOT, "target", "release", "vmferry"))
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 GUEST_DIR = os.environ.get("VMFERRY_CACHE", os.path.join(ROOT, ".cache", "guest"))
-GUEST_APPEND = "console=ttyS0 quiet panic=-1"
+GUEST_APPEND = "console=ttyS0 quiet panic=-1 no_timer_check"
 SHM_PREFIX = "/dev/shm/vmferry-bench-"
 UNLIMITED = 1 << 40  # QEMU's max-bandwidth default is a cap: lift it for every route
 GIB = 1 << 30

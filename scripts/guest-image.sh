@@ -6,7 +6,7 @@
 # Idempotent: does nothing when both files exist and the stamp (a hash of this script and
 # mkinitramfs.py) matches, so editing either rebuilds the image. Installs nothing: the
 # packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`.
-# Boot it with: -kernel vmlinuz -initrd initramfs.img -append "console=ttyS0 quiet panic=-1"
+# Boot it with: -kernel vmlinuz -initrd initramfs.img -append "console=ttyS0 quiet panic=-1 no_timer_check"
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

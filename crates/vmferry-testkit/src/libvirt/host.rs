@@ -502,6 +502,35 @@ impl LibvirtHost {
                 s.push_str(&format!("\n--- {}:\n{}", p.display(), tail(&p, 1500)));
             }
         }
+        s.push_str(&self.jobs());
+        s
+    }
+
+    /// What libvirt and QEMU say about every running domain's jobs: `domjobinfo`, and
+    /// QEMU's own `query-migrate` and `query-block-jobs` (a stalled disk mirror keeps a
+    /// migration from ever moving memory). Each question has a short timeout: this runs
+    /// when something already went wrong, and libvirtd may be the thing that hangs.
+    fn jobs(&self) -> String {
+        let t = Duration::from_secs(5);
+        let Ok(names) = self.virsh(&["list", "--name"], t) else {
+            return format!("\n--- {}: virsh list did not answer", self.hostname);
+        };
+        let mut s = String::new();
+        for name in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
+            let mut ask = |what: &str, args: &[&str]| {
+                let answer = self.virsh(args, t).unwrap_or_else(|e| format!("{e:#}"));
+                s.push_str(&format!(
+                    "\n--- {what} of {name} on {}:\n{}",
+                    self.hostname,
+                    answer.trim()
+                ));
+            };
+            ask("domjobinfo", &["domjobinfo", name]);
+            for q in ["query-migrate", "query-block-jobs"] {
+                let cmd = format!("{{\"execute\":\"{q}\"}}");
+                ask(q, &["qemu-monitor-command", name, &cmd]);
+            }
+        }
         s
     }
 }
