@@ -126,15 +126,19 @@ const GUEST_FAILURES: [&str; 5] = [
 /// For error messages: the guest kernel's failure report, from its first line (up to 3000
 /// characters), if the log has one; else the end of the log.
 fn what_went_wrong(log: &Path) -> String {
-    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-    match GUEST_FAILURES.iter().filter_map(|m| text.find(m)).min() {
-        Some(at) => {
-            let from = text[..at].rfind('\n').map_or(0, |i| i + 1);
-            let report: String = text[from..].chars().take(3000).collect();
-            format!("the guest kernel failed: {report}")
-        }
+    match kernel_failure(log) {
+        Some(report) => format!("the guest kernel failed: {report}"),
         None => format!("the log ends: {:?}", tail(log, 400)),
     }
+}
+
+/// The guest kernel's first failure report in the log (up to 3000 characters from the line
+/// it starts on), if there is one.
+pub fn kernel_failure(log: &Path) -> Option<String> {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    let at = GUEST_FAILURES.iter().filter_map(|m| text.find(m)).min()?;
+    let from = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    Some(text[from..].chars().take(3000).collect())
 }
 
 /// The last `n` characters of the log, for error messages.

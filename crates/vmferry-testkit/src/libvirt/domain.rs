@@ -20,6 +20,8 @@ pub struct Domain {
     pub more_disks: Vec<PathBuf>,
     /// The serial console's log (path as the hosts see it).
     pub serial: PathBuf,
+    /// The QEMU binary (`<emulator>`); libvirt's default when `None`.
+    pub emulator: Option<PathBuf>,
 }
 
 impl Domain {
@@ -34,6 +36,7 @@ impl Domain {
             disk: Some(work.join(format!("{name}.qcow2"))),
             more_disks: Vec::new(),
             serial: work.join(format!("{name}.serial")),
+            emulator: None,
         }
     }
 
@@ -55,6 +58,11 @@ impl Domain {
         for (p, dev) in self.more_disks.iter().zip('b'..='z') {
             disk.push_str(&disk_xml(p, dev));
         }
+        let emulator = self
+            .emulator
+            .as_ref()
+            .map(|e| format!("    <emulator>{}</emulator>\n", esc(&e.to_string_lossy())))
+            .unwrap_or_default();
         format!(
             "<domain type='qemu'>\n\
              \x20 <name>{name}</name>\n\
@@ -71,6 +79,7 @@ impl Domain {
              \x20 <on_reboot>destroy</on_reboot>\n\
              \x20 <on_crash>destroy</on_crash>\n\
              \x20 <devices>\n\
+             {emulator}\
              {disk}\
              \x20   <serial type='file'>\n\
              \x20     <source path='{serial}'/>\n\

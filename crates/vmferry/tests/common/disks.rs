@@ -116,6 +116,8 @@ pub fn guest(dir: &Path, tag: &str, disk: &Path, incoming: bool) -> Result<QemuP
         dir.join(format!("{tag}.qmp")),
         dir.join(format!("{tag}.serial")),
     );
+    // It runs while it migrates: not on 7.2's TCG (see require::guest_qemu).
+    o.binary = require::guest_qemu().display().to_string();
     o.memory_mib = 128;
     o.kernel = Some(img.kernel);
     o.initrd = Some(img.initrd);

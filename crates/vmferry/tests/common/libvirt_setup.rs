@@ -140,6 +140,8 @@ impl LvSetup {
     pub fn boot_guest(&self, name: &str, memory_mib: u64, append: &str) -> Result<(Domain, u64)> {
         let mut dom = Domain::test_guest(name, &self.a.work, guest_image()?);
         dom.memory_mib = memory_mib;
+        // It runs while it migrates: not on 7.2's TCG (see require::guest_qemu).
+        dom.emulator = Some(vmferry_testkit::require::guest_qemu());
         if self.qemu_user.is_some() {
             // QEMU, not root, opens the kernel and initrd, and libvirt gives them to QEMU's
             // user while the domain runs: each host gets its own copies in its work path
@@ -250,7 +252,8 @@ impl LvSetup {
     }
 }
 
-/// The last 1500 characters of every `*.serial` file in each host's work directory.
+/// The last 1500 characters of every `*.serial` file in each host's work directory, and
+/// the guest kernel's failure report from its start if there is one.
 fn consoles(hosts: &[&LibvirtHost]) -> String {
     let mut out = String::new();
     for h in hosts {
@@ -262,6 +265,11 @@ fn consoles(hosts: &[&LibvirtHost]) -> String {
             if p.extension().is_some_and(|x| x == "serial") {
                 let end = vmferry_testkit::serial::tail(&p, 1500);
                 out.push_str(&format!("\n--- {} on {}:\n{end}", p.display(), h.hostname));
+                if let Some(report) = vmferry_testkit::serial::kernel_failure(&p) {
+                    out.push_str(&format!(
+                        "\n--- its kernel failure, from the start:\n{report}"
+                    ));
+                }
             }
         }
     }

@@ -178,8 +178,13 @@ impl DaemonProc {
         c.args(["serve", "--listen", addr, "--state-dir"])
             .arg(state_dir)
             .arg("--certs")
-            .arg(certs)
-            .args(extra)
+            .arg(certs);
+        // The guests a daemon starts keep running while they migrate: not on 7.2's TCG
+        // (see require::guest_qemu), unless the test chose its QEMU itself.
+        if !extra.iter().any(|a| *a == "--qemu" || *a == "--config") {
+            c.arg("--qemu").arg(vmferry_testkit::require::guest_qemu());
+        }
+        c.args(extra)
             .env("VMFERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

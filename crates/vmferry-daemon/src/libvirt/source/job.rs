@@ -8,6 +8,9 @@
 
 use super::*;
 
+/// A progress query slower than this is logged: the watcher acts on nothing meanwhile.
+const SLOW_ANSWER: Duration = Duration::from_secs(5);
+
 impl LibvirtSource {
     fn migrate_call(&self) -> (virt::domain::MigrateParameters, u32) {
         use virt::sys;
@@ -119,9 +122,30 @@ impl LibvirtSource {
     fn watch(&self, dom: &virt::domain::Domain, done: &AtomicBool, started: Instant) {
         let mut aborted = false;
         let mut last: Option<(Instant, u64)> = None;
+        let mut last_error: Option<String> = None;
+        let mut ram_seen = false;
         while !done.load(Ordering::SeqCst) {
-            if let Ok(p) = api::progress(dom) {
+            let asked = Instant::now();
+            let progress = api::progress(dom);
+            if asked.elapsed() > SLOW_ANSWER {
+                tracing::warn!(migration = %self.id, "libvirt took {:?} to report the job's progress", asked.elapsed());
+            }
+            // A failing progress query would leave post-copy and aborts unseen: say so,
+            // once per distinct error.
+            match &progress {
+                Err(e) if last_error.as_deref() != Some(&e.to_string()) => {
+                    tracing::warn!(migration = %self.id, "cannot read libvirt's job progress: {e}");
+                    last_error = Some(e.to_string());
+                }
+                Err(_) => {}
+                Ok(_) => last_error = None,
+            }
+            if let Ok(p) = progress {
                 self.show(&p, &mut last);
+                if p.active && p.mem_processed > 0 && !ram_seen {
+                    ram_seen = true;
+                    tracing::info!(migration = %self.id, state = %self.state(), "libvirt's job moves memory");
+                }
                 let postcopy = self.options.postcopy;
                 if let (Some(pc), SourceState::Performing, true) =
                     (postcopy, self.state(), p.active)
@@ -141,7 +165,9 @@ impl LibvirtSource {
                                 let _ = self.advance(SourceEvent::StartPostCopy);
                                 lock(&self.status).qemu_status = "postcopy-active".into();
                             }
-                            Err(e) => tracing::info!("post-copy not started yet: {}", e.message()),
+                            Err(e) => {
+                                tracing::info!(migration = %self.id, "post-copy not started yet: {}", e.message())
+                            }
                         }
                     }
                 }
