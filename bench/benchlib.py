@@ -192,14 +192,14 @@ class Qmp:
 
 class Qemu:
     def __init__(self, work, tag, ram_path, ram_mib, incoming, prealloc, paused=True, guest=None,
-                 append=GUEST_APPEND, extra=()):
+                 append=GUEST_APPEND, extra=(), binary=None):
         self.tag = tag
         self.qmp = os.path.join(work, f"{tag}.qmp")
         self.serial = os.path.join(work, f"{tag}.serial")
         self.errlog = os.path.join(work, f"{tag}.stderr")
         for path in (self.qmp, self.serial):
             remove(path)
-        args = [QEMU, "-machine", "q35,accel=tcg,memory-backend=ram0", "-m", f"{ram_mib}M",
+        args = [binary or QEMU, "-machine", "q35,accel=tcg,memory-backend=ram0", "-m", f"{ram_mib}M",
                 "-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path},share=on"
                 + (",prealloc=on" if prealloc else ""),
                 "-nodefaults", "-no-user-config", "-display", "none",

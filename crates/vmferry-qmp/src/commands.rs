@@ -118,6 +118,14 @@ impl Qmp {
         self.execute("migrate-start-postcopy", None).map(drop)
     }
 
+    /// Whether the guest runs under KVM (`query-kvm`'s `enabled`); false under TCG.
+    pub fn kvm_enabled(&mut self) -> Result<bool, QmpError> {
+        let v = self.execute("query-kvm", None)?;
+        v.get("enabled")
+            .and_then(serde_json::Value::as_bool)
+            .ok_or_else(|| QmpError::Protocol(format!("query-kvm: no boolean 'enabled' in {v}")))
+    }
+
     /// Cancels the outgoing migration (the status passes through "cancelling").
     pub fn migrate_cancel(&mut self) -> Result<(), QmpError> {
         self.execute("migrate_cancel", None).map(drop)

@@ -226,6 +226,16 @@ pub struct QemuVersion {
 }
 
 impl QemuVersion {
+    /// Whether this QEMU, running its guest under TCG, can lose guest writes during a live
+    /// migration: before 9.0 the migration's dirty-bitmap sync cleared a page's bit without
+    /// dropping the vCPU's writable TLB entry for it, so later writes through that entry
+    /// were never sent (fixed by QEMU commit 03bfc2188f, "physmem: Fix migration dirty
+    /// bitmap coherency with TCG memory access"). KVM tracks dirty pages itself and is
+    /// not affected. bench/tcg_dirty_check.py measures it.
+    pub fn tcg_migration_loses_writes(&self) -> bool {
+        (self.major, self.minor) < (9, 0)
+    }
+
     /// Reads `greeting.QMP.version`; `None` if it is missing or not an object.
     pub(crate) fn from_greeting(greeting: &serde_json::Map<String, Value>) -> Option<Self> {
         let v = greeting.get("QMP")?.get("version")?;
@@ -470,6 +480,15 @@ mod tests {
         let v = QemuVersion::from_greeting(&g).expect("a version");
         assert_eq!((v.major, v.minor, v.micro), (7, 2, 22));
         assert_eq!(v.to_string(), "7.2.22 (Debian 1:7.2+dfsg-7)");
+        assert!(v.tcg_migration_loses_writes(), "7.2 lacks the fix");
+        for (major, minor, loses) in [(8, 2, true), (9, 0, false), (10, 0, false)] {
+            let w = QemuVersion {
+                major,
+                minor,
+                ..v.clone()
+            };
+            assert_eq!(w.tcg_migration_loses_writes(), loses, "{major}.{minor}");
+        }
         let g: serde_json::Map<String, Value> =
             serde_json::from_str(r#"{"QMP": {}}"#).expect("object");
         assert_eq!(QemuVersion::from_greeting(&g), None);

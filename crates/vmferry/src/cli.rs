@@ -111,6 +111,7 @@ pub struct ServeArgs {
     /// Certs dir with ca.pem, cert.pem, key.pem.
     #[arg(long)]
     pub certs: Option<PathBuf>,
+    /// The QEMU binary for the VMs this daemon starts (default qemu-system-x86_64).
     #[arg(long)]
     pub qemu: Option<String>,
     /// Default accelerator for VMs: auto, kvm or tcg.

@@ -95,7 +95,7 @@ fn migrate_cmd(s: &Setup, extra: &[&str]) -> std::process::Command {
 #[test]
 fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_converges(
 ) -> Result<()> {
-    let s = setup("busy")?;
+    let s = setup_on_system_qemu("busy")?;
     let log = start_busy_guest(&s)?;
 
     // 1. No help: --timeout fails it, saying why and what to try.
@@ -258,7 +258,11 @@ fn start_postcopy(
             return Ok((m["migration"].as_str().context("id")?.to_string(), child));
         }
         if let Some(st) = child.try_wait()? {
-            bail!("migrate over {transport} ended ({st}) before post-copy was seen");
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut err)?;
+            }
+            bail!("migrate over {transport} ended ({st}) before post-copy was seen: {err}");
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -294,7 +298,7 @@ fn counts_on_intact(log: &std::path::Path) -> Result<()> {
 
 #[test]
 fn a_guest_that_never_converges_completes_by_post_copy_on_every_transport() -> Result<()> {
-    let s = setup("pcopy")?;
+    let s = setup_on_system_qemu("pcopy")?;
     let a_log = start_busy_guest(&s)?;
     let b_log = s.db.state_dir.join("vms/g1/serial.log");
     for (from_a, transport) in [(true, "direct"), (false, "tunnel"), (true, "reverse")] {
@@ -334,7 +338,7 @@ fn a_guest_that_never_converges_completes_by_post_copy_on_every_transport() -> R
 
 #[test]
 fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() -> Result<()> {
-    let s = setup("pckill")?;
+    let s = setup_on_system_qemu("pckill")?;
     let _log = start_busy_guest(&s)?;
     let (_id, child) = start_postcopy(&s, true, "direct")?;
     let o = run({
@@ -362,7 +366,7 @@ fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() 
 #[test]
 fn a_post_copy_whose_link_is_cut_for_seconds_recovers_by_itself_on_every_transport() -> Result<()> {
     require::command("nft");
-    let s = setup("pcut")?;
+    let s = setup_on_system_qemu("pcut")?;
     let a_log = start_busy_guest(&s)?;
     let b_log = s.db.state_dir.join("vms/g1/serial.log");
     let quiet = |log: String| -> String {

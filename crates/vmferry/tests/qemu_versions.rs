@@ -303,6 +303,11 @@ fn a_running_guest_with_a_live_disk_crosses_7_2_and_10_0_both_ways() -> Result<(
                 .is_some_and(|v| v.starts_with("10.0")),
         "{r}"
     );
+    // 7.2 runs the guest under TCG: the operator is told that it can lose guest writes.
+    let warned = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stderr).contains("TCG before QEMU 9.0 can lose guest writes")
+    };
+    assert!(warned(&o), "no TCG warning from 7.2: {}", text(&o));
     let b_log = s.db.state_dir.join("vms/g1/serial.log");
     let beat = vmferry_testkit::serial::wait_for_heartbeat(&b_log, 0, Duration::from_secs(30))?;
     vmferry_testkit::serial::wait_for_heartbeat(&b_log, beat + 3, Duration::from_secs(30))
@@ -315,6 +320,7 @@ fn a_running_guest_with_a_live_disk_crosses_7_2_and_10_0_both_ways() -> Result<(
         text(&o),
         s.da.log_text()
     );
+    assert!(!warned(&o), "a TCG warning from 10.0: {}", text(&o));
     let beat = vmferry_testkit::serial::wait_for_heartbeat(&a_log, beat, Duration::from_secs(30))?;
     vmferry_testkit::serial::wait_for_heartbeat(&a_log, beat + 3, Duration::from_secs(30))
         .context("the guest counts on under QEMU 7.2 again")?;

@@ -70,6 +70,8 @@ pub struct Driver<'a, D: Daemons, P: FnMut(&MigrationStatus)> {
     destination_silent: bool,
     /// Whether the operator was told a cancel cannot stop post-copy.
     cancel_refused: bool,
+    /// The source's note last shown to the operator (each one is said once).
+    shown_note: Option<String>,
     pub stop_after: StopAfter,
 }
 
@@ -96,6 +98,7 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
             last: MigrationStatus::default(),
             destination_silent: false,
             cancel_refused: false,
+            shown_note: None,
             stop_after: StopAfter::default(),
         }
     }
@@ -313,6 +316,12 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 }
             }
             let st = self.status(Role::Source, POLL)?;
+            if st.note.is_some() && st.note != self.shown_note {
+                if let Some(n) = &st.note {
+                    eprintln!("vmferry: note from the source: {n}");
+                }
+                self.shown_note = st.note.clone();
+            }
             (self.progress)(&st);
             self.last = st.clone();
             if st.finished {

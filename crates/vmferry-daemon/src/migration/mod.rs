@@ -167,6 +167,28 @@ impl QemuHandle {
         })
     }
 
+    /// A warning for the operator when this QEMU runs its guest under TCG and is older
+    /// than 9.0: such a QEMU can lose guest writes during a live migration (see
+    /// `QemuVersion::tcg_migration_loses_writes`). `None` under KVM, for a paused guest
+    /// (it writes nothing), or when QEMU cannot say.
+    pub fn tcg_write_loss(&self, running: bool) -> Option<String> {
+        if !running {
+            return None;
+        }
+        let (version, kvm) = self
+            .with_qmp(|q| Ok((q.version().cloned(), q.kvm_enabled().ok())))
+            .ok()?;
+        let v = version?;
+        (kvm == Some(false) && v.tcg_migration_loses_writes()).then(|| {
+            format!(
+                "QEMU {}.{} runs this guest under TCG, and TCG before QEMU 9.0 can lose guest \
+                 writes during a live migration (QEMU commit 03bfc2188f): the guest may be \
+                 damaged on the destination; migrate it paused, or use QEMU 9.0 or newer",
+                v.major, v.minor
+            )
+        })
+    }
+
     /// The QEMU's release (from its QMP greeting) and the migration capabilities it has.
     pub fn release_and_capabilities(
         &self,

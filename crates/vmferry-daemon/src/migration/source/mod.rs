@@ -223,6 +223,10 @@ impl SourceMigration {
                 qemu.describe()
             )));
         }
+        let tcg_warning = qemu.tcg_write_loss(status.running);
+        if let Some(w) = &tcg_warning {
+            tracing::warn!(migration = %id, "{w}");
+        }
         let identity = EphemeralIdentity::generate(&format!("vmferry-source-{id}"))
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let source_machine =
@@ -278,7 +282,7 @@ impl SourceMigration {
             peer_pending: Mutex::new(None),
             peer: Mutex::new(None),
             peer_failure: Mutex::new(None),
-            note: Mutex::new(None),
+            note: Mutex::new(tcg_warning),
             status: Mutex::new(MigrationStatus {
                 qemu_status: "none".into(),
                 source_qemu: release.map(|r| r.to_string()),
