@@ -88,10 +88,10 @@ pub fn qemu() {
 /// Its dirty-bitmap sync clears a page's bit without dropping the vCPU's writable TLB entry
 /// for it, so later writes through that entry are never marked and never sent (fixed
 /// upstream by 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG memory
-/// access", QEMU 9.0). Measured here with plain QEMU 7.2 and no vmferry in the path:
-/// guest RAM differed between source and destination after 4 of 6 completed migrations on
-/// a loaded machine, and destination guests crashed; QEMU 10 under the same load: no
-/// difference. KVM's dirty log is not affected. Paused guests (`-S`) write nothing and
+/// access", QEMU 9.0). `bench/tcg_dirty_check.py` measures it with plain QEMU and no
+/// vmferry in the path (README, "QEMU versions"): on 7.2 the two sides' RAM differed after
+/// a completed migration in most runs on a loaded machine, and destination guests crashed;
+/// on QEMU 10 it never differed. KVM's dirty log is not affected. Paused guests (`-S`) write nothing and
 /// still run on 7.2.
 #[track_caller]
 pub fn guest_qemu() -> std::path::PathBuf {

@@ -338,7 +338,7 @@ fn a_guest_that_never_converges_completes_by_post_copy_on_every_transport() -> R
 
 #[test]
 fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() -> Result<()> {
-    let s = setup_on_system_qemu("pckill")?;
+    let s = setup("pckill")?;
     let _log = start_busy_guest(&s)?;
     let (_id, child) = start_postcopy(&s, true, "direct")?;
     let o = run({
@@ -366,7 +366,7 @@ fn a_destination_qemu_killed_during_post_copy_is_reported_as_losing_the_guest() 
 #[test]
 fn a_post_copy_whose_link_is_cut_for_seconds_recovers_by_itself_on_every_transport() -> Result<()> {
     require::command("nft");
-    let s = setup_on_system_qemu("pcut")?;
+    let s = setup("pcut")?;
     let a_log = start_busy_guest(&s)?;
     let b_log = s.db.state_dir.join("vms/g1/serial.log");
     let quiet = |log: String| -> String {

@@ -211,23 +211,7 @@ fn a_managed_copy_cut_short_leaves_no_image_and_no_qemu_on_the_destination() -> 
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     };
-    let b_qemus = || -> usize {
-        let needle = b_state.display().to_string();
-        std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        std::fs::read(e.path().join("cmdline"))
-                            .map(|c| {
-                                let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                                c.contains("qemu-system") && c.contains(&needle)
-                            })
-                            .unwrap_or(false)
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
+    let b_qemus = || qemu_pids_under(&b_state).len();
     for fault in ["link", "daemon"] {
         // 24 MiB at 4 MiB/s: the copy runs for seconds after the images appear.
         let mut c = s.hosts.a.command(BIN);

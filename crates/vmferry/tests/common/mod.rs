@@ -224,26 +224,33 @@ impl Drop for DaemonProc {
     }
 }
 
-/// Kills every QEMU whose command line mentions `dir` (the VMs of one test daemon).
-pub fn kill_qemus_under(dir: &Path) {
+/// The QEMUs whose command line mentions `dir` (the VMs of one test daemon): processes
+/// whose program is a qemu-system binary, not the daemon itself, whose own command line
+/// names its QEMU (`--qemu .../qemu-system-x86_64`) and its state directory.
+pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
     let needle = dir.display().to_string();
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("qemu-system") && cmd.contains(&needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let program = raw.split(|&b| b == 0).next().unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            (String::from_utf8_lossy(program).contains("qemu-system") && cmd.contains(&needle))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Kills every QEMU whose command line mentions `dir` (the VMs of one test daemon).
+pub fn kill_qemus_under(dir: &Path) {
+    for pid in qemu_pids_under(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

@@ -195,7 +195,12 @@ impl SourceMigration {
         // Post-copy's preempt channel where this QEMU has it; the destination keeps it
         // only if its QEMU can take it (prepare).
         let (release, capabilities) = qemu.release_and_capabilities()?;
-        let preempt_offered = capabilities.iter().any(|c| c == PREEMPT);
+        // Only a QEMU that opens the preempt channel when the migration starts: 8.0 and
+        // newer open it when post-copy starts (QEMU 5655aab079, except on pc-*-7.2 and
+        // older machines), while this daemon takes every stream before the migration
+        // runs. Without it post-copy still works: page requests share the main channel.
+        let preempt_offered =
+            capabilities.iter().any(|c| c == PREEMPT) && release.is_some_and(|r| r.major < 8);
         if let Some(pc) = options.postcopy.as_mut() {
             pc.preempt = preempt_offered;
         }
