@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Does QEMU lose guest writes during a live migration under TCG? Plain QEMU, no vmferry.
 
-Usage: python3 bench/tcg_dirty_check.py [--runs 6] [--hogs 2] [--qemus system,10]
+Usage: python3 bench/tcg_dirty_check.py [--runs 6] [--hogs 4] [--mib-per-s 64] [--qemus system,10]
 
 Each run boots the test guest (it rewrites 16 MiB of tmpfs every 0.5 s) on a source QEMU
-whose RAM is a /dev/shm file, migrates it over a unix socket, without a bandwidth cap, to a
+whose RAM is a /dev/shm file, migrates it over a unix socket, capped at --mib-per-s so that it takes several passes, to a
 destination QEMU started with -S (so it stays paused after the migration), and compares the
 two RAM files page by page: after a correct migration they are identical. HOGS busy loops
 load the machine meanwhile, as the test suite's parallel guests do. The QEMUs alternate run
@@ -53,7 +53,7 @@ def differing_pages(a, b):
                 n += sum(x[i:i + PAGE] != y[i:i + PAGE] for i in range(0, max(len(x), len(y)), PAGE))
 
 
-def one_run(binary, ram_mib, tag):
+def one_run(binary, ram_mib, tag, bandwidth):
     work = tempfile.mkdtemp(prefix="vmferry-tcgcheck-")
     PATHS.append(work)
     guest = (os.path.join(GUEST_DIR, "vmlinuz"), os.path.join(GUEST_DIR, "initramfs.img"))
@@ -69,7 +69,7 @@ def one_run(binary, ram_mib, tag):
             d.cmd("migrate-incoming", uri=f"unix:{sock}")
         t0 = time.time()
         with Qmp(src.qmp) as s:
-            s.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED})
+            s.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth})
             s.cmd("migrate", uri=f"unix:{sock}")
             while True:
                 st = s.cmd("query-migrate").get("status")
@@ -96,7 +96,9 @@ def one_run(binary, ram_mib, tag):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=6, help="migrations per QEMU (default 6)")
-    ap.add_argument("--hogs", type=int, default=2, help="busy loops beside (default 2)")
+    ap.add_argument("--hogs", type=int, default=4, help="busy loops beside (default 4)")
+    ap.add_argument("--mib-per-s", type=int, default=64,
+                    help="migration bandwidth cap in MiB/s, 0 for none (default 64)")
     ap.add_argument("--ram-mib", type=int, default=256)
     ap.add_argument("--qemus", default="system,10", help="system, 10 or paths, comma-separated")
     a = ap.parse_args()
@@ -108,13 +110,15 @@ def main():
     try:
         for i in range(a.runs):
             for q, binary in qemus:
-                pages, secs = one_run(binary, a.ram_mib, f"{q.replace('/', '_')}-{i}")
+                cap = a.mib_per_s << 20 if a.mib_per_s > 0 else UNLIMITED
+                pages, secs = one_run(binary, a.ram_mib, f"{q.replace('/', '_')}-{i}", cap)
                 results[q].append(pages)
                 print(f"run {i + 1} QEMU {q}: {pages} pages differ after a {secs:.1f} s migration"
                       f" (load {loadavg().split()[0]})", flush=True)
     finally:
         cleanup()
-    print(f"\n{a.runs} runs per QEMU, {a.hogs} busy loops, {a.ram_mib} MiB guest;"
+    print(f"\n{a.runs} runs per QEMU, {a.hogs} busy loops, {a.ram_mib} MiB guest,"
+          f" {a.mib_per_s or 'no'} MiB/s cap;"
           f" load average {load0.split()[0]} at the start, {loadavg().split()[0]} at the end")
     for q, pages in results.items():
         bad = sum(1 for p in pages if p)
