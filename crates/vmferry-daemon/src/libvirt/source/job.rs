@@ -11,6 +11,9 @@ use super::*;
 /// A progress query slower than this is logged: the watcher acts on nothing meanwhile.
 const SLOW_ANSWER: Duration = Duration::from_secs(5);
 
+/// How often the watcher logs what it sees of libvirt's job.
+const WATCH_REPORT: Duration = Duration::from_secs(20);
+
 impl LibvirtSource {
     fn migrate_call(&self) -> (virt::domain::MigrateParameters, u32) {
         use virt::sys;
@@ -67,9 +70,25 @@ impl LibvirtSource {
             let done = Arc::new(AtomicBool::new(false));
             let watcher = {
                 let (m, dom, done) = (self.clone(), dom.clone(), done.clone());
+                let uri = daemon.config.libvirt_uri.clone();
                 std::thread::Builder::new()
                     .name("libvirt-watch".into())
-                    .spawn(move || m.watch(&dom, &done, started))
+                    .spawn(move || {
+                        // Its own connection: the migration call holds the other one for
+                        // the whole job. (Sharing it, the watcher's first progress query
+                        // sometimes never returned, and post-copy was never asked for.)
+                        let own = api::open(&uri).and_then(|lv| {
+                            let d = lv.domain(&m.domain)?;
+                            Ok((lv, d))
+                        });
+                        match own {
+                            Ok((_lv, Some(d))) => m.watch(&d, &done, started),
+                            Ok((_, None)) | Err(_) => {
+                                tracing::warn!(migration = %m.id, "the watcher shares the migration's libvirt connection: it could not open its own");
+                                m.watch(&dom, &done, started)
+                            }
+                        }
+                    })
                     .map_err(|e| DaemonError::Internal(format!("cannot start the watcher: {e}")))?
             };
             let r = dom.migrate_to_uri3(Some(&desturi), params, flags);
@@ -124,6 +143,7 @@ impl LibvirtSource {
         let mut last: Option<(Instant, u64)> = None;
         let mut last_error: Option<String> = None;
         let mut ram_seen = false;
+        let mut said: Option<Instant> = None;
         while !done.load(Ordering::SeqCst) {
             let asked = Instant::now();
             let progress = api::progress(dom);
@@ -141,6 +161,11 @@ impl LibvirtSource {
                 Ok(_) => last_error = None,
             }
             if let Ok(p) = progress {
+                // What the watcher sees, now and then: a job it never acts on says why.
+                if said.is_none_or(|t: Instant| t.elapsed() >= WATCH_REPORT) {
+                    said = Some(Instant::now());
+                    tracing::info!(migration = %self.id, active = p.active, memory = p.mem_processed, total = p.mem_total, state = %self.state(), "libvirt's job as the watcher sees it");
+                }
                 self.show(&p, &mut last);
                 if p.active && p.mem_processed > 0 && !ram_seen {
                     ram_seen = true;
