@@ -91,8 +91,8 @@ pub fn qemu() {
 /// access", QEMU 9.0). `bench/tcg_dirty_check.py` measures it with plain QEMU and no
 /// vmferry in the path (README, "QEMU versions"): on 7.2 the two sides' RAM differed after
 /// a completed migration in most runs on a loaded machine, and destination guests crashed;
-/// on QEMU 10 it never differed. KVM's dirty log is not affected. Paused guests (`-S`) write nothing and
-/// still run on 7.2.
+/// on QEMU 10 it never differed. KVM's dirty log is not affected. Paused guests (`-S`)
+/// write nothing and still run on 7.2.
 #[track_caller]
 pub fn guest_qemu() -> std::path::PathBuf {
     match std::env::var_os("VMFERRY_TEST_QEMU") {

@@ -342,7 +342,7 @@ fn prepare_twice(
     );
     assert_eq!(vm_states(s, Where::B)?.len(), 1, "one VM on B");
     assert_eq!(
-        qemus_under(&s.db.state_dir),
+        qemu_pids_under(&s.db.state_dir).len(),
         1,
         "exactly one destination QEMU"
     );
@@ -364,11 +364,6 @@ fn prepare_twice(
     )?;
     assert!(vm_states(s, Where::B)?.is_empty());
     Ok(())
-}
-
-/// How many QEMU processes mention `dir` on their command line.
-fn qemus_under(dir: &std::path::Path) -> usize {
-    qemu_pids_under(dir).len()
 }
 
 #[test]

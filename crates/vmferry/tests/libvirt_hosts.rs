@@ -85,9 +85,7 @@ fn migrate_and_check(
     image: vmferry_testkit::guest::GuestImage,
     t0: Instant,
 ) -> Result<u32> {
-    let mut dom = Domain::test_guest(NAME, &a.work, image);
-    // It runs while it migrates: not on 7.2's TCG (see require::guest_qemu).
-    dom.emulator = Some(vmferry_testkit::require::guest_qemu());
+    let dom = Domain::migrating_guest(NAME, &a.work, image);
     let disk = dom.disk.clone().context("the test guest has a disk")?;
     a.create_disk(&disk, DISK_MIB, Some(DISK_LINE))?;
     // The destination's image must exist beforehand, with the same virtual size.

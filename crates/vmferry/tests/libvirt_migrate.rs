@@ -106,8 +106,7 @@ fn copy_storage_inc_copies_the_overlay_onto_the_same_base_and_every_disk_moves()
     let t0 = Instant::now();
     let s = LvSetup::new("lvinc")?;
     let name = "vmf-lvinc";
-    let mut dom = Domain::test_guest(name, &s.a.work, guest_image()?);
-    dom.emulator = Some(vmferry_testkit::require::guest_qemu());
+    let mut dom = Domain::migrating_guest(name, &s.a.work, guest_image()?);
     let top = dom.disk.clone().context("the test guest has a disk")?;
     let base = s.a.work.join(format!("{name}-base.qcow2"));
     let data = s.a.work.join(format!("{name}-data.qcow2"));
@@ -293,8 +292,7 @@ fn unknown_shut_off_unsafe_or_unreachable_is_refused_before_anything_moves() -> 
         )?;
         refused(&s, &o, "vmf-no-such-domain", "the unknown domain")?;
 
-        let mut off = Domain::test_guest("vmf-off", &s.a.work, guest_image()?);
-        off.emulator = Some(vmferry_testkit::require::guest_qemu());
+        let off = Domain::migrating_guest("vmf-off", &s.a.work, guest_image()?);
         let disk = off.disk.clone().context("the test guest has a disk")?;
         s.a.create_disk(&disk, DISK_MIB, Some(DISK_LINE))?;
         s.a.define_domain(&off)?;

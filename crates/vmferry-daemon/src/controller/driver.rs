@@ -316,11 +316,13 @@ impl<'a, D: Daemons, P: FnMut(&MigrationStatus)> Driver<'a, D, P> {
                 }
             }
             let st = self.status(Role::Source, POLL)?;
-            if st.note.is_some() && st.note != self.shown_note {
-                if let Some(n) = &st.note {
-                    eprintln!("vmferry: note from the source: {n}");
-                }
-                self.shown_note = st.note.clone();
+            if let Some(n) = st
+                .note
+                .as_ref()
+                .filter(|n| self.shown_note.as_ref() != Some(n))
+            {
+                eprintln!("vmferry: note from the source: {n}");
+                self.shown_note = Some(n.clone());
             }
             (self.progress)(&st);
             self.last = st.clone();

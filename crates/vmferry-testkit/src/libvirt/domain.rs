@@ -40,6 +40,15 @@ impl Domain {
         }
     }
 
+    /// [`Domain::test_guest`] on the QEMU that runs migrating guests in the tests
+    /// ([`crate::require::guest_qemu`]: not 7.2, whose TCG loses guest writes).
+    pub fn migrating_guest(name: &str, work: &Path, image: GuestImage) -> Domain {
+        Domain {
+            emulator: Some(crate::require::guest_qemu()),
+            ..Domain::test_guest(name, work, image)
+        }
+    }
+
     /// The domain XML: TCG, one vCPU, no USB, no balloon, no graphics; the serial console
     /// to a file; any end of the guest (power-off, reboot, crash: the guest's kernel runs
     /// with panic=-1) destroys the domain rather than restarting it.

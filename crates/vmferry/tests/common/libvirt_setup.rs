@@ -138,10 +138,8 @@ impl LvSetup {
     /// command line; started, and beating. B gets nothing: its daemon must create the
     /// disk image. Returns the domain and the heartbeat seen.
     pub fn boot_guest(&self, name: &str, memory_mib: u64, append: &str) -> Result<(Domain, u64)> {
-        let mut dom = Domain::test_guest(name, &self.a.work, guest_image()?);
+        let mut dom = Domain::migrating_guest(name, &self.a.work, guest_image()?);
         dom.memory_mib = memory_mib;
-        // It runs while it migrates: not on 7.2's TCG (see require::guest_qemu).
-        dom.emulator = Some(vmferry_testkit::require::guest_qemu());
         if self.qemu_user.is_some() {
             // QEMU, not root, opens the kernel and initrd, and libvirt gives them to QEMU's
             // user while the domain runs: each host gets its own copies in its work path

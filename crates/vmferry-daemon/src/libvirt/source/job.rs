@@ -78,13 +78,15 @@ impl LibvirtSource {
                         // the whole job. (Sharing it, the watcher's first progress query
                         // sometimes never returned, and post-copy was never asked for.)
                         let own = api::open(&uri).and_then(|lv| {
-                            let d = lv.domain(&m.domain)?;
+                            let d = lv.domain(&m.domain)?.ok_or_else(|| {
+                                DaemonError::NotFound(format!("domain {} is gone", m.domain))
+                            })?;
                             Ok((lv, d))
                         });
                         match own {
-                            Ok((_lv, Some(d))) => m.watch(&d, &done, started),
-                            Ok((_, None)) | Err(_) => {
-                                tracing::warn!(migration = %m.id, "the watcher shares the migration's libvirt connection: it could not open its own");
+                            Ok((_lv, d)) => m.watch(&d, &done, started),
+                            Err(e) => {
+                                tracing::warn!(migration = %m.id, "the watcher shares the migration's libvirt connection: it could not open its own: {e}");
                                 m.watch(&dom, &done, started)
                             }
                         }
