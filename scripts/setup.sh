@@ -90,13 +90,16 @@ WANT=(
     "libvirt-dev -"
     "pkg-config pkg-config"
 )
-need=()
-for entry in "${WANT[@]}"; do
-    read -r pkg cmd <<<"$entry"
-    if { [ "$cmd" = - ] || ! command -v "$cmd" >/dev/null; } && ! dpkg -s "$pkg" >/dev/null 2>&1; then
-        need+=("$pkg")
-    fi
-done
+missing_packages() {
+    need=()
+    for entry in "${WANT[@]}"; do
+        read -r pkg cmd <<<"$entry"
+        if { [ "$cmd" = - ] || ! command -v "$cmd" >/dev/null; } && ! dpkg -s "$pkg" >/dev/null 2>&1; then
+            need+=("$pkg")
+        fi
+    done
+}
+missing_packages
 
 if [ ${#need[@]} -eq 0 ]; then
     say "system packages present"
@@ -127,6 +130,15 @@ else
         [ "$updated" = no ] || die "apt-get install ${need[*]} failed"
         say "install failed; apt-get update and retry"
         apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+            die "apt-get install ${need[*]} failed"
+    fi
+    # An install can remove a package that was there: a machine with qemu-utils from
+    # bookworm-backports loses it when qemu-system-x86 7.2 comes in (their versions
+    # conflict). Whatever is missing now is installed from the same suite in a second pass.
+    missing_packages
+    if [ ${#need[@]} -gt 0 ]; then
+        say "installing ${need[*]} (removed by the install above: conflicting versions)"
         apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
             die "apt-get install ${need[*]} failed"
     fi
