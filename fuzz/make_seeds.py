@@ -159,3 +159,14 @@ put("tunnel_mux", "reset", yamux(1, 1, 1, length=1024) + yamux(0, 8, 1))
 # yamux 0.13 (fixed in 0.14: the connection is refused with a protocol error).
 put("tunnel_mux", "regression_syn_window_overflow", yamux(1, 1, 1, length=0xFFFFFFFF))
 
+# record_layer: first byte 1 = pieces [content type][length][bytes] the target seals with
+# its key (what the peer can send); 0 = raw bytes from TCP (what anyone on the path can).
+def rec(*pieces): return b"\x01" + b"".join(bytes([t, len(b)]) + b for t, b in pieces)
+put("record_layer", "data", rec((23, b"hello")))
+put("record_layer", "key_update", rec((22, bytes([24, 0, 0, 1, 0])), (23, b"after")))
+put("record_layer", "key_update_requested", rec((22, bytes([24, 0, 0, 1, 1])), (23, b"abc")))
+put("record_layer", "ticket", rec((22, bytes([4, 0, 0, 4, 0, 0, 0, 0])), (23, b"x")))
+put("record_layer", "close_notify", rec((23, b"last"), (21, bytes([1, 0]))))
+put("record_layer", "fatal_alert", rec((21, bytes([2, 40]))))
+put("record_layer", "raw_unauthentic", b"\x00" + bytes([23, 3, 3, 0, 22]) + bytes(22))
+

@@ -41,8 +41,9 @@ declare -A MAX_LEN=(
     [tunnel_mux]=8192
     [qmp_reply]=4096
     [qmp_session]=16384
+    [record_layer]=20000
 )
-ALL_TARGETS=(control_request control_response cookie preamble tunnel_frame tunnel_mux qmp_reply qmp_session)
+ALL_TARGETS=(control_request control_response cookie preamble tunnel_frame tunnel_mux qmp_reply qmp_session record_layer)
 if (($# > 0)); then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 for t in "${TARGETS[@]}"; do
     [[ -n ${MAX_LEN[$t]:-} ]] || { echo "fuzz.sh: unknown target $t (known: ${ALL_TARGETS[*]})" >&2; exit 2; }
@@ -89,10 +90,10 @@ rm -rf "$logs" && mkdir -p "$logs"
 touch "$logs/.start" # artifacts newer than this are this run's
 run_one() {
     local t=$1 dict=()
-    # Every target but the preamble reads JSON: give it JSON's tokens, the protocols'
-    # words and numbers at the integer edges (dict/json.dict). Edge numbers matter: a
-    # fuzzer rarely types 4294967295 by chance.
-    [[ $t == preamble ]] || dict=(-dict=dict/json.dict)
+    # Every target but the preamble and the record layer reads JSON: give it JSON's
+    # tokens, the protocols' words and numbers at the integer edges (dict/json.dict).
+    # Edge numbers matter: a fuzzer rarely types 4294967295 by chance.
+    [[ $t == preamble || $t == record_layer ]] || dict=(-dict=dict/json.dict)
     mkdir -p "target/corpus/$t" "artifacts/$t"
     "$bin/$t" "${dict[@]}" \
         -max_total_time="$SECONDS_EACH" \

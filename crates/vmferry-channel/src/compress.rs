@@ -79,6 +79,11 @@ impl Outgoing {
         })
     }
 
+    /// Whether [`Self::pass`] changes what it is given (else the caller may skip it).
+    pub fn compresses(&self) -> bool {
+        self.compressor.is_some()
+    }
+
     /// The bytes to send for `input`: `input` itself, or its compressed, flushed form.
     pub fn pass<'a>(&'a mut self, input: &'a [u8]) -> Result<&'a [u8], CompressError> {
         match self.compressor.as_mut() {

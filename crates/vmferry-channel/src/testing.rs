@@ -1,31 +1,68 @@
-//! Test support, shared by this crate's unit tests and its integration tests (hidden from
-//! the docs; not for use by the daemon). What it must never do: weaken a configuration
+//! Test support, shared by this crate's unit tests, its integration tests and other
+//! crates' tests (hidden from the docs; not for use by the daemon's own code). What it must never do: weaken a configuration
 //! the daemon uses — it builds connections only with the real pinned configurations.
 
 use crate::compress::Filters;
 use crate::identity::EphemeralIdentity;
 use crate::meter::Meter;
+use crate::pump::Session;
 use crate::tls;
 use crate::tunnel::{Accept, Tunnel};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A pinned TLS 1.3 connection on loopback, both handshakes complete, exactly as a data
-/// stream starts: (client, server). Panics on failure: for tests only.
-pub fn tls_streams() -> (
-    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-    rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-) {
-    let s = EphemeralIdentity::generate("s").expect("s");
-    let d = EphemeralIdentity::generate("d").expect("d");
-    let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
-    let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
+/// A pinned data connection on loopback, both handshakes complete through the data
+/// path's own handshakes (rustls' unbuffered API), exactly as the daemons make them:
+/// (client session, client tcp, server session, server tcp).
+pub fn tls_pair() -> (Session, TcpStream, Session, TcpStream) {
+    let (ccfg, scfg) = pinned_configs();
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
     let srv = std::thread::spawn(move || {
         let (tcp, _) = l.accept().expect("accept");
-        tls::accept(tcp, Duration::from_secs(5), |_| Some(scfg)).expect("accept tls")
+        match tls::accept_any(tcp, Duration::from_secs(5), |_| {
+            Some(tls::Choice::Data(scfg))
+        })
+        .expect("accept tls")
+        {
+            (tls::Accepted::Data(s, tcp), _) => (s, tcp),
+            (tls::Accepted::Control(_), _) => panic!("a data choice made a control connection"),
+        }
+    });
+    let mut tcp = TcpStream::connect(&addr).expect("connect");
+    let c = tls::connect_data(
+        &mut tcp,
+        tls::PINNED_SERVER_NAME,
+        ccfg,
+        Duration::from_secs(5),
+        &addr,
+    )
+    .expect("client tls");
+    let (s, st) = srv.join().expect("join");
+    (c, tcp, s, st)
+}
+
+/// A stock rustls client (buffered, as a peer that is not vmferry would be) and a data
+/// server session, over loopback: (client stream, server session, server tcp).
+pub fn stock_client_and_session() -> (
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    Session,
+    TcpStream,
+) {
+    let (ccfg, scfg) = pinned_configs();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let srv = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().expect("accept");
+        match tls::accept_any(tcp, Duration::from_secs(5), |_| {
+            Some(tls::Choice::Data(scfg))
+        })
+        .expect("accept tls")
+        {
+            (tls::Accepted::Data(s, tcp), _) => (s, tcp),
+            (tls::Accepted::Control(_), _) => panic!("a data choice made a control connection"),
+        }
     });
     let tcp = TcpStream::connect(&addr).expect("connect");
     let c = tls::connect(
@@ -36,19 +73,17 @@ pub fn tls_streams() -> (
         &addr,
     )
     .expect("client tls");
-    let (s, _) = srv.join().expect("join");
-    (c, s)
+    let (s, st) = srv.join().expect("join");
+    (c, s, st)
 }
 
-/// The same as (client conn, client tcp, server conn, server tcp).
-pub fn tls_pair() -> (rustls::Connection, TcpStream, rustls::Connection, TcpStream) {
-    let (c, s) = tls_streams();
-    (
-        rustls::Connection::Client(c.conn),
-        c.sock,
-        rustls::Connection::Server(s.conn),
-        s.sock,
-    )
+/// A pinned (client, server) configuration pair for two fresh identities.
+pub fn pinned_configs() -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
+    let s = EphemeralIdentity::generate("s").expect("s");
+    let d = EphemeralIdentity::generate("d").expect("d");
+    let scfg = tls::pinned_server_config(&d, s.fingerprint()).expect("server cfg");
+    let ccfg = tls::pinned_client_config(&s, d.fingerprint()).expect("client cfg");
+    (ccfg, scfg)
 }
 
 /// How [`tunnel_pair`] sets its tunnels up.

@@ -2,13 +2,15 @@
 //! single-threaded tokio runtime (the tunnel's mux): the pump's rules, without a thread
 //! and a local socket of its own.
 //!
-//! - Reads return decrypted plaintext. TCP is read (256 KiB at a time, into a buffer
-//!   reused for the whole connection) only once rustls has handed out everything it had
-//!   decrypted, and the bytes read are fed to rustls only as fast as they are consumed.
+//! - The record layer is the pump's (`pump::wire`), taken over from a [`Session`]:
+//!   records are sealed and opened in place in buffers reused for the whole connection
+//!   (no per-record copy or `Vec`), and keys are renewed with TLS KeyUpdate.
+//! - Reads return decrypted plaintext. TCP is read (up to 256 KiB of records at a time)
+//!   only once everything opened before was handed out.
 //! - Writes are bounded: small writes (yamux's frame headers) are gathered in a small
-//!   buffer; a large write is taken only once rustls has no TLS data left to send, as the
-//!   pump reads its local socket only then. What is given to rustls goes out at once as
-//!   far as TCP takes it, and the rest on `poll_flush`.
+//!   buffer; a large write is taken only once the records before it went to TCP, as the
+//!   pump reads its local socket only then. What is sealed goes out at once as far as TCP
+//!   takes it, and the rest on `poll_flush`.
 //! - The peer's close_notify reads as end-of-stream; a TCP end without it is an error
 //!   ([`PumpError::Truncated`]), never a silent end. `poll_close` sends close_notify,
 //!   flushes and half-closes TCP.
@@ -16,16 +18,15 @@
 //! Errors carry a [`PumpError`] (worded as the pump words them); the first one is also
 //! kept ([`TlsIo::failure`]) and handed to the `on_fail` hook when it happens.
 
-use crate::pump::PumpError;
+use crate::pump::wire::{Inbound, Outbound, WireError};
+use crate::pump::{PumpError, Session};
 use std::cell::RefCell;
-use std::io::{ErrorKind, IoSlice, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
-/// TCP read buffer.
-const CHUNK: usize = 256 * 1024;
 /// Writes up to this size are gathered rather than encrypted one by one.
 const SMALL: usize = 16 * 1024;
 /// Most plaintext gathered before it must go to rustls.
@@ -44,15 +45,17 @@ pub struct TlsIo {
 }
 
 struct Inner {
-    conn: rustls::Connection,
+    /// Records to send, and records received.
+    outbound: Outbound,
+    inbound: Inbound,
+    /// Plaintext that arrived with the handshake or before the session was handed over,
+    /// and how far it was read.
+    early: Vec<u8>,
+    early_off: usize,
     tcp: tokio::net::TcpStream,
     /// The same socket, for the half-close.
     shut: TcpStream,
     peer: String,
-    /// TCP bytes read and not yet given to rustls: `rbuf[roff..rlen]`.
-    rbuf: Vec<u8>,
-    roff: usize,
-    rlen: usize,
     /// Small writes gathered, not yet given to rustls.
     gathered: Vec<u8>,
     /// The peer's close_notify came.
@@ -63,8 +66,17 @@ struct Inner {
     on_fail: Option<OnFail>,
 }
 
-/// Writes TLS to the nonblocking tokio socket (for `write_tls`).
+/// Writes TLS to the nonblocking tokio socket.
 struct TcpOut<'a>(&'a tokio::net::TcpStream);
+
+/// Reads TLS from the nonblocking tokio socket.
+struct TcpIn<'a>(&'a tokio::net::TcpStream);
+
+impl Read for TcpIn<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
 
 impl Write for TcpOut<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -82,27 +94,36 @@ impl TlsIo {
     /// Takes over an established TLS connection. Must be called within a tokio runtime
     /// with I/O enabled. `peer` names the TLS peer in errors.
     pub fn new(
-        mut conn: rustls::Connection,
+        session: Session,
         tcp: TcpStream,
         peer: &str,
         on_fail: OnFail,
     ) -> std::io::Result<TlsIo> {
+        if let Some(why) = session.failure() {
+            return Err(std::io::Error::other(format!(
+                "{peer}: the connection failed before the tunnel: {why}"
+            )));
+        }
+        let crate::pump::session::Parts {
+            outbound,
+            inbound,
+            early,
+            peer_done,
+        } = session.into_parts();
         tcp.set_nonblocking(true)?;
         let shut = tcp.try_clone()?;
         let tcp = tokio::net::TcpStream::from_std(tcp)?;
-        // What rustls holds to send is bounded by when we give it plaintext (see above).
-        conn.set_buffer_limit(None);
         Ok(TlsIo {
             inner: Rc::new(RefCell::new(Inner {
-                conn,
+                outbound,
+                inbound,
+                early,
+                early_off: 0,
                 tcp,
                 shut,
                 peer: peer.to_string(),
-                rbuf: vec![0u8; CHUNK],
-                roff: 0,
-                rlen: 0,
                 gathered: Vec::with_capacity(GATHER + SMALL),
-                peer_done: false,
+                peer_done,
                 close_sent: false,
                 write_shut: false,
                 failed: None,
@@ -177,10 +198,10 @@ impl Inner {
         }
     }
 
-    /// Sends what rustls holds, as far as TCP takes it now. Ok(true) once all is sent.
+    /// Sends the sealed records, as far as TCP takes them now. Ok(true) once all went.
     fn try_send(&mut self) -> std::io::Result<bool> {
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut TcpOut(&self.tcp)) {
+        while !self.outbound.is_empty() {
+            match self.outbound.flush_to(&mut TcpOut(&self.tcp)) {
                 Ok(0) => return Err(self.peer_err("the connection wrote nothing".into())),
                 Ok(_) => {}
                 Err(e) if would_block(&e) => return Ok(false),
@@ -190,7 +211,7 @@ impl Inner {
         Ok(true)
     }
 
-    /// Sends everything rustls holds, waiting for TCP as needed.
+    /// Sends every sealed record, waiting for TCP as needed.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         loop {
             if self.try_send()? {
@@ -202,83 +223,35 @@ impl Inner {
         }
     }
 
-    /// Gives rustls the gathered plaintext, with `more` after it.
+    /// Seals the gathered plaintext, with `more` after it.
     fn encrypt(&mut self, more: &[u8]) -> std::io::Result<()> {
-        let bufs = [IoSlice::new(&self.gathered), IoSlice::new(more)];
-        let bufs: &[IoSlice<'_>] = match (self.gathered.is_empty(), more.is_empty()) {
-            (true, true) => return Ok(()),
-            (false, true) => &bufs[..1],
-            (true, false) => &bufs[1..],
-            (false, false) => &bufs,
-        };
-        let want = self.gathered.len() + more.len();
-        match self.conn.writer().write_vectored(bufs) {
-            Ok(n) if n == want => {
-                self.gathered.clear();
-                Ok(())
-            }
-            Ok(n) => Err(self.peer_err(format!("TLS took {n} of {want} bytes"))),
-            Err(e) => Err(self.peer_err(e.to_string())),
-        }
+        let sealed = self
+            .outbound
+            .stage(&self.gathered)
+            .and_then(|()| self.outbound.stage(more));
+        self.gathered.clear();
+        sealed.map_err(|e| self.peer_err(e.to_string()))
     }
 
-    /// Makes rustls's decrypted plaintext available, reading TCP if needed. Ready(Ok)
-    /// when there is plaintext or the peer's close_notify came.
+    /// Opens records from TCP until there is plaintext or the peer's close_notify came.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        loop {
-            // TLS bytes already read: to rustls, one record's worth at a time.
-            if self.roff < self.rlen {
-                let mut slice = &self.rbuf[self.roff..self.rlen];
-                let before = slice.len();
-                let read = self.conn.read_tls(&mut slice);
-                self.roff += before - slice.len();
-                let took = match read {
-                    Ok(n) => n,
-                    Err(e) => return Poll::Ready(Err(self.peer_err(e.to_string()))),
-                };
-                match self.conn.process_new_packets() {
-                    Ok(state) => {
-                        if state.peer_has_closed() {
-                            self.peer_done = true;
-                        }
-                        if state.plaintext_bytes_to_read() > 0 || self.peer_done {
-                            // Whatever rustls wants to send (key updates, ...) goes
-                            // along when TCP takes it.
-                            let _ = self.try_send();
-                            return Poll::Ready(Ok(()));
-                        }
-                        if took == 0 {
-                            // Never spin: rustls took nothing and gave nothing.
-                            return Poll::Ready(Err(
-                                self.peer_err("TLS made no progress (internal error)".into())
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        // Its alert, best effort.
-                        let _ = self.conn.write_tls(&mut TcpOut(&self.tcp));
-                        let msg = crate::tls::describe(&e, &self.peer);
-                        return Poll::Ready(Err(self.peer_err(msg)));
-                    }
-                }
-                continue;
-            }
-            self.roff = 0;
-            self.rlen = 0;
+        while self.inbound.is_empty() && !self.peer_done {
             if let Err(e) = ready!(self.tcp.poll_read_ready(cx)) {
                 return Poll::Ready(Err(self.peer_err(e.to_string())));
             }
-            match self.tcp.try_read(&mut self.rbuf) {
-                Ok(0) => {
-                    // Everything read was processed; no close_notify came.
+            match self.inbound.read_from(&mut TcpIn(&self.tcp), None) {
+                Ok(a) if a.read == 0 => {
+                    // Every whole record was opened; no close_notify came.
                     let peer = self.peer.clone();
                     return Poll::Ready(Err(self.fail(PumpError::Truncated { peer })));
                 }
-                Ok(n) => self.rlen = n,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Poll::Ready(Err(self.peer_err(e.to_string()))),
+                Ok(a) => self.peer_done = a.closed,
+                Err(WireError::Io(e)) if would_block(&e) => {}
+                Err(WireError::Io(e)) => return Poll::Ready(Err(self.peer_err(e.to_string()))),
+                Err(WireError::Record(e)) => return Poll::Ready(Err(self.peer_err(e.to_string()))),
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -293,24 +266,16 @@ impl futures::io::AsyncRead for TlsIo {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        loop {
-            if me.peer_done {
-                // Plaintext that came before the close_notify first, then the end.
-                return match std::io::Read::read(&mut me.conn.reader(), buf) {
-                    Ok(n) => Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => Poll::Ready(Ok(0)),
-                    Err(e) => Poll::Ready(Err(me.peer_err(e.to_string()))),
-                };
-            }
-            match std::io::Read::read(&mut me.conn.reader(), buf) {
-                Ok(0) => me.peer_done = true,
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    ready!(me.poll_fill(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(me.peer_err(e.to_string()))),
-            }
+        if me.early_off < me.early.len() {
+            let from = me.early_off;
+            let n = buf.len().min(me.early.len() - from);
+            buf[..n].copy_from_slice(&me.early[from..from + n]);
+            me.early_off += n;
+            return Poll::Ready(Ok(n));
         }
+        // Plaintext that came before a close_notify first, then the end.
+        ready!(me.poll_fill(cx))?;
+        Poll::Ready(Ok(me.inbound.read_into(buf)))
     }
 }
 
@@ -329,7 +294,7 @@ impl futures::io::AsyncWrite for TlsIo {
             me.gathered.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
-        // A large write (or too much gathered): only once rustls sent what it had.
+        // A large write (or too much gathered): only once the records before it went.
         ready!(me.poll_send(cx))?;
         let n = if buf.len() <= SMALL {
             0
@@ -362,7 +327,9 @@ impl futures::io::AsyncWrite for TlsIo {
         }
         if !me.close_sent {
             me.encrypt(&[])?;
-            me.conn.send_close_notify();
+            if let Err(e) = me.outbound.stage_close_notify() {
+                return Poll::Ready(Err(me.peer_err(e.to_string())));
+            }
             me.close_sent = true;
         }
         ready!(me.poll_send(cx))?;

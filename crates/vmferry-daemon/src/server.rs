@@ -393,7 +393,7 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
     };
     let mut route: Option<Route> = None;
     let mut data_sni = false;
-    let accepted = tls::accept(conn, HANDSHAKE_TIMEOUT, |sni| {
+    let accepted = tls::accept_any(conn, HANDSHAKE_TIMEOUT, |sni| {
         match sni.and_then(tls::migration_id_from_sni) {
             Some(id) => {
                 data_sni = true;
@@ -401,24 +401,24 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 if let Ok(m) = daemon.migrations.destination(&id) {
                     let cfg = m.data_config()?;
                     route = Some(Route::Destination(m));
-                    return Some(cfg);
+                    return Some(tls::Choice::Data(cfg));
                 }
                 if let Some(m) = daemon.migrations.libvirt_destination(&id) {
                     let cfg = m.data_config()?;
                     route = Some(Route::Libvirt(m));
-                    return Some(cfg);
+                    return Some(tls::Choice::Data(cfg));
                 }
                 let m = daemon.migrations.source(&id).ok()?;
                 let cfg = m.data_config()?;
                 route = Some(Route::Source(m));
-                Some(cfg)
+                Some(tls::Choice::Data(cfg))
             }
-            None if port == Port::Control => Some(control),
+            None if port == Port::Control => Some(tls::Choice::Control(control)),
             None => None,
         }
     });
     pending.fetch_sub(1, Ordering::SeqCst);
-    let (mut stream, _sni) = match accepted {
+    let (accepted, _sni) = match accepted {
         Ok(s) => s,
         Err(e) => {
             let what = if data_sni { "data" } else { "control" };
@@ -436,9 +436,9 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
             return;
         }
     };
-    match route {
-        Some(route) => {
-            let (pre, conn) = match crate::migration::channel::read_preamble(stream) {
+    match (route, accepted) {
+        (Some(route), tls::Accepted::Data(session, sock)) => {
+            let (pre, conn) = match crate::migration::channel::read_preamble(session, sock) {
                 Ok(x) => x,
                 Err(e) => {
                     audit_data(&daemon, &peer, "", "refused", &e.to_string());
@@ -461,7 +461,17 @@ fn handle_tcp(daemon: Arc<Daemon>, conn: TcpStream, pending: Arc<AtomicUsize>, p
                 Err(e) => audit_data(&daemon, &peer, id.as_str(), "refused", &e.to_string()),
             }
         }
-        None => {
+        (_, tls::Accepted::Data(..)) | (Some(_), tls::Accepted::Control(_)) => {
+            // accept_any answers as `choose` chose, and it chose by the route.
+            audit_data(
+                &daemon,
+                &peer,
+                "",
+                "refused",
+                "internal error: route and connection kind disagree",
+            );
+        }
+        (None, tls::Accepted::Control(mut stream)) => {
             let policy = daemon.policy();
             let identity: std::result::Result<Option<Identity>, crate::auth::AuthError> =
                 match stream.conn.peer_certificates().and_then(|c| c.first()) {

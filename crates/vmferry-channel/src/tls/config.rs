@@ -4,6 +4,11 @@
 //! This module must never build a configuration that allows anything but TLS 1.3,
 //! resumes a session (a server sends no tickets; a client keeps none), or trusts a peer
 //! without [`Verifier`] checking it.
+//!
+//! Every configuration a data connection may use enables secret extraction: once the
+//! handshake is done, the pump takes the record layer over with the traffic secrets and
+//! rustls' `KernelConnection`, which renews them (as kernel TLS would). Extraction is an
+//! API of the connection's owner only; it changes nothing a peer can see or do.
 
 use super::verify::Verifier;
 use super::TlsError;
@@ -46,6 +51,7 @@ pub fn control_client_config(creds: &HostCredentials) -> Result<Arc<ClientConfig
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| host_cert_err(creds, e))?;
     cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -89,6 +95,7 @@ pub fn pinned_server_config(
         .with_single_cert(vec![me.cert().clone()], me.key())
         .map_err(|e| TlsError::Config(format!("this migration's identity: {e}")))?;
     cfg.send_tls13_tickets = 0;
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -106,6 +113,7 @@ pub fn pinned_client_config(
         .with_client_auth_cert(vec![me.cert().clone()], me.key())
         .map_err(|e| TlsError::Config(format!("this migration's identity: {e}")))?;
     cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -122,6 +130,7 @@ pub(super) fn server_config(
         .map_err(|e| host_cert_err(creds, e))?;
     // We never resume: unread tickets would turn a clean close into a reset.
     cfg.send_tls13_tickets = 0;
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -1,6 +1,8 @@
-//! The blocking handshakes, each with a deadline: [`accept`] on the shared port (read
-//! the ClientHello, let the caller pick a configuration by server name, finish) and
-//! [`connect`].
+//! The blocking handshakes, each with a deadline: [`accept_any`] on the shared port (read
+//! the ClientHello, let the caller pick a configuration by server name, finish: with
+//! rustls' buffered connection for control, or through [`data`](super::data) for a data
+//! connection) and [`connect`] (control; data connections dial with
+//! [`connect_data`](super::connect_data)).
 //!
 //! This module must never let a handshake wait without a deadline, never close a
 //! refused connection before the peer could read our alert (see `linger_close`), and
@@ -18,15 +20,48 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Server side of the shared port: reads the ClientHello within `timeout`, asks `choose`
-/// for the configuration that serves the server name the client sent (`None` refuses:
-/// nothing is sent, the connection is closed), and completes the handshake by the same
-/// deadline. Returns the stream (socket timeouts cleared) and the server name.
+/// What the shared port serves a connection with, picked by its server name.
+pub enum Choice {
+    /// A control connection: rustls' buffered connection, for framed requests.
+    Control(Arc<ServerConfig>),
+    /// A data connection: a [`Session`](crate::pump::Session) whose records the pump
+    /// carries.
+    Data(Arc<ServerConfig>),
+}
+
+/// An accepted connection, as [`Choice`] asked.
+// Made once per connection and moved once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Accepted {
+    Control(StreamOwned<ServerConnection, TcpStream>),
+    Data(crate::pump::Session, TcpStream),
+}
+
+/// Server side of the shared port for control connections only: [`accept_any`] with
+/// every configuration `choose` returns serving control.
 pub fn accept(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     timeout: Duration,
     choose: impl FnOnce(Option<&str>) -> Option<Arc<ServerConfig>>,
 ) -> Result<(StreamOwned<ServerConnection, TcpStream>, Option<String>), TlsError> {
+    match accept_any(tcp, timeout, |sni| choose(sni).map(Choice::Control))? {
+        (Accepted::Control(s), sni) => Ok((s, sni)),
+        (Accepted::Data(..), _) => Err(TlsError::Config(
+            "a control accept made a data connection".into(),
+        )),
+    }
+}
+
+/// Server side of the shared port: reads the ClientHello within `timeout`, asks `choose`
+/// for the configuration that serves the server name the client sent (`None` refuses:
+/// an unrecognized_name alert is sent, the connection is closed), and completes the
+/// handshake by the same deadline. Returns the connection (socket timeouts cleared) and
+/// the server name.
+pub fn accept_any(
+    mut tcp: TcpStream,
+    timeout: Duration,
+    choose: impl FnOnce(Option<&str>) -> Option<Choice>,
+) -> Result<(Accepted, Option<String>), TlsError> {
     let side = Side::Server;
     let who = side.who(
         &tcp.peer_addr()
@@ -35,6 +70,10 @@ pub fn accept(
     );
     let deadline = Instant::now() + timeout;
     let mut acceptor = Acceptor::default();
+    // Every byte read, so that a data connection's unbuffered handshake can start over
+    // from the ClientHello the acceptor parsed.
+    let mut hello: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
     let accepted = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -44,16 +83,29 @@ pub fn accept(
             });
         }
         let _ = tcp.set_read_timeout(Some(left));
-        match acceptor.read_tls(&mut tcp) {
+        let n = match tcp.read(&mut chunk) {
             Ok(0) => {
                 return Err(TlsError::Closed {
                     peer: who,
                     hint: side.closed_hint(),
                 })
             }
-            Ok(_) => {}
+            Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(who, e, timeout, side)),
+        };
+        hello.extend_from_slice(&chunk[..n]);
+        let mut rd = &chunk[..n];
+        while !rd.is_empty() {
+            if let Err(e) = acceptor.read_tls(&mut rd) {
+                linger_close(&tcp);
+                return Err(TlsError::Refused {
+                    peer: who,
+                    reason: format!(
+                        "it did not open a TLS handshake ({e}); is it a vmferry client?"
+                    ),
+                });
+            }
         }
         match acceptor.accept() {
             Ok(Some(a)) => break a,
@@ -72,7 +124,7 @@ pub fn accept(
         }
     };
     let sni = accepted.client_hello().server_name().map(str::to_string);
-    let Some(config) = choose(sni.as_deref()) else {
+    let Some(choice) = choose(sni.as_deref()) else {
         // Say why in TLS terms (a fatal unrecognized_name alert, in the clear as it is
         // before any key exists), rather than hanging up without a word.
         let _ = tcp.set_write_timeout(Some(LINGER));
@@ -89,6 +141,20 @@ pub fn accept(
             },
         });
     };
+    let config = match choice {
+        Choice::Control(config) => config,
+        Choice::Data(config) => {
+            return match super::data::accept_data(&mut tcp, config, hello, &who, timeout, deadline)
+            {
+                Ok(session) => Ok((Accepted::Data(session, tcp), sni)),
+                Err(e) => {
+                    // The driver has already tried to send the alert saying why.
+                    linger_close(&tcp);
+                    Err(e)
+                }
+            };
+        }
+    };
     let mut conn = match accepted.into_connection(config) {
         Ok(c) => c,
         Err((e, mut alert)) => {
@@ -103,7 +169,7 @@ pub fn accept(
         linger_close(&tcp);
         return Err(e);
     }
-    Ok((StreamOwned::new(conn, tcp), sni))
+    Ok((Accepted::Control(StreamOwned::new(conn, tcp)), sni))
 }
 
 /// Client side: a TLS handshake over the connected `tcp`, completed within `timeout`, so

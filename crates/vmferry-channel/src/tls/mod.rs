@@ -27,11 +27,14 @@
 //! - `verify`: the one certificate verifier all of them use, parameterized by what it
 //!   checks (a pin, or our CA with a fixed name, allowed subjects, optional client
 //!   certificate);
-//! - `handshake`: [`accept`] and [`connect`], with deadlines;
+//! - `handshake`: [`accept_any`] (and [`accept`]) and [`connect`], with deadlines;
+//! - `data`: data connections' handshakes through rustls' unbuffered API, ending in a
+//!   [`Session`](crate::pump::Session) ([`connect_data`]);
 //! - `describe`: failures worded for operators, and [`subject_of`];
 //! - `sni`: the server names vmferry sends ([`data_sni`], [`migration_id_from_sni`]).
 
 mod config;
+mod data;
 mod describe;
 mod handshake;
 mod sni;
@@ -42,8 +45,9 @@ pub use config::{
     control_client_config, control_client_config_anonymous, control_server_config,
     control_server_config_with, pinned_client_config, pinned_server_config,
 };
+pub use data::connect_data;
 pub use describe::{describe, describe_io, subject_of};
-pub use handshake::{accept, connect};
+pub use handshake::{accept, accept_any, connect, Accepted, Choice};
 pub use sni::{data_sni, migration_id_from_sni, PINNED_SERVER_NAME};
 
 use crate::transport::fmt_duration;
@@ -70,5 +74,7 @@ pub enum TlsError {
     },
 }
 
+#[cfg(test)]
+mod data_tests;
 #[cfg(test)]
 mod tests;

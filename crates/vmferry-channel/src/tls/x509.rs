@@ -46,6 +46,8 @@ pub fn client_config(
             TlsError::Config(format!("host certificate in {}: {e}", creds.dir.display()))
         })?;
     cfg.resumption = rustls::client::Resumption::disabled();
+    // The pump takes the record layer over (see `config`).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -124,7 +124,7 @@ impl Tunnel {
 
     /// Client (source): starts the mux over an established TLS connection.
     pub fn client(
-        conn: rustls::Connection,
+        conn: crate::pump::Session,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
@@ -138,7 +138,7 @@ impl Tunnel {
     /// to carry that stream to, or `Err(cause)` to refuse it, which fails the stream on
     /// both ends with that cause.
     pub fn server(
-        conn: rustls::Connection,
+        conn: crate::pump::Session,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,
@@ -149,7 +149,7 @@ impl Tunnel {
     }
 
     fn start(
-        conn: rustls::Connection,
+        conn: crate::pump::Session,
         tcp: TcpStream,
         peer: &str,
         meter: Arc<Meter>,

@@ -49,7 +49,7 @@ enum Opening {
 
 pub(super) async fn mux(
     shared: Arc<Shared>,
-    tls: rustls::Connection,
+    tls: crate::pump::Session,
     tcp: TcpStream,
     mut commands: mpsc::Receiver<Command>,
     accept: Option<std::sync::mpsc::Sender<AcceptRequest>>,

@@ -25,10 +25,11 @@ const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The byte that acknowledges an accepted preamble.
 const ACK: u8 = 0x06;
 
-/// One authenticated data connection, in either TLS role.
+/// One authenticated data connection, in either TLS role: its TLS session (whose record
+/// layer the pump or the tunnel carries on) and its socket.
 #[derive(Debug)]
 pub struct DataConn {
-    pub conn: rustls::Connection,
+    pub conn: vmferry_channel::pump::Session,
     pub sock: TcpStream,
     /// The peer's address, for errors.
     pub peer: String,
@@ -133,24 +134,27 @@ pub fn dial(
         Transport::Tunnel => "tunnel".to_string(),
         _ => format!("data stream {}", preamble.stream),
     };
-    let tcp = transport::connect_tcp(addr, timeout)
+    let mut tcp = transport::connect_tcp(addr, timeout)
         .map_err(|e| DaemonError::Channel(format!("{what}: {e}")))?;
     transport::tune_socket(&tcp);
-    let mut s = tls::connect(
-        tcp,
+    let mut conn = tls::connect_data(
+        &mut tcp,
         &tls::data_sni(id.as_str()),
         config,
         HANDSHAKE_TIMEOUT,
         addr,
     )
     .map_err(|e| DaemonError::Channel(format!("{what}: {e}")))?;
+    let _ = tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut s = conn.stream(&mut tcp);
     s.write_all(&preamble.encode())
         .and_then(|_| s.flush())
         .map_err(|e| DaemonError::Channel(format!("{what} to {addr}: {e}")))?;
     // In TLS 1.3 the client finishes its handshake before the server has judged the
     // client's certificate: wait for the peer's acknowledgement, so a refusal (an
     // alert) surfaces here, while another transport can still be tried.
-    let _ = s.sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut s = conn.stream(&mut tcp);
     let mut ack = [0u8; 1];
     match s.read_exact(&mut ack) {
         Ok(()) if ack[0] == ACK => {}
@@ -167,20 +171,20 @@ pub fn dial(
             )))
         }
     }
-    let _ = s.sock.set_read_timeout(None);
-    let rustls::StreamOwned { conn, sock } = s;
+    let _ = tcp.set_read_timeout(None);
+    let _ = tcp.set_write_timeout(None);
     Ok(DataConn {
-        conn: rustls::Connection::Client(conn),
-        sock,
+        conn,
+        sock: tcp,
         peer: addr.to_string(),
     })
 }
 
 /// Reads the preamble of an accepted data connection.
 pub fn read_preamble(
-    stream: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    mut conn: vmferry_channel::pump::Session,
+    mut sock: TcpStream,
 ) -> Result<(Preamble, DataConn)> {
-    let rustls::StreamOwned { mut conn, mut sock } = stream;
     let peer = sock
         .peer_addr()
         .map(|a| a.to_string())
@@ -188,7 +192,7 @@ pub fn read_preamble(
     let mut pre = [0u8; PREAMBLE_LEN];
     {
         let _ = sock.set_read_timeout(Some(PREAMBLE_TIMEOUT));
-        let mut s = rustls::Stream::new(&mut conn, &mut sock);
+        let mut s = conn.stream(&mut sock);
         s.read_exact(&mut pre)
             .map_err(|e| DaemonError::Channel(format!("{peer} sent no stream preamble: {e}")))?;
         let _ = sock.set_read_timeout(None);
@@ -196,20 +200,13 @@ pub fn read_preamble(
     let pre = Preamble::decode(&pre).map_err(|e| DaemonError::Channel(format!("{peer}: {e}")))?;
     {
         let _ = sock.set_write_timeout(Some(PREAMBLE_TIMEOUT));
-        let mut s = rustls::Stream::new(&mut conn, &mut sock);
+        let mut s = conn.stream(&mut sock);
         s.write_all(&[ACK])
             .and_then(|_| s.flush())
             .map_err(|e| DaemonError::Channel(format!("{peer}: cannot acknowledge: {e}")))?;
         let _ = sock.set_write_timeout(None);
     }
-    Ok((
-        pre,
-        DataConn {
-            conn: rustls::Connection::Server(conn),
-            sock,
-            peer,
-        },
-    ))
+    Ok((pre, DataConn { conn, sock, peer }))
 }
 
 /// The host part of `host:port` (IPv6 in brackets allowed).
@@ -293,16 +290,11 @@ impl Slots {
 mod tests {
     use super::*;
 
-    /// A data connection over a real loopback socket (the TLS state is never used here).
+    /// A data connection over real loopback TLS (its TLS state is never used here).
     fn conn() -> DataConn {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let sock = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let id = vmferry_channel::identity::EphemeralIdentity::generate("t").expect("id");
-        let cfg = tls::pinned_client_config(&id, id.fingerprint()).expect("cfg");
-        let name = rustls::pki_types::ServerName::try_from("vmferry.invalid").expect("name");
-        let c = rustls::ClientConnection::new(cfg, name).expect("conn");
+        let (conn, sock, _, _) = vmferry_channel::testing::tls_pair();
         DataConn {
-            conn: rustls::Connection::Client(c),
+            conn,
             sock,
             peer: "127.0.0.1:1".into(),
         }

@@ -126,22 +126,6 @@ impl Drop for PeerLink {
     }
 }
 
-/// Anything to read and write a framed message through.
-trait ReadWrite: std::io::Read + Write {}
-impl<T: std::io::Read + Write> ReadWrite for T {}
-
-/// Runs `f` over the TLS stream, whichever TLS role this side has.
-fn with_stream<R>(
-    conn: &mut rustls::Connection,
-    sock: &mut std::net::TcpStream,
-    f: impl FnOnce(&mut dyn ReadWrite) -> R,
-) -> R {
-    match conn {
-        rustls::Connection::Client(c) => f(&mut rustls::Stream::new(c, sock)),
-        rustls::Connection::Server(c) => f(&mut rustls::Stream::new(c, sock)),
-    }
-}
-
 fn run(
     conn: DataConn,
     pending: &Mutex<Option<PeerMessage>>,
@@ -170,24 +154,22 @@ fn run(
                 return String::new(); // the half ended before it said anything
             };
             said = Some(msg.clone());
-            let written = with_stream(&mut conn, &mut sock, |mut s| {
+            let written = {
+                let mut s = conn.stream(&mut sock);
                 framed::write_json(&mut s, &msg)
                     .and_then(|_| s.flush().map_err(framed::FrameError::Io))
-            });
+            };
             if let Err(e) = written {
                 return format!("the peer link to {peer} broke: {e}");
             }
             sent = Instant::now();
         }
         if stopping {
-            conn.send_close_notify();
-            let _ = conn.write_tls(&mut sock);
+            conn.close(&mut sock);
             return String::new();
         }
-        // Plaintext rustls already decrypted is read before waiting on the socket.
-        let buffered =
-            matches!(conn.process_new_packets(), Ok(st) if st.plaintext_bytes_to_read() > 0);
-        if !buffered {
+        // Plaintext already opened is read before waiting on the socket.
+        if !conn.has_plaintext() {
             let mut fds = [nix::poll::PollFd::new(
                 sock.as_fd(),
                 nix::poll::PollFlags::POLLIN,
@@ -203,12 +185,13 @@ fn run(
                 continue;
             }
         }
-        let read = with_stream(&mut conn, &mut sock, |mut s| {
+        let read = {
+            let mut s = conn.stream(&mut sock);
             framed::read_json::<_, PeerMessage>(
                 &mut framed::Deadline::new(&mut s, silence),
                 MAX_PEER_MESSAGE,
             )
-        });
+        };
         match read {
             Ok(Some(m)) => {
                 heard = Instant::now();
