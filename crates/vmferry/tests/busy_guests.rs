@@ -146,7 +146,22 @@ fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_
             .arg(&s.ctl);
         c
     });
-    assert!(o.status.success(), "cancel: {}", text(&o));
+    if !o.status.success() {
+        // Say what became of the migration it could not cancel.
+        let _ = first.kill();
+        let _ = first.wait();
+        let mut err = String::new();
+        if let Some(mut e) = first.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!(
+            "cancel: {}\nthe migrating controller said: {err}\nsource daemon log:\n{}\n\
+             destination daemon log:\n{}",
+            text(&o),
+            s.da.log_text(),
+            s.db.log_text()
+        );
+    }
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("the source VM keeps running"),
         "{}",
