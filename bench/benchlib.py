@@ -38,6 +38,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMFERRY = os.environ.get("VMFERRY", os.path.join(ROOT, "target", "release", "vmferry"))
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+
+
+def use_qemu(choice):
+    """Sets the QEMU every guest of this run uses: "system" (qemu-system-x86_64 on PATH),
+    "10" (QEMU 10.0 from scripts/qemu10.sh, fetched if missing) or a path."""
+    global QEMU
+    if choice == "system":
+        QEMU = "qemu-system-x86_64"
+    elif choice == "10":
+        out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "qemu10.sh")],
+                             capture_output=True, text=True)
+        if out.returncode != 0 or not out.stdout.strip():
+            sys.exit(f"--qemu 10: scripts/qemu10.sh failed: {out.stderr.strip()}")
+        QEMU = out.stdout.strip().splitlines()[-1]
+    else:
+        QEMU = choice
+    return QEMU
 GUEST_DIR = os.environ.get("VMFERRY_CACHE", os.path.join(ROOT, ".cache", "guest"))
 GUEST_APPEND = "console=ttyS0 quiet panic=-1 no_timer_check"
 SHM_PREFIX = "/dev/shm/vmferry-bench-"
@@ -373,8 +390,9 @@ class Daemon:
         remove(os.path.join(state, "control.sock"))
         self.log_path = os.path.join(self.work, f"{self.name}.log")
         with open(self.log_path, "a") as log:
+            # The daemons start the QEMUs of managed VMs: the same binary as the bench's own.
             self.p = spawn([VMFERRY, "serve", "--listen", self.addr, "--state-dir", state,
-                            "--certs", self.certs], stderr=log)
+                            "--certs", self.certs, "--qemu", QEMU], stderr=log)
         self.pid = self.p.pid
         deadline = time.time() + 20
         while not os.path.exists(os.path.join(state, "control.sock")):

@@ -97,7 +97,8 @@ import disk_routes
 import libvirt_routes
 import live_routes as live
 import paused_routes as paused
-from benchlib import (PATHS, PROCS, QEMU, ROOT, VMFERRY, Daemon, Env, Stunnel, _on_signal, cleanup, kill,
+import benchlib
+from benchlib import (PATHS, PROCS, ROOT, VMFERRY, Daemon, Env, Stunnel, _on_signal, cleanup, kill,
                       loadavg, machine_header, make_x509, parse_list, parse_size, remove_stale_files,
                       shm_path, spawn, streams_label)
 from busy_routes import BUSY_ROUTES
@@ -266,11 +267,16 @@ def main():
                     help="a route that failed this many times in all is left out from then on")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work dir (logs, configs, certificates) for a look afterwards")
+    ap.add_argument("--qemu", default=None,
+                    help="QEMU for every guest and both sides: system (qemu-system-x86_64, 7.2 on"
+                         " Debian 12), 10 (QEMU 10.0 from scripts/qemu10.sh) or a path; default $QEMU"
+                         " or system")
     ap.add_argument("--json-out", help="also write every run's numbers to this file")
     ap.add_argument("--profile", metavar="FILE",
                     help="record the vmferry daemons with `perf record -g` during the paused runs"
                          " into FILE, then print their top symbols and threads")
     a = ap.parse_args()
+    QEMU = benchlib.use_qemu(a.qemu) if a.qemu else benchlib.QEMU
     routes = parse_list(a.routes, ALL_ROUTES)
     try:
         mfds = parse_list(a.multifd, conv=int)
