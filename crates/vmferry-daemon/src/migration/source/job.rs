@@ -365,6 +365,16 @@ impl SourceMigration {
         let mut postcopy_asked = false;
         let mut switched_disks = false;
         loop {
+            // Rolled back meanwhile (the lease, a cancel before QEMU started): QEMU's
+            // migration was ended by whoever did it, and the VM may be migrating again.
+            if self.state().is_final() {
+                return Err(DaemonError::Cancelled(
+                    lock(&self.status)
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "rolled back".into()),
+                ));
+            }
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
                 let mut pe = lock(&self.pump_error);
                 if pe.is_none() {

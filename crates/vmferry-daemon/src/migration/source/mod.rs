@@ -91,6 +91,9 @@ pub struct SourceMigration {
     /// Whether the guest ran at `begin`: on failure it is resumed only then.
     was_running: bool,
     state: Mutex<SourceState>,
+    /// Held through [`Self::fail`]: two failure reports (the lease's sweeper and the job
+    /// seeing QEMU cancelled) must not both act on QEMU.
+    failing: Mutex<()>,
     lease: Lease,
     /// The peer link once `connect` made it (dialed, or accepted for reverse) ...
     peer_pending: Mutex<Option<DataConn>>,
@@ -297,6 +300,7 @@ impl SourceMigration {
             meter: Arc::new(Meter::default()),
             stops: Mutex::new(Vec::new()),
             pump_error: Mutex::new(None),
+            failing: Mutex::new(()),
             cancel: AtomicBool::new(false),
             started_qemu: AtomicBool::new(false),
             socket_path,
@@ -404,6 +408,14 @@ impl SourceMigration {
 
     /// Marks the migration failed, cuts the streams, and makes sure the guest runs again.
     fn fail(&self, why: &str) {
+        let _failing = lock(&self.failing);
+        // Once final, QEMU is no longer this migration's: the VM may already be migrating
+        // again, and cancelling "our" migration would cancel that one (a rollback by the
+        // lease, then the job's own report of the cancelled QEMU migration, arriving late).
+        if self.state().is_final() {
+            tracing::debug!(migration = %self.id, "a later failure report, ignored: {why}");
+            return;
+        }
         // The destination's own words beat what its failure looked like from here
         // (except in post-copy, where the message already carries them).
         let why = match lock(&self.peer_failure).clone() {
@@ -460,7 +472,6 @@ impl SourceMigration {
             }
             st.finished = true;
         }
-        // Already final (a second failure report): the guest was seen to above.
         let _ = self.advance(if lost {
             SourceEvent::Lose
         } else {
