@@ -95,7 +95,7 @@ fn migrate_cmd(s: &Setup, extra: &[&str]) -> std::process::Command {
 #[test]
 fn a_guest_that_dirties_faster_than_the_link_fails_with_a_cause_is_cancelled_or_converges(
 ) -> Result<()> {
-    let s = setup_on_system_qemu("busy")?;
+    let s = setup("busy")?;
     let log = start_busy_guest(&s)?;
 
     // 1. No help: --timeout fails it, saying why and what to try.
