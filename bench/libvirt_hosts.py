@@ -339,9 +339,9 @@ def esc(s):
             .replace("'", "&apos;").replace('"', "&quot;"))
 
 
-def domain_xml(name, memory_mib, kernel, initrd, append, disk, serial):
+def domain_xml(name, memory_mib, kernel, initrd, append, disk, serial, emulator):
     """The test guest's domain, as the Rust fixture's Domain::xml() writes it (`disk` None:
-    no disk)."""
+    no disk), run by the QEMU binary `emulator` (an absolute path)."""
     disk_xml = "" if disk is None else f"""    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='{esc(disk)}'/>
@@ -363,6 +363,7 @@ def domain_xml(name, memory_mib, kernel, initrd, append, disk, serial):
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
+    <emulator>{esc(emulator)}</emulator>
 {disk_xml}    <serial type='file'>
       <source path='{esc(serial)}'/>
       <target port='0'/>

@@ -35,13 +35,23 @@ Processes go through benchlib.spawn and the hosts register their teardown in ben
 nothing (libvirtd, QEMU, socat, vmferry daemon, namespace, mount) outlives the run.
 """
 import json
+import shutil
 import os
 import statistics
 import subprocess
 import time
 
+import benchlib
 from benchlib import GUEST_APPEND, GUEST_DIR, ROOT, VMFERRY, kill, loadavg, remove, spawn
 import libvirt_hosts as lh
+
+
+def emulator():
+    """The bench's QEMU (--qemu) as an absolute path, for the domains' <emulator>."""
+    path = shutil.which(benchlib.QEMU)
+    if path is None:
+        raise RuntimeError(f"{benchlib.QEMU} not found")
+    return os.path.abspath(path)
 
 LIBVIRT_ROUTES = ("plain-copy", "vmferry-copy", "plain-ram", "tunnelled", "vmferry-ram")
 COPY_ROUTES = ("plain-copy", "vmferry-copy")
@@ -80,7 +90,7 @@ class LvBench:
             d = {"name": name, "disk": os.path.join(self.work, f"{name}.qcow2") if kind == "local"
                  else None, "serial": os.path.join(self.work, f"{name}.serial"), "on": self.a}
             d["xml"] = lh.domain_xml(name, a.libvirt_ram_mib, kernel, initrd, GUEST_APPEND,
-                                     d["disk"], d["serial"])
+                                     d["disk"], d["serial"], emulator())
             if d["disk"]:
                 print(f"making {name}'s {a.libvirt_disk_mib} MiB disk ({a.libvirt_disk_mib - 1} MiB"
                       " of random data) ...", flush=True)
