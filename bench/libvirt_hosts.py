@@ -159,11 +159,45 @@ class TwoHosts:
         _remove_netns(self.b.name)
 
 
+# libvirtd's debug log of its migration and process code (--libvirt-phases): each step of
+# a peer-to-peer migration with a timestamp, for migration_phases().
+MIGRATION_LOG = ('log_filters = "1:qemu.qemu_migration 1:qemu.qemu_process 4:object 4:json'
+                 ' 4:event 4:util 4:rpc"\nlog_outputs = "1:file:/var/log/libvirt/libvirtd.log"\n')
+
+
+def migration_phases(text):
+    """Seconds each step of the last peer-to-peer migration in a source libvirtd's debug log
+    (`text`, MIGRATION_LOG) took, or None if it holds no whole one: prepare (the destination
+    starts its QEMU), perform (the migration proper), finish (the destination resumes the
+    guest), source exit (SIGTERM to the source QEMU until it is gone: libvirt looks every
+    200 ms)."""
+    marks = {}
+    for line in text.splitlines():
+        for key, needle in (("prepare", ": Prepare3 "), ("perform", ": Perform3 "),
+                            ("finish", ": Finish3 "), ("confirm", ": Confirm3 "),
+                            ("kill", "qemuProcessKill:"),
+                            ("gone", "qemuMigrationSrcRestoreDomainState:")):
+            if needle in line:
+                try:
+                    clock = line.split()[1].split("+")[0]
+                    h, m, sec = clock.split(":")
+                    marks[key] = int(h) * 3600 + int(m) * 60 + float(sec)
+                except (IndexError, ValueError):
+                    pass
+    need = ("prepare", "perform", "finish", "confirm", "kill", "gone")
+    if any(k not in marks for k in need):
+        return None
+    return {"prepare": marks["perform"] - marks["prepare"],
+            "perform": marks["finish"] - marks["perform"],
+            "finish": marks["confirm"] - marks["finish"],
+            "source exit": marks["gone"] - marks["kill"]}
+
+
 class LibvirtHost:
     """One libvirtd in its own mount and UTS namespaces inside netns host `net`, its private
     directories under `dir_`, its work directory seen at `work` (the same on every host)."""
 
-    def __init__(self, net, dir_, work):
+    def __init__(self, net, dir_, work, migration_log=False):
         self.net = net
         self.work = work
         self.hostname = net.name[:63]
@@ -177,11 +211,13 @@ class LibvirtHost:
             raise RuntimeError(f"{self.socket} is too long for a unix socket path")
         self.uri = f"qemu:///system?socket={self.socket}"
         self.uuid = str(uuid.uuid4())
+        self.log = os.path.join(self.dir, "log", "libvirtd.log")
         with open(os.path.join(self.dir, "etc", "libvirtd.conf"), "w") as f:
             f.write(f"# vmferry bench host {self.hostname} (bench/libvirt_hosts.py)\n"
                     f'host_uuid = "{self.uuid}"\nauth_unix_ro = "none"\nauth_unix_rw = "none"\n'
                     'unix_sock_ro_perms = "0700"\n'
-                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+                    + (MIGRATION_LOG if migration_log else
+                       'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'))
         with open(os.path.join(self.dir, "etc", "qemu.conf"), "w") as f:
             f.write(QEMU_CONF)
         self._seed_caps()
@@ -319,16 +355,17 @@ class LibvirtHost:
                 pass
 
 
-def start_two(root):
+def start_two(root, migration_log=False):
     """Two netns hosts and a libvirtd on each, started at once, under root/a and root/b, both
-    seeing their work directory at root/work. Returns (TwoHosts, a, b)."""
+    seeing their work directory at root/work (`migration_log`: MIGRATION_LOG). Returns
+    (TwoHosts, a, b)."""
     sweep_stale()
     if not os.path.isdir("/run/libvirt"):
         os.makedirs("/run/libvirt", exist_ok=True)  # an empty mount point, as the fixture
     net = TwoHosts()
     work = os.path.join(root, "work")
-    a = LibvirtHost(net.a, os.path.join(root, "a"), work)
-    b = LibvirtHost(net.b, os.path.join(root, "b"), work)
+    a = LibvirtHost(net.a, os.path.join(root, "a"), work, migration_log)
+    b = LibvirtHost(net.b, os.path.join(root, "b"), work, migration_log)
     a.wait_ready()
     b.wait_ready()
     return net, a, b

@@ -67,7 +67,7 @@ class LvBench:
         self.args = a
         self.root = os.path.join(env.work, "lv")
         os.makedirs(self.root)
-        self.net, self.a, self.b = lh.start_two(self.root)
+        self.net, self.a, self.b = lh.start_two(self.root, env.args.libvirt_phases)
         self.hosts = (self.a, self.b)
         self.work = self.a.work
         self.runs = 0
@@ -285,6 +285,7 @@ def run_libvirt(lv, route):
     before = open(src.outside(d["serial"]), errors="replace").read().count("vmferry-heartbeat ")
     wait_beats(src.outside(d["serial"]), before + 2, 30)
     deadline = time.time() + a.timeout
+    log_from = os.path.getsize(src.log) if a.libvirt_phases and os.path.exists(src.log) else 0
     fn = vmferry_migrate if route.startswith("vmferry") else virsh_migrate
     try:
         elapsed = fn(lv, route, d, src, dst, deadline)
@@ -295,7 +296,11 @@ def run_libvirt(lv, route):
         raise
     d["on"] = dst
     r = {"elapsed": elapsed, "way": f"{src.hostname[-1].upper()} → {dst.hostname[-1].upper()}",
-         "downtime_ms": None, "libvirt_ms": None}
+         "downtime_ms": None, "libvirt_ms": None, "phases": None}
+    if a.libvirt_phases:
+        with open(src.log, errors="replace") as f:
+            f.seek(log_from)
+            r["phases"] = lh.migration_phases(f.read())
     info = dst.virsh("domjobinfo", "--completed", d["name"], check=False)
     for line in info.splitlines():
         k, _, v = line.partition(":")
@@ -367,6 +372,10 @@ def run_all(env, routes):
             row.update(median=statistics.median(ts), min=min(ts), max=max(ts),
                        downtime=statistics.median(dts) if dts else None,
                        libvirt_s=statistics.median(lts) / 1000 if lts else None)
+            phases = [x["phases"] for x in runs if x.get("phases")]
+            if phases:
+                row["phases"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+                row["phases_n"] = len(phases)
         rows.append(row)
     by = {r["route"]: r for r in rows if r.get("median")}
     for row in rows:
@@ -417,6 +426,24 @@ def print_rows(rows, a):
             print(f"{'':18} and {row['failed']} failed run(s), the last: {row['error']}")
     for text, met in goals(rows):
         print(f"  goal: {text}: {'met' if met else 'NOT met'}")
+    print_phases(rows)
+
+
+def print_phases(rows):
+    """--libvirt-phases: where each route's wall time went, from the source libvirtd's log."""
+    with_phases = [r for r in rows if r.get("phases")]
+    if not with_phases:
+        return
+    names = list(with_phases[0]["phases"])
+    print()
+    print("libvirt's steps on the source (medians, seconds; --libvirt-phases): prepare = the"
+          " destination starts its QEMU, perform = the migration, finish = the destination resumes"
+          " the guest, source exit = SIGTERM until the source QEMU is gone (libvirt looks every"
+          " 200 ms)")
+    print(f"{'route':15} {'n':>2} " + " ".join(f"{n:>12}" for n in names))
+    for r in with_phases:
+        print(f"{r['route']:15} {r['phases_n']:>2} "
+              + " ".join(f"{r['phases'][n]:12.3f}" for n in names))
 
 
 def print_markdown(rows, a, load):

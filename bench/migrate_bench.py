@@ -256,6 +256,9 @@ def main():
     ap.add_argument("--libvirt-ram-mib", type=int, default=512, help="the libvirt domain's RAM, MiB")
     ap.add_argument("--libvirt-disk-mib", type=int, default=1024,
                     help="the libvirt domain's disk, MiB (all but the first MiB random data)")
+    ap.add_argument("--libvirt-phases", action="store_true",
+                    help="libvirtd logs its migration steps (debug) and the bench prints how long"
+                         " each took, per route")
     ap.add_argument("--libvirt-runs", type=int, default=3, help="measured runs per libvirt route")
     ap.add_argument("--timeout", type=int, default=90, help="seconds one migration may take")
     ap.add_argument("--stall", type=int, default=10,
