@@ -231,6 +231,23 @@ impl QemuHandle {
 
     /// How a QEMU exited (a managed one with the end of its stderr), once it has; `None`
     /// while it runs.
+    /// [`Self::exit_reason`], given up to `within` to show: a QEMU killed closes its QMP
+    /// connection before it can be reaped (or, attached, before its listening socket
+    /// closes), so a failure seen first as a closed connection would otherwise not name
+    /// the exit. None if it still runs then.
+    pub fn exit_reason_within(&self, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(why) = self.exit_reason() {
+                return Some(why);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn exit_reason(&self) -> Option<String> {
         match self {
             QemuHandle::Managed(vm) => vm.exit_reason(),

@@ -27,16 +27,6 @@ pub fn setup_with(tag: &str, data_port: Option<u16>) -> Result<Setup> {
     setup_full(tag, data_port, None, None)
 }
 
-/// Two hosts as [`setup`] makes them, both daemons running the system's QEMU (7.2 under
-/// TCG, which can lose guest writes in a migration: see require::guest_qemu) instead of
-/// the tests' usual QEMU 10: for what only 7.2 does (post-copy's preempt channel, which
-/// vmferry uses with QEMU 7.x only), and for the auto-converge and killed-controller tests,
-/// which failed on QEMU 10 in a run on a machine that six stray busy loops loaded (where
-/// 7.2's auto-converge failed too): to be tried on QEMU 10 again on a quiet machine.
-pub fn setup_on_system_qemu(tag: &str) -> Result<Setup> {
-    setup_full(tag, None, None, Some(SYSTEM_QEMU))
-}
-
 const SYSTEM_QEMU: &str = "qemu-system-x86_64";
 
 /// Two hosts as [`setup`] makes them, host b's daemon reading `b_config` (TOML) too, and

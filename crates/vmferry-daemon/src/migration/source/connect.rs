@@ -52,6 +52,9 @@ impl SourceMigration {
         timeout: Duration,
     ) -> Result<()> {
         *lock(&self.held) = Held::Nothing;
+        // A preempt stream of the channel this one replaces is no longer ours to carry.
+        *lock(&self.late) = None;
+        *lock(&self.late_pump) = None;
         *lock(&self.reverse_config) = None;
         *lock(&self.peer_pending) = None;
         lock(&self.nbd_conns).clear();

@@ -146,15 +146,21 @@ impl SourceMigration {
     ) {
         let mut attempt = 0;
         let mut outcome = self.accept_and_carry(&listener, carrier);
+        // The listener QEMU's next connection comes to: this one, or a recovery's.
+        let mut recovered: Option<(UnixListener, PathBuf)> = None;
         let outcome = loop {
             let running = match outcome {
                 Ok(r) => r,
                 Err(e) => break Err(e),
             };
-            let watched = self.watch(match &running {
-                Running::Tunnel(t) => Some(t),
-                Running::Pumps(_) => None,
-            });
+            let now_listening = recovered.as_ref().map_or(&listener, |(l, _)| l);
+            let watched = self.watch(
+                match &running {
+                    Running::Tunnel(t) => Some(t),
+                    Running::Pumps(_) => None,
+                },
+                now_listening,
+            );
             match watched {
                 Ok(WatchEnd::Completed) => break Ok(running),
                 Ok(WatchEnd::LinkLost(why)) => {
@@ -165,7 +171,13 @@ impl SourceMigration {
                     }
                     drop(running);
                     attempt += 1;
-                    outcome = self.recover(daemon, &why, attempt);
+                    if let Some((_, path)) = recovered.take() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    outcome = self.recover(daemon, &why, attempt).map(|(r, l, path)| {
+                        recovered = Some((l, path));
+                        r
+                    });
                 }
                 Err(e) => {
                     if let Running::Tunnel(t) = &running {
@@ -177,8 +189,18 @@ impl SourceMigration {
         };
         drop(listener);
         let _ = std::fs::remove_file(&self.socket_path);
+        if let Some((_, path)) = recovered.take() {
+            let _ = std::fs::remove_file(path);
+        }
         match outcome {
             Ok(running) => {
+                // A preempt channel QEMU never opened (no post-copy) ends cleanly.
+                if let Err(e) = self.close_late(match &running {
+                    Running::Tunnel(t) => Some(t),
+                    Running::Pumps(_) => None,
+                }) {
+                    tracing::warn!(migration = %self.id, "closing the unused preempt stream: {e}");
+                }
                 // The mirrors ended at the switch-over; their NBD nodes go now, which
                 // ends the NBD streams before the channel drains.
                 self.clean_disks(false);
@@ -231,6 +253,7 @@ impl SourceMigration {
                         .iter()
                         .zip(&pumps)
                         .all(|(s, p)| s.forward_done() || p.is_finished())
+                        && self.late_sent()
                 };
                 if sent {
                     return match lock(&self.pump_error).clone() {
@@ -265,8 +288,11 @@ impl SourceMigration {
             Carrier::Conns(c) => (c.into_iter(), None),
             Carrier::Tunnel(t) => (Vec::new().into_iter(), Some(t)),
         };
+        // The preempt channel, the last stream, may come when post-copy starts: the
+        // watch takes it then (`preempt`).
+        let now = if self.preempt_comes_late() { n - 1 } else { n };
         let mut pumps = Vec::new();
-        for k in 0..n {
+        for k in 0..now {
             let local = loop {
                 if self.cancel.load(Ordering::SeqCst) {
                     return Err(DaemonError::Cancelled(
@@ -311,6 +337,21 @@ impl SourceMigration {
                 }
             }
         }
+        if now < n {
+            let late = match &tunnel {
+                Some(_) => preempt::LateStream::Tunnel(
+                    u16::try_from(now)
+                        .map_err(|_| DaemonError::Internal("too many streams".into()))?,
+                ),
+                None => preempt::LateStream::Conn(
+                    now,
+                    Box::new(conns.next().ok_or_else(|| {
+                        DaemonError::Internal(format!("no data connection for stream {now}"))
+                    })?),
+                ),
+            };
+            *lock(&self.late) = Some(late);
+        }
         Ok(match tunnel {
             Some(t) => Running::Tunnel(t),
             None => Running::Pumps(pumps),
@@ -353,7 +394,11 @@ impl SourceMigration {
 
     /// Polls QEMU until the migration ends; cancels QEMU's side if asked or if a stream
     /// broke.
-    pub(super) fn watch(&self, tunnel: Option<&Tunnel>) -> Result<WatchEnd> {
+    pub(super) fn watch(
+        self: &Arc<Self>,
+        tunnel: Option<&Tunnel>,
+        listener: &UnixListener,
+    ) -> Result<WatchEnd> {
         let _held = self.qemu.hold();
         let mut cancel_sent = false;
         let stall_after = self.options.stall_timeout();
@@ -374,6 +419,9 @@ impl SourceMigration {
                         .clone()
                         .unwrap_or_else(|| "rolled back".into()),
                 ));
+            }
+            if let Err(e) = self.accept_late(listener, tunnel) {
+                lock(&self.pump_error).get_or_insert(e.to_string());
             }
             if let Some((_, Some(e))) = tunnel.map(|t| t.streams_done()) {
                 let mut pe = lock(&self.pump_error);
@@ -397,7 +445,14 @@ impl SourceMigration {
                 let _ = self.qemu.with_qmp(|q| q.migrate_cancel());
                 cancel_sent = true;
             }
-            let info = self.qemu.with_qmp(|q| q.query_migrate())?;
+            let info = match self.qemu.with_qmp(|q| q.query_migrate()) {
+                Ok(info) => info,
+                Err(e) => {
+                    // Often how QEMU's death shows first: let `fail` see the exit.
+                    let _ = self.qemu.exit_reason_within(Duration::from_secs(1));
+                    return Err(e);
+                }
+            };
             {
                 let mut st = lock(&self.status);
                 st.qemu_status = info.status.as_str().to_string();

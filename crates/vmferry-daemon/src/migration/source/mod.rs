@@ -11,6 +11,7 @@
 mod connect;
 mod disks;
 mod job;
+mod preempt;
 mod recover;
 pub mod restart;
 mod unattended;
@@ -135,6 +136,12 @@ pub struct SourceMigration {
     preempt: AtomicBool,
     /// Whether this QEMU has the postcopy-preempt capability at all.
     preempt_offered: bool,
+    /// Whether it may open the preempt channel only when post-copy starts (8.0 and newer).
+    preempt_late: bool,
+    /// The preempt stream's carrier until QEMU connects ([`preempt`]) ...
+    late: Mutex<Option<preempt::LateStream>>,
+    /// ... and its pump once it did (direct, reverse).
+    late_pump: Mutex<Option<(StopHandle, std::thread::JoinHandle<()>)>>,
     /// Which channel the pumps belong to: a pump of a channel that recovery replaced
     /// must not report its (expected) end as a failure of the new one.
     generation: std::sync::atomic::AtomicU32,
@@ -198,14 +205,15 @@ impl SourceMigration {
         // Post-copy's preempt channel where this QEMU has it; the destination keeps it
         // only if its QEMU can take it (prepare).
         let (release, capabilities) = qemu.release_and_capabilities()?;
-        // Only a QEMU that opens the preempt channel when the migration starts: 8.0 and
-        // newer open it when post-copy starts (QEMU 5655aab079, except on pc-*-7.2 and
-        // older machines), while this daemon takes every stream before the migration
-        // runs. Without it post-copy still works: page requests share the main channel.
-        let preempt_offered =
-            capabilities.iter().any(|c| c == PREEMPT) && release.is_some_and(|r| r.major < 8);
+        // 8.0 and newer open the preempt channel when post-copy starts (QEMU 5655aab079,
+        // except on pc-*-7.2 and older machines): the job takes it whenever it comes.
+        let preempt_offered = capabilities.iter().any(|c| c == PREEMPT);
+        let preempt_late = release.is_none_or(|r| r.major >= 8);
+        // Not with multifd: a QEMU that opens it at the start (pc-*-7.2 machines on 8.0+)
+        // may connect it between the multifd channels, which the job takes in order.
+        let multifd = options.multifd;
         if let Some(pc) = options.postcopy.as_mut() {
-            pc.preempt = preempt_offered;
+            pc.preempt = preempt_offered && multifd == 0;
         }
         // With --copy-storage and --postcopy the mirrors end at the pause before the
         // switch-over (pause-before-switchover holds post-copy's start too), so the
@@ -312,6 +320,9 @@ impl SourceMigration {
             recovering: AtomicBool::new(false),
             preempt: AtomicBool::new(cookie.options.postcopy.is_some_and(|p| p.preempt)),
             preempt_offered,
+            preempt_late,
+            late: Mutex::new(None),
+            late_pump: Mutex::new(None),
             generation: std::sync::atomic::AtomicU32::new(0),
             tunnel_keep: Mutex::new(None),
             disks,
@@ -451,6 +462,7 @@ impl SourceMigration {
             self.clean_disks(true);
         }
         *lock(&self.held) = Held::Nothing;
+        *lock(&self.late) = None;
         let _ = std::fs::remove_file(&self.socket_path);
         // After post-copy started, the source's copy is stale: it must never run again
         // (not on this failure, and not on a later confirm(false) either).

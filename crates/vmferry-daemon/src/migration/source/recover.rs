@@ -29,7 +29,7 @@ impl SourceMigration {
         daemon: &Arc<Daemon>,
         why: &str,
         attempt: u32,
-    ) -> Result<Running> {
+    ) -> Result<(Running, UnixListener, PathBuf)> {
         tracing::warn!(migration = %self.id, "post-copy lost its link ({why}); recovering (attempt {attempt})");
         *lock(&self.note) = Some(format!(
             "post-copy paused: {why}; recovering (attempt {attempt})"
@@ -93,15 +93,21 @@ impl SourceMigration {
                     })?;
                     let uri = format!("unix:{}", path.display());
                     self.qemu.with_qmp(|q| q.migrate_resume(&uri))?;
-                    let running = self.accept_and_carry(&listener, carrier);
-                    drop(listener);
-                    let _ = std::fs::remove_file(&path);
+                    let running = match self.accept_and_carry(&listener, carrier) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            drop(listener);
+                            let _ = std::fs::remove_file(&path);
+                            return Err(e);
+                        }
+                    };
                     *lock(&self.pump_error) = None;
                     *lock(&self.note) = Some(format!(
                         "post-copy recovered after: {why} (attempt {attempt})"
                     ));
                     tracing::info!(migration = %self.id, "post-copy resumed over a new channel");
-                    return running;
+                    // Kept for a preempt channel QEMU opens later (`preempt`).
+                    return Ok((running, listener, path));
                 }
                 Err(e) => {
                     tracing::info!(migration = %self.id, "post-copy recovery try {try_no}: {e}");
