@@ -62,8 +62,38 @@ impl Host {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        ChildGuard::spawn(self.command(program).args(args).stdin(Stdio::null()))
-            .with_context(|| format!("in namespace {}", self.name))
+        let mut child = ChildGuard::spawn(self.command(program).args(args).stdin(Stdio::null()))
+            .with_context(|| format!("in namespace {}", self.name))?;
+        self.wait_inside(&mut child)?;
+        Ok(child)
+    }
+
+    /// Waits until `child` (started by [`Host::command`]) has joined this namespace or
+    /// ended. Until `ip netns exec` has switched, the process is in no namespace the drop
+    /// can find: dropping the host then would leave it running.
+    fn wait_inside(&self, child: &mut ChildGuard) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let path = format!("/run/netns/{}", self.name);
+        let ino = std::fs::metadata(&path)
+            .with_context(|| format!("stat {path}"))?
+            .ino();
+        let want = format!("net:[{ino}]");
+        let link = format!("/proc/{}/ns/net", child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = std::fs::read_link(&link).map(|l| l.to_string_lossy().into_owned());
+            if now.as_deref().ok() == Some(want.as_str()) || child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "process {} did not join namespace {} within 10 s",
+                    child.id(),
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Runs `f` on a new thread that has joined this host's network namespace, and returns
