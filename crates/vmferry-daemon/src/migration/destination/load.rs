@@ -191,17 +191,14 @@ impl DestinationMigration {
     /// the end of its stderr (where QEMU says why a load failed).
     pub(super) fn qemu_gone(&self, e: DaemonError) -> DaemonError {
         // Give the process a moment to be reaped so its exit status is known.
-        for _ in 0..20 {
-            if let Some(why) = self.qemu.exit_reason() {
-                return DaemonError::Qemu(format!(
-                    "the destination QEMU exited during the migration: {why}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        match self.qemu.exit_reason_within(Duration::from_secs(1)) {
+            Some(why) => DaemonError::Qemu(format!(
+                "the destination QEMU exited during the migration: {why}"
+            )),
+            None => DaemonError::Qemu(format!(
+                "the destination QEMU stopped answering during the migration: {e}"
+            )),
         }
-        DaemonError::Qemu(format!(
-            "the destination QEMU stopped answering during the migration: {e}"
-        ))
     }
 
     /// `finish`: waits until QEMU loaded the whole state, then resumes the guest if it ran
