@@ -24,7 +24,7 @@ pub fn setup(tag: &str) -> Result<Setup> {
 /// Two hosts, a daemon on each (TCG) with its control port on :4700 and, if given, a
 /// data-only port.
 pub fn setup_with(tag: &str, data_port: Option<u16>) -> Result<Setup> {
-    setup_full(tag, data_port, None, None)
+    setup_full(tag, data_port, None)
 }
 
 const SYSTEM_QEMU: &str = "qemu-system-x86_64";
@@ -32,15 +32,10 @@ const SYSTEM_QEMU: &str = "qemu-system-x86_64";
 /// Two hosts as [`setup`] makes them, host b's daemon reading `b_config` (TOML) too, and
 /// host a's running the system's QEMU.
 pub fn setup_with_config(tag: &str, b_config: &str) -> Result<Setup> {
-    setup_full(tag, None, Some(b_config), None)
+    setup_full(tag, None, Some(b_config))
 }
 
-fn setup_full(
-    tag: &str,
-    data_port: Option<u16>,
-    b_config: Option<&str>,
-    qemu: Option<&str>,
-) -> Result<Setup> {
+fn setup_full(tag: &str, data_port: Option<u16>, b_config: Option<&str>) -> Result<Setup> {
     require::netns();
     require::qemu();
     let tmp = tempfile::tempdir()?;
@@ -54,8 +49,8 @@ fn setup_full(
     let mut a_args = daemon_args(&hosts.a, data_port);
     // With a config, B runs the QEMU it names and A keeps the system's (the cross-version
     // tests), not the tests' usual QEMU 10.
-    if let Some(q) = qemu.or(b_config.map(|_| SYSTEM_QEMU)) {
-        a_args.extend(["--qemu".to_string(), q.to_string()]);
+    if b_config.is_some() {
+        a_args.extend(["--qemu".to_string(), SYSTEM_QEMU.to_string()]);
     }
     let da = DaemonProc::start(
         Some(&hosts.a),
@@ -65,9 +60,6 @@ fn setup_full(
         &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let mut b_args = daemon_args(&hosts.b, data_port);
-    if let Some(q) = qemu {
-        b_args.extend(["--qemu".to_string(), q.to_string()]);
-    }
     if let Some(text) = b_config {
         let path = tmp.path().join("b.toml");
         let dir = tmp.path().join("b");
