@@ -12,11 +12,11 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A pinned data connection on loopback, both handshakes complete through the data
-/// path's own handshakes (rustls' unbuffered API), exactly as the daemons make them:
-/// (client session, client tcp, server session, server tcp).
-pub fn tls_pair() -> (Session, TcpStream, Session, TcpStream) {
-    let (ccfg, scfg) = pinned_configs();
+/// A loopback listener whose first connection gets the data path's server handshake:
+/// (its address, the thread that returns the server's session and tcp).
+fn data_server(
+    scfg: Arc<rustls::ServerConfig>,
+) -> (String, std::thread::JoinHandle<(Session, TcpStream)>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
     let srv = std::thread::spawn(move || {
@@ -30,6 +30,15 @@ pub fn tls_pair() -> (Session, TcpStream, Session, TcpStream) {
             (tls::Accepted::Control(_), _) => panic!("a data choice made a control connection"),
         }
     });
+    (addr, srv)
+}
+
+/// A pinned data connection on loopback, both handshakes complete through the data
+/// path's own handshakes (rustls' unbuffered API), exactly as the daemons make them:
+/// (client session, client tcp, server session, server tcp).
+pub fn tls_pair() -> (Session, TcpStream, Session, TcpStream) {
+    let (ccfg, scfg) = pinned_configs();
+    let (addr, srv) = data_server(scfg);
     let mut tcp = TcpStream::connect(&addr).expect("connect");
     let c = tls::connect_data(
         &mut tcp,
@@ -51,19 +60,7 @@ pub fn stock_client_and_session() -> (
     TcpStream,
 ) {
     let (ccfg, scfg) = pinned_configs();
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr").to_string();
-    let srv = std::thread::spawn(move || {
-        let (tcp, _) = l.accept().expect("accept");
-        match tls::accept_any(tcp, Duration::from_secs(5), |_| {
-            Some(tls::Choice::Data(scfg))
-        })
-        .expect("accept tls")
-        {
-            (tls::Accepted::Data(s, tcp), _) => (s, tcp),
-            (tls::Accepted::Control(_), _) => panic!("a data choice made a control connection"),
-        }
-    });
+    let (addr, srv) = data_server(scfg);
     let tcp = TcpStream::connect(&addr).expect("connect");
     let c = tls::connect(
         tcp,
