@@ -154,13 +154,7 @@ impl SourceMigration {
                 Err(e) => break Err(e),
             };
             let now_listening = recovered.as_ref().map_or(&listener, |(l, _)| l);
-            let watched = self.watch(
-                match &running {
-                    Running::Tunnel(t) => Some(t),
-                    Running::Pumps(_) => None,
-                },
-                now_listening,
-            );
+            let watched = self.watch(running.tunnel(), now_listening);
             match watched {
                 Ok(WatchEnd::Completed) => break Ok(running),
                 Ok(WatchEnd::LinkLost(why)) => {
@@ -195,10 +189,7 @@ impl SourceMigration {
         match outcome {
             Ok(running) => {
                 // A preempt channel QEMU never opened (no post-copy) ends cleanly.
-                if let Err(e) = self.close_late(match &running {
-                    Running::Tunnel(t) => Some(t),
-                    Running::Pumps(_) => None,
-                }) {
+                if let Err(e) = self.close_late(running.tunnel()) {
                     tracing::warn!(migration = %self.id, "closing the unused preempt stream: {e}");
                 }
                 // The mirrors ended at the switch-over; their NBD nodes go now, which

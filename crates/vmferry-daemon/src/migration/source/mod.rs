@@ -81,6 +81,15 @@ enum Running {
     Tunnel(Tunnel),
 }
 
+impl Running {
+    fn tunnel(&self) -> Option<&Tunnel> {
+        match self {
+            Running::Tunnel(t) => Some(t),
+            Running::Pumps(_) => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct SourceMigration {
     pub id: MigrationId,
