@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release -p vmferry-channel --example tunnel_throughput
 //! RUNS=5 cargo run --release -p vmferry-channel --example tunnel_throughput
+//! ONLY=tunnel STREAMS=1 perf record -g target/release/examples/tunnel_throughput
 //! ```
 //! Prints tunnel/direct ratios and CPU seconds per GiB. A benchmark, not a test: its
 //! figures depend on the machine and on whatever else runs on it.
@@ -142,17 +143,41 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    for streams in [1usize, 4] {
+    // ONLY=tunnel or ONLY=direct: that transport alone (to profile it).
+    let only = std::env::var("ONLY").ok();
+    let only = only.as_deref();
+    let counts: &[usize] = match std::env::var("STREAMS").ok().as_deref() {
+        Some("1") => &[1],
+        Some("4") => &[4],
+        _ => &[1, 4],
+    };
+    for &streams in counts {
         let len = GIB / streams;
         let (mut tunnel, mut direct) = (Vec::new(), Vec::new());
         let (mut tunnel_cpu, mut direct_cpu) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let c = cpu_secs();
-            tunnel.push(through_tunnel(streams, len));
-            tunnel_cpu.push(cpu_secs() - c);
-            let c = cpu_secs();
-            direct.push(through_pumps(streams, len));
-            direct_cpu.push(cpu_secs() - c);
+            if only != Some("direct") {
+                let c = cpu_secs();
+                tunnel.push(through_tunnel(streams, len));
+                tunnel_cpu.push(cpu_secs() - c);
+            }
+            if only != Some("tunnel") {
+                let c = cpu_secs();
+                direct.push(through_pumps(streams, len));
+                direct_cpu.push(cpu_secs() - c);
+            }
+        }
+        if only.is_some() {
+            let (name, t, cpu) = match only {
+                Some("tunnel") => ("tunnel", tunnel, tunnel_cpu),
+                _ => ("direct", direct, direct_cpu),
+            };
+            println!(
+                "1 GiB in {streams} stream(s): {name} {:.3} s, CPU {:.2} s/GiB (runs {t:.3?})",
+                median(t.clone()),
+                median(cpu)
+            );
+            continue;
         }
         let (t, d) = (median(tunnel.clone()), median(direct.clone()));
         println!(

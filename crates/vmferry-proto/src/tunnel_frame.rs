@@ -27,8 +27,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The version of the framing described above.
-pub const VERSION: u32 = 1;
+/// The version of the framing described above, and of the tunnel's plaintext around it.
+/// 2: the plaintext is framed in lanes (`vmferry_channel::tls_async::lanes`), bulk data
+/// beside the mux instead of inside it.
+pub const VERSION: u32 = 2;
 /// Largest control frame body, once encoded (libvirt's whole tunnel moves 64 KiB at a time).
 pub const MAX_CONTROL: usize = 64 * 1024;
 /// Size of a frame's length header.
@@ -230,8 +232,8 @@ mod tests {
         let mut d = Incoming::expecting_hello();
         assert!(matches!(d.admit(msg.clone()), Err(FrameError::NoHello)));
         let mut d = Incoming::expecting_hello();
-        let e = d.admit(Frame::Hello { version: 2 }).expect_err("version");
-        assert_eq!(e.to_string(), "speaks tunnel version 2; this host speaks 1");
+        let e = d.admit(Frame::Hello { version: 1 }).expect_err("version");
+        assert_eq!(e.to_string(), "speaks tunnel version 1; this host speaks 2");
         let mut d = Incoming::expecting_hello();
         assert_eq!(
             d.admit(Frame::Hello { version: VERSION }).expect("hello"),

@@ -7,6 +7,9 @@
 //! first slot, sealed before the records after it.
 //! Inbound, one large TCP read lands whole records, which are opened where they lie; their
 //! plaintext goes to QEMU with one `writev` over the pieces, headers and tags skipped.
+//! For the tunnel, records are filled the same way with a frame header first
+//! ([`Outbound::fill_framed_from`]), and their plaintext is taken piece by piece
+//! ([`Inbound::front`]) by the lanes' parser.
 //!
 //! What this module must never do: hand QEMU any plaintext before every record read with
 //! it has been authenticated, or grow without bound (a buffer is refilled only once it has
@@ -26,6 +29,14 @@ const PREFIX: usize = KEY_UPDATE_WIRE;
 const TCP_READ: usize = SLOTS * SLOT;
 /// At most this many plaintext pieces per `writev` (below every IOV_MAX).
 const MAX_IOV: usize = 512;
+/// A tunnel frame's header in the plaintext: its lane, then its length (big-endian u16).
+pub const FRAME_HEADER: usize = 3;
+
+/// The header of a frame of `len` (< 64 KiB) bytes on `lane`.
+pub fn frame_header(lane: u8, len: usize) -> [u8; FRAME_HEADER] {
+    let [hi, lo] = (len as u16).to_be_bytes();
+    [lane, hi, lo]
+}
 
 /// Sealed records waiting for the TCP socket.
 pub struct Outbound {
@@ -54,14 +65,49 @@ impl Outbound {
     /// Reads from `src` into the plaintext slots of the next records and seals them; the
     /// buffer must be empty. Returns the plaintext bytes read (0: end of stream).
     pub fn fill_from(&mut self, src: &mut impl Read) -> Result<usize, WireError> {
+        self.fill(src, None, usize::MAX)
+    }
+
+    /// As [`Self::fill_from`], at most `max` bytes, each record's plaintext a frame of
+    /// `lane` ([`FRAME_HEADER`] bytes before what `src` gave): the tunnel's bulk data.
+    pub fn fill_framed_from(
+        &mut self,
+        src: &mut impl Read,
+        lane: u8,
+        max: usize,
+    ) -> Result<usize, WireError> {
+        self.fill(src, Some(lane), max)
+    }
+
+    fn fill(
+        &mut self,
+        src: &mut impl Read,
+        lane: Option<u8>,
+        max: usize,
+    ) -> Result<usize, WireError> {
         debug_assert!(self.is_empty());
         self.len = 0;
         self.sent = 0;
+        let pre = if lane.is_some() { FRAME_HEADER } else { 0 };
+        let room = MAX_PLAIN - pre;
         let n = {
-            let mut iov: Vec<IoSliceMut<'_>> = self.buf[PREFIX..PREFIX + SLOTS * SLOT]
-                .chunks_exact_mut(SLOT)
-                .map(|slot| IoSliceMut::new(&mut slot[HEADER..HEADER + MAX_PLAIN]))
-                .collect();
+            let mut want = max;
+            let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(SLOTS);
+            for slot in self.buf[PREFIX..PREFIX + SLOTS * SLOT].chunks_exact_mut(SLOT) {
+                if want == 0 {
+                    break;
+                }
+                let take = want.min(room);
+                want -= take;
+                iov.push(IoSliceMut::new(
+                    &mut slot[HEADER + pre..HEADER + pre + take],
+                ));
+            }
+            if iov.is_empty() {
+                return Err(WireError::Io(std::io::Error::other(
+                    "nothing may be read: no room was given",
+                )));
+            }
             src.read_vectored(&mut iov).map_err(WireError::Io)?
         };
         if n == 0 {
@@ -81,10 +127,14 @@ impl Outbound {
         let mut left = n;
         let mut at = PREFIX;
         while left > 0 {
-            let len = left.min(MAX_PLAIN);
+            let len = left.min(room);
+            if let Some(lane) = lane {
+                self.buf[at + HEADER..at + HEADER + FRAME_HEADER]
+                    .copy_from_slice(&frame_header(lane, len));
+            }
             let wire = self
                 .sealer
-                .seal_data(&mut self.buf[at..at + SLOT], len)
+                .seal_data(&mut self.buf[at..at + SLOT], pre + len)
                 .map_err(WireError::Record)?;
             // Only the last record may be short, so the records lie back to back.
             at += wire;
@@ -93,6 +143,22 @@ impl Outbound {
         self.sent = start;
         self.len = at;
         Ok(n)
+    }
+
+    /// Seals `data` (any length) as frames of `lane`, one per record, after the records
+    /// already waiting.
+    pub fn stage_framed(&mut self, lane: u8, data: &[u8]) -> Result<(), RecordError> {
+        for chunk in data.chunks(MAX_PLAIN - FRAME_HEADER) {
+            self.renew_if_due()?;
+            let at = self.room_for_one();
+            let body = at + HEADER;
+            self.buf[body..body + FRAME_HEADER].copy_from_slice(&frame_header(lane, chunk.len()));
+            self.buf[body + FRAME_HEADER..body + FRAME_HEADER + chunk.len()].copy_from_slice(chunk);
+            self.len += self
+                .sealer
+                .seal_data(&mut self.buf[at..at + SLOT], FRAME_HEADER + chunk.len())?;
+        }
+        Ok(())
     }
 
     /// Seals `data` (any length) as records after those already waiting.
@@ -288,6 +354,31 @@ impl Inbound {
 }
 
 impl Inbound {
+    /// The opened plaintext not yet taken, up to the end of its record, and where it
+    /// lies in the buffer (see [`Self::slice`]).
+    pub fn front(&self) -> Option<(usize, &[u8])> {
+        let r = self.ranges.get(self.next)?;
+        Some((r.start + self.skip, &self.buf[r.start + self.skip..r.end]))
+    }
+
+    /// Plaintext at `r` of the buffer (a place [`Self::front`] gave), until the next read.
+    pub fn slice(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    /// Takes `n` bytes (at most [`Self::front`]'s length) of the opened plaintext.
+    pub fn consume(&mut self, n: usize) {
+        let Some(r) = self.ranges.get(self.next) else {
+            return;
+        };
+        if self.skip + n >= r.len() {
+            self.next += 1;
+            self.skip = 0;
+        } else {
+            self.skip += n;
+        }
+    }
+
     /// Copies opened plaintext into `dst` (for a reader that owns its buffer, as yamux
     /// does): the bytes copied.
     pub fn read_into(&mut self, dst: &mut [u8]) -> usize {

@@ -1,14 +1,17 @@
-//! Carrying one data stream: the local socket ⇄ its yamux stream, both directions in
-//! one task, with the optional compression filter, metering, and the `end` note that
-//! makes a direction's end trustworthy. Also the two small stream helpers the control
+//! Carrying one data stream: on a lane of its own ([`bulk`](super::bulk)) or, compressed,
+//! the local socket ⇄ its yamux stream, both directions in one task, with the
+//! compression filter, metering, and the `end` note that makes a direction's end
+//! trustworthy. Also the two small stream helpers the control
 //! stream shares (`write_all`, `read_exact` on a yamux stream behind a mutex).
 //!
 //! A carrier must never buffer more than its fixed copy buffer per direction (yamux's
 //! window is the flow control), never count a direction as ended without the peer's
 //! matching byte count, and never hold the stream's lock across an `.await`.
 
+use super::bulk::carry_lane;
 use super::shared::{lock, short, PeerEnd, Phase, Shared};
-use crate::compress::Outgoing;
+use crate::compress::{Compression, Outgoing};
+use crate::tls_async::TlsIo;
 use futures::future::{self, Either};
 use futures::io::{AsyncRead as _, AsyncWrite as _};
 use futures::StreamExt as _;
@@ -26,7 +29,7 @@ pub(super) const COPY_BUF: usize = 256 * 1024;
 const CAUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why carrying a stream failed, and whose fault it was.
-enum CarryError {
+pub(super) enum CarryError {
     /// Here (our local socket, our own decision): the peer is told why.
     Here(String),
     /// At the peer or on the way: the peer knows already, or cannot be told.
@@ -37,6 +40,7 @@ enum CarryError {
 /// failed. The client (`announce`) first sends the stream's index.
 pub(super) async fn carry(
     shared: Arc<Shared>,
+    tls: TlsIo,
     k: u16,
     stream: yamux::Stream,
     local: tokio::net::UnixStream,
@@ -44,7 +48,15 @@ pub(super) async fn carry(
 ) {
     let _task = shared.task_started();
     let mut phase = shared.phase.subscribe();
-    let work = carry_both(&shared, k, stream, local, announce);
+    // Uncompressed bytes go on a lane of their own, with no copy; compressed ones are
+    // reframed by the filter anyway and go through yamux.
+    let work = async {
+        if shared.filters.compress == Compression::None {
+            carry_lane(&shared, &tls, k, stream, local, announce).await
+        } else {
+            carry_both(&shared, k, stream, local, announce).await
+        }
+    };
     // A broken connection cuts the stream at once, and so does our own close. A close by
     // the peer does not: what it sent before it closed is still delivered.
     let cut = phase.wait_for(|p| matches!(p, Phase::Broken | Phase::ClosedHere));
@@ -86,18 +98,7 @@ async fn carry_both(
     let stream = Mutex::new(stream);
     let (mut lr, mut lw) = local.into_split();
     let mut phase = shared.phase.subscribe();
-
-    // A yamux error alone says little ("connection is closed"); the peer's note says why.
-    let there = |what: String| async move {
-        let word = tokio::time::timeout(CAUSE_GRACE, shared.peer_end(k)).await;
-        match word {
-            Ok(Some(PeerEnd::Failed(cause))) => CarryError::There(cause),
-            _ => match shared.broken_cause() {
-                Some(b) => CarryError::There(format!("{what}: {b}")),
-                None => CarryError::There(what),
-            },
-        }
-    };
+    let there = |what: String| there(shared, k, what);
 
     let up = async {
         if announce {
@@ -226,6 +227,19 @@ async fn carry_both(
     };
 
     future::try_join(up, down).await.map(|_| ())
+}
+
+/// A failure on the way: a yamux or TLS error alone says little ("connection is
+/// closed"), so the peer's note on stream `k` says why, if it comes within a grace.
+pub(super) async fn there(shared: &Shared, k: u16, what: String) -> CarryError {
+    let word = tokio::time::timeout(CAUSE_GRACE, shared.peer_end(k)).await;
+    match word {
+        Ok(Some(PeerEnd::Failed(cause))) => CarryError::There(cause),
+        _ => match shared.broken_cause() {
+            Some(b) => CarryError::There(format!("{what}: {b}")),
+            None => CarryError::There(what),
+        },
+    }
 }
 
 pub(super) async fn write_all(

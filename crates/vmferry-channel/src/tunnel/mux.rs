@@ -72,6 +72,11 @@ pub(super) async fn mux(
         }
     };
     let tls = wire.clone();
+    // The one task that waits for TCP to take what the others sealed.
+    let writer = tokio::spawn({
+        let tls = tls.clone();
+        async move { poll_fn(|cx| tls.poll_writer(cx)).await }
+    });
     let role = shared.role;
     let mode = match role {
         Role::Client => yamux::Mode::Client,
@@ -91,7 +96,7 @@ pub(super) async fn mux(
     match (role, accept) {
         (Role::Client, _) => opening.push_back(Opening::Control),
         (Role::Server, Some(accept)) => {
-            tokio::spawn(acceptor(shared.clone(), acceptor_rx, accept));
+            tokio::spawn(acceptor(shared.clone(), tls.clone(), acceptor_rx, accept));
         }
         (Role::Server, None) => {}
     }
@@ -169,7 +174,7 @@ pub(super) async fn mux(
                     tokio::spawn(control(shared.clone(), stream));
                 }
                 Some(Opening::Data { k, local, reply }) => {
-                    tokio::spawn(carry(shared.clone(), k, stream, local, true));
+                    tokio::spawn(carry(shared.clone(), tls.clone(), k, stream, local, true));
                     let _ = reply.send(Ok(()));
                 }
                 None => {}
@@ -259,12 +264,14 @@ pub(super) async fn mux(
         shared.changed.notify_all();
     };
     future::join(finish, shared.tasks_finished()).await;
+    writer.abort();
 }
 
 /// Server: takes the client's data streams in the order they were opened, reads each
 /// one's index, and asks `accept` where it goes, one at a time.
 async fn acceptor(
     shared: Arc<Shared>,
+    tls: TlsIo,
     mut inbound: mpsc::UnboundedReceiver<yamux::Stream>,
     accept: std::sync::mpsc::Sender<AcceptRequest>,
 ) {
@@ -327,7 +334,7 @@ async fn acceptor(
                 .and_then(|_| tokio::net::UnixStream::from_std(local))
             {
                 Ok(local) => {
-                    tokio::spawn(carry(shared.clone(), k, stream, local, false));
+                    tokio::spawn(carry(shared.clone(), tls.clone(), k, stream, local, false));
                 }
                 Err(e) => refuse(format!("cannot use the local socket: {e}")),
             }
