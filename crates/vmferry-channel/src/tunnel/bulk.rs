@@ -11,7 +11,7 @@
 //! This must never count a direction as ended without that note, and never buffer
 //! beyond the lane's window (the lanes enforce it).
 
-use super::carry::{there, write_all, CarryError};
+use super::carry::{announcement, there, write_all, CarryError};
 use super::shared::{lock, PeerEnd, Phase, Shared};
 use crate::tls_async::lanes::LaneError;
 use crate::tls_async::TlsIo;
@@ -23,29 +23,24 @@ use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use vmferry_proto::tunnel_frame::Frame;
 
-/// Stream k's lane.
-fn lane_of(k: u16) -> Result<u8, CarryError> {
-    u8::try_from(k + 1)
-        .ok()
-        .filter(|l| *l < crate::tls_async::lanes::CREDIT_LANE)
-        .ok_or_else(|| CarryError::Here(format!("stream index {k} has no lane")))
-}
-
 pub(super) async fn carry_lane(
     shared: &Shared,
     tls: &TlsIo,
     k: u16,
+    lane: u8,
     stream: yamux::Stream,
     local: tokio::net::UnixStream,
     announce: bool,
 ) -> Result<(), CarryError> {
-    let lane = lane_of(k)?;
     let sock = Arc::new(local);
-    tls.open_lane(lane, sock.clone(), shared.meter.clone())
-        .map_err(|e| match e {
-            LaneError::Local(m) => CarryError::Here(m),
-            LaneError::Tunnel(m) => CarryError::There(m),
-        })?;
+    match tls.open_lane(lane, sock.clone(), shared.meter.clone()) {
+        Ok(()) => {}
+        Err(LaneError::Local(m)) => return Err(CarryError::Here(m)),
+        // The connection failed before the stream started: say why, as a cut would.
+        Err(LaneError::Tunnel(m)) => {
+            return Err(there(shared, k, format!("cannot start its lane: {m}")).await)
+        }
+    }
     let carried = both_ways(shared, tls, k, lane, stream, &sock, announce).await;
     // However it ended, the local socket goes with this task (its peer sees the end).
     tls.close_lane(lane);
@@ -67,7 +62,7 @@ async fn both_ways(
 
     let up = async {
         if announce {
-            write_all(&stream, &k.to_be_bytes())
+            write_all(&stream, &announcement(k, lane))
                 .await
                 .map_err(|e| CarryError::There(format!("cannot announce it: {e}")))?;
         }

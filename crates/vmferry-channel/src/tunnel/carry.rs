@@ -11,6 +11,7 @@
 use super::bulk::carry_lane;
 use super::shared::{lock, short, PeerEnd, Phase, Shared};
 use crate::compress::{Compression, Outgoing};
+use crate::tls_async::lanes::CREDIT_LANE;
 use crate::tls_async::TlsIo;
 use futures::future::{self, Either};
 use futures::io::{AsyncRead as _, AsyncWrite as _};
@@ -37,22 +38,22 @@ pub(super) enum CarryError {
 }
 
 /// Carries one data stream both ways until both directions ended; counts it done or
-/// failed. The client (`announce`) first sends the stream's index.
+/// failed. The client (`announce`) first sends the stream's index and lane
+/// ([`announcement`]); `lane` 0: its bytes go through yamux.
 pub(super) async fn carry(
     shared: Arc<Shared>,
     tls: TlsIo,
     k: u16,
+    lane: u8,
     stream: yamux::Stream,
     local: tokio::net::UnixStream,
     announce: bool,
 ) {
     let _task = shared.task_started();
     let mut phase = shared.phase.subscribe();
-    // Uncompressed bytes go on a lane of their own, with no copy; compressed ones are
-    // reframed by the filter anyway and go through yamux.
     let work = async {
-        if shared.filters.compress == Compression::None {
-            carry_lane(&shared, &tls, k, stream, local, announce).await
+        if lane != 0 {
+            carry_lane(&shared, &tls, k, lane, stream, local, announce).await
         } else {
             carry_both(&shared, k, stream, local, announce).await
         }
@@ -102,7 +103,7 @@ async fn carry_both(
 
     let up = async {
         if announce {
-            write_all(&stream, &k.to_be_bytes())
+            write_all(&stream, &announcement(k, 0))
                 .await
                 .map_err(|e| format!("cannot announce it: {e}"))
                 .map_err(CarryError::There)?;
@@ -227,6 +228,24 @@ async fn carry_both(
     };
 
     future::try_join(up, down).await.map(|_| ())
+}
+
+/// What a data stream's yamux stream begins with: its index k (big-endian) and its lane
+/// (0: none, its bytes follow in yamux).
+pub(super) fn announcement(k: u16, lane: u8) -> [u8; 3] {
+    let [hi, lo] = k.to_be_bytes();
+    [hi, lo, lane]
+}
+
+/// Which lane the client gives its next data stream: uncompressed streams get lanes
+/// 1..=254 in turn, never one used before in this tunnel (so no late byte of an old
+/// stream can reach a new one); compressed streams, and any after the 254th, none.
+pub(super) fn next_lane(shared: &Shared, used: &mut u8) -> u8 {
+    if shared.filters.compress != Compression::None || *used >= CREDIT_LANE - 1 {
+        return 0;
+    }
+    *used += 1;
+    *used
 }
 
 /// A failure on the way: a yamux or TLS error alone says little ("connection is

@@ -36,7 +36,8 @@
 //! # Inside the mux
 //! The client (the migration source) opens the control stream first, then one stream per
 //! local connection; the server (the destination) never opens streams. Each data stream
-//! begins with its index k as a big-endian u16, then carries raw bytes. The server hands
+//! begins with its index k as a big-endian u16 and its lane (a byte; 0: none, its raw
+//! bytes follow in the yamux stream). The server hands
 //! streams to its `accept` callback in yamux stream-id order, which is the order they
 //! were opened (QEMU needs its main channel first), whatever order their first frames
 //! arrive in.

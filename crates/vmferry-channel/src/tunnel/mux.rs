@@ -10,7 +10,7 @@
 //! stream, queued in id order within [`MAX_STREAMS`], or the end of the tunnel.
 
 use super::api::TunnelError;
-use super::carry::carry;
+use super::carry::{carry, next_lane};
 use super::config::{yamux_config, CONTROL_STREAM_ID, MAX_STREAMS};
 use super::control::control;
 use super::shared::{short, AcceptRequest, Command, Phase, Role, Shared, TlsEnd};
@@ -91,6 +91,8 @@ pub(super) async fn mux(
     let mut next_id: u32 = 3;
     let (to_acceptor, acceptor_rx) = mpsc::unbounded_channel::<yamux::Stream>();
     let mut have_control = false;
+    // Client: the last lane given to a data stream.
+    let mut lanes_used: u8 = 0;
     let mut close_asked = false;
     let mut closing = false;
     match (role, accept) {
@@ -174,7 +176,16 @@ pub(super) async fn mux(
                     tokio::spawn(control(shared.clone(), stream));
                 }
                 Some(Opening::Data { k, local, reply }) => {
-                    tokio::spawn(carry(shared.clone(), tls.clone(), k, stream, local, true));
+                    let lane = next_lane(&shared, &mut lanes_used);
+                    tokio::spawn(carry(
+                        shared.clone(),
+                        tls.clone(),
+                        k,
+                        lane,
+                        stream,
+                        local,
+                        true,
+                    ));
                     let _ = reply.send(Ok(()));
                 }
                 None => {}
@@ -280,10 +291,14 @@ async fn acceptor(
     let work = async {
         let mut seen = HashSet::new();
         while let Some(mut stream) = inbound.recv().await {
-            let mut head = [0u8; 2];
-            let k = match tokio::time::timeout(REQUEST_TIMEOUT, stream.read_exact(&mut head)).await
+            let mut head = [0u8; 3];
+            let (k, lane) = match tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                stream.read_exact(&mut head),
+            )
+            .await
             {
-                Ok(Ok(())) => u16::from_be_bytes(head),
+                Ok(Ok(())) => (u16::from_be_bytes([head[0], head[1]]), head[2]),
                 Ok(Err(e)) => {
                     shared.stream_failed(format!(
                         "the source opened a stream but sent no stream index: {e}"
@@ -306,6 +321,10 @@ async fn acceptor(
             };
             if !seen.insert(k) {
                 refuse("a stream with this index is already open".into());
+                continue;
+            }
+            if lane == crate::tls_async::lanes::CREDIT_LANE {
+                refuse(format!("lane {lane} is reserved"));
                 continue;
             }
             let (tx, rx) = oneshot::channel();
@@ -334,7 +353,15 @@ async fn acceptor(
                 .and_then(|_| tokio::net::UnixStream::from_std(local))
             {
                 Ok(local) => {
-                    tokio::spawn(carry(shared.clone(), tls.clone(), k, stream, local, false));
+                    tokio::spawn(carry(
+                        shared.clone(),
+                        tls.clone(),
+                        k,
+                        lane,
+                        stream,
+                        local,
+                        false,
+                    ));
                 }
                 Err(e) => refuse(format!("cannot use the local socket: {e}")),
             }

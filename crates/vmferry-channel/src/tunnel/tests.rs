@@ -486,3 +486,43 @@ fn streams_cross_the_tunnel_byte_exact_while_both_sides_renew_keys_every_few_rec
     );
     client.stop();
 }
+
+#[test]
+fn streams_with_any_index_get_lanes_and_cross_byte_exact_both_ways() {
+    // libvirt's relay numbers its streams by kind (0x1000 apart): lanes are given in
+    // turn, whatever the index.
+    const KS: [u16; 3] = [0x2000, 0x1003, 7];
+    let p = pair();
+    let mut src = Vec::new();
+    for k in KS {
+        let (qemu, ours) = UnixStream::pair().expect("pair");
+        p.client.open(k, ours).expect("open");
+        src.push(qemu);
+    }
+    for (i, s) in src.into_iter().enumerate() {
+        let (k, mut d) = arrival(&p.arrivals);
+        assert_eq!(k, KS[i]);
+        let s2 = s.try_clone().expect("clone");
+        let up = std::thread::spawn(move || send_noise(s2, 11 + i as u64, 3 << 20));
+        let d2 = d.try_clone().expect("clone");
+        let down = std::thread::spawn(move || send_noise(d2, 99 + i as u64, 5000));
+        let (got_up, up_len) = recv_hash(&mut d);
+        let mut s = s;
+        let (got_down, down_len) = recv_hash(&mut s);
+        assert_eq!((up_len, down_len), (3 << 20, 5000), "stream {k}");
+        assert!(
+            got_up == up.join().expect("up"),
+            "stream {k} differs upstream"
+        );
+        assert!(
+            got_down == down.join().expect("down"),
+            "stream {k} differs downstream"
+        );
+    }
+    p.client
+        .wait_for_streams(KS.len(), Duration::from_secs(10))
+        .expect("client streams");
+    p.server
+        .wait_for_streams(KS.len(), Duration::from_secs(10))
+        .expect("server streams");
+}
