@@ -6,7 +6,7 @@
 //! - lane [`MUX_LANE`] (0): the multiplexer's (yamux's) byte stream;
 //! - lanes 1..=254: the bulk bytes of one data stream each;
 //! - lane [`CREDIT_LANE`] (255): a credit, `[lane][u32]`: the peer may send that many
-//!   more bytes on that lane.
+//!   more bytes on that lane; 0 bytes is the sender's word that it ran out of credit.
 //!
 //! A receiver hands a bulk frame to its local socket at once; what the socket does not
 //! take waits in the lane's overflow, which the peer's credit bounds ([`WINDOW`]): a
@@ -29,9 +29,13 @@ pub const MUX_LANE: u8 = 0;
 pub const CREDIT_LANE: u8 = 255;
 /// A credit frame's body: the lane, then the bytes (big-endian u32).
 const CREDIT_BODY: usize = 5;
-/// What each lane's receiver lets the sender have in flight: on the wire, in TLS
+/// What each lane's receiver first lets the sender have in flight: on the wire, in TLS
 /// buffers and in its overflow. Granted again once half of it reached the local socket.
 pub const WINDOW: u64 = 8 << 20;
+/// The largest a lane's window grows. A sender that runs out of credit says so; if the
+/// receiver's local socket took everything so far (the link, not the reader, is what
+/// holds it up: a long round trip), the window doubles, up to this.
+pub const MAX_WINDOW: u64 = 64 << 20;
 
 /// Why a lane cannot go on.
 #[derive(Debug)]
@@ -46,6 +50,8 @@ pub enum LaneError {
 #[derive(Default)]
 struct Out {
     credit: u64,
+    /// The peer was told that the credit ran out, and has not given more since.
+    starved: bool,
     waker: Option<Waker>,
 }
 
@@ -59,8 +65,9 @@ struct In {
     overflow: VecDeque<u8>,
     received: u64,
     delivered: u64,
-    /// Bytes the peer was allowed to send so far, in total.
+    /// Bytes the peer was allowed to send so far, in total, and in flight at most.
     granted: u64,
+    window: u64,
     /// The local socket failed: later bytes are dropped.
     failed: Option<String>,
     waker: Option<Waker>,
@@ -95,6 +102,7 @@ impl Lanes {
                 received: 0,
                 delivered: 0,
                 granted: WINDOW,
+                window: WINDOW,
                 failed: None,
                 waker: None,
             },
@@ -115,13 +123,18 @@ impl Lanes {
         std::mem::take(&mut self.grants)
     }
 
-    /// The credit the peer gave for sending on `lane`; Pending (the waker kept) if none.
+    /// The credit the peer gave for sending on `lane`; Pending (the waker kept) if none,
+    /// and the peer is told once (see [`Self::take_grants`]).
     pub fn poll_credit(&mut self, cx: &mut Context<'_>, lane: u8) -> Poll<u64> {
         let out = self.out.entry(lane).or_default();
         if out.credit > 0 {
             return Poll::Ready(out.credit);
         }
         out.waker = Some(cx.waker().clone());
+        if !out.starved {
+            out.starved = true;
+            self.grant(lane, 0);
+        }
         Poll::Pending
     }
 
@@ -164,9 +177,24 @@ impl Lanes {
 
     /// A credit frame's body arrived.
     fn credit(&mut self, body: &[u8; CREDIT_BODY]) {
-        let n = u32::from_be_bytes([body[1], body[2], body[3], body[4]]);
-        let out = self.out.entry(body[0]).or_default();
+        let (lane, n) = (
+            body[0],
+            u32::from_be_bytes([body[1], body[2], body[3], body[4]]),
+        );
+        if n == 0 {
+            // The peer ran out of credit on our lane: a larger window if the local socket
+            // is not what holds it up.
+            if let Some(l) = self.inn.get_mut(&lane) {
+                if l.overflow.is_empty() && l.window < MAX_WINDOW {
+                    l.window = (l.window * 2).min(MAX_WINDOW);
+                }
+            }
+            self.grant_if_due(lane);
+            return;
+        }
+        let out = self.out.entry(lane).or_default();
         out.credit = out.credit.saturating_add(n as u64);
+        out.starved = false;
         if let Some(w) = out.waker.take() {
             w.wake();
         }
@@ -239,8 +267,8 @@ impl Lanes {
         let Some(l) = self.inn.get_mut(&lane) else {
             return;
         };
-        let more = (l.delivered + WINDOW).saturating_sub(l.granted);
-        if more >= WINDOW / 2 {
+        let more = (l.delivered + l.window).saturating_sub(l.granted);
+        if more >= l.window / 2 {
             l.granted += more;
             self.grant(lane, more);
         }
@@ -578,5 +606,46 @@ mod tests {
                 assert!(r.end <= input.len(), "{r:?} outside the input");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_starved_sender_gets_a_larger_window_only_while_the_reader_keeps_up() {
+        let cx = &mut Context::from_waker(futures::task::noop_waker_ref());
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let ours = Arc::new(tokio::net::UnixStream::from_std(ours).expect("tokio"));
+        let mut lanes = Lanes::default();
+        // Sending on lane 5 with no credit: the peer is told once.
+        assert!(lanes.poll_credit(cx, 5).is_pending());
+        assert!(lanes.poll_credit(cx, 5).is_pending());
+        assert_eq!(lanes.take_grants(), vec![[5, 0, 0, 0, 0]]);
+        // Receiving on lane 1, whose reader took everything: the window doubles.
+        lanes.open(1, ours, Arc::default()).expect("open");
+        lanes.take_grants();
+        lanes.credit(&[1, 0, 0, 0, 0]);
+        let more = (WINDOW as u32).to_be_bytes();
+        assert_eq!(
+            lanes.take_grants(),
+            vec![[1, more[0], more[1], more[2], more[3]]]
+        );
+        // A reader that stops: bytes wait in the overflow, and the window stays.
+        let big = vec![1u8; 1 << 20];
+        for _ in 0..12 {
+            assert!(lanes.accept(1, big.len()).expect("within the window"));
+            lanes.deliver(1, &[&big]);
+        }
+        assert!(!lanes.inn[&1].overflow.is_empty());
+        let window = lanes.inn[&1].window;
+        lanes.credit(&[1, 0, 0, 0, 0]);
+        assert_eq!(lanes.inn[&1].window, window);
+        // Up to the cap, however often it is asked while the reader keeps up.
+        let mut sink = vec![0u8; 1 << 20];
+        theirs.set_nonblocking(true).expect("nonblocking");
+        while std::io::Read::read(&mut theirs, &mut sink).is_ok() {}
+        lanes.inn.get_mut(&1).expect("lane").overflow.clear();
+        for _ in 0..10 {
+            lanes.credit(&[1, 0, 0, 0, 0]);
+        }
+        assert_eq!(lanes.inn[&1].window, MAX_WINDOW);
     }
 }

@@ -240,7 +240,14 @@ impl TlsIo {
                 "the connection was closed here".into(),
             )));
         }
-        let credit = ready!(me.lanes.poll_credit(cx, lane));
+        let credit = match me.lanes.poll_credit(cx, lane) {
+            Poll::Ready(c) => c,
+            Poll::Pending => {
+                // The peer hears that the credit ran out (see `lanes::MAX_WINDOW`).
+                me.send_grants().map_err(tunnel)?;
+                return Poll::Pending;
+            }
+        };
         // Records are filled in place: only once what was sealed before went to TCP.
         ready!(me.poll_space(cx)).map_err(tunnel)?;
         let max = usize::try_from(credit).unwrap_or(usize::MAX);
