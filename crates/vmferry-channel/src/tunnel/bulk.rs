@@ -11,7 +11,7 @@
 //! This must never count a direction as ended without that note, and never buffer
 //! beyond the lane's window (the lanes enforce it).
 
-use super::carry::{announcement, there, write_all, CarryError};
+use super::carry::{announcement, confirm_end, there, write_all, CarryError};
 use super::shared::{lock, PeerEnd, Phase, Shared};
 use crate::tls_async::lanes::LaneError;
 use crate::tls_async::TlsIo;
@@ -123,28 +123,13 @@ async fn both_ways(
             Either::Left((Ok(()), end)) => end.await,
             Either::Right((end, _)) => end,
         };
-        match end {
-            Some(PeerEnd::Sent(n)) => {
-                if let Err(e) = poll_fn(|cx| tls.poll_drain_lane(cx, lane, true)).await {
-                    return Err(lane_err(e).await);
-                }
-                let got = tls.lane_received(lane);
-                if got != n {
-                    return Err(CarryError::There(format!(
-                        "ended after {got} of the {n} bytes {peer_word} sent"
-                    )));
-                }
-            }
-            Some(PeerEnd::Failed(cause)) => return Err(CarryError::There(cause)),
-            None => {
-                let cause = shared
-                    .broken_cause()
-                    .unwrap_or_else(|| "the connection ended".into());
-                return Err(CarryError::There(format!(
-                    "ended without {peer_word} confirming it ({cause})"
-                )));
+        // What the note counts arrived before it; what waits for the socket goes first.
+        if let Some(PeerEnd::Sent(_)) = end {
+            if let Err(e) = poll_fn(|cx| tls.poll_drain_lane(cx, lane, true)).await {
+                return Err(lane_err(e).await);
             }
         }
+        confirm_end(shared, end, tls.lane_received(lane))?;
         nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write)
             .map_err(|e| CarryError::Here(format!("half-closing the local socket: {e}")))
     };

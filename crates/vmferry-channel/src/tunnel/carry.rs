@@ -199,28 +199,11 @@ async fn carry_both(
                 None => break,
             }
         }
-        match shared.peer_end(k).await {
-            Some(PeerEnd::Sent(n)) if n == got => {
-                if decompressor.as_ref().is_some_and(|d| !d.at_frame_end()) {
-                    return Err(CarryError::There(format!(
-                        "{peer_word}'s compressed stream ended in the middle of a frame"
-                    )));
-                }
-            }
-            Some(PeerEnd::Sent(n)) => {
-                return Err(CarryError::There(format!(
-                    "ended after {got} of the {n} bytes {peer_word} sent"
-                )))
-            }
-            Some(PeerEnd::Failed(cause)) => return Err(CarryError::There(cause)),
-            None => {
-                let cause = shared
-                    .broken_cause()
-                    .unwrap_or_else(|| "the connection ended".into());
-                return Err(CarryError::There(format!(
-                    "ended without {peer_word} confirming it ({cause})"
-                )));
-            }
+        confirm_end(shared, shared.peer_end(k).await, got)?;
+        if decompressor.as_ref().is_some_and(|d| !d.at_frame_end()) {
+            return Err(CarryError::There(format!(
+                "{peer_word}'s compressed stream ended in the middle of a frame"
+            )));
         }
         lw.shutdown()
             .await
@@ -246,6 +229,31 @@ pub(super) fn next_lane(shared: &Shared, used: &mut u8) -> u8 {
     }
     *used += 1;
     *used
+}
+
+/// Whether the peer's word on how a stream's incoming direction ended confirms the
+/// `got` bytes that arrived: the only clean end of a direction.
+pub(super) fn confirm_end(
+    shared: &Shared,
+    end: Option<PeerEnd>,
+    got: u64,
+) -> Result<(), CarryError> {
+    let peer_word = shared.role.peer_word();
+    match end {
+        Some(PeerEnd::Sent(n)) if n == got => Ok(()),
+        Some(PeerEnd::Sent(n)) => Err(CarryError::There(format!(
+            "ended after {got} of the {n} bytes {peer_word} sent"
+        ))),
+        Some(PeerEnd::Failed(cause)) => Err(CarryError::There(cause)),
+        None => {
+            let cause = shared
+                .broken_cause()
+                .unwrap_or_else(|| "the connection ended".into());
+            Err(CarryError::There(format!(
+                "ended without {peer_word} confirming it ({cause})"
+            )))
+        }
+    }
 }
 
 /// A failure on the way: a yamux or TLS error alone says little ("connection is

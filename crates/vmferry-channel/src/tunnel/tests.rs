@@ -157,6 +157,33 @@ fn compressed_streams_cross_byte_exact_and_shrink_inside_the_tunnel() {
     p.client.stop();
 }
 
+/// Sends noise both ways over stream `k` (source end `s`, destination end `d`), each
+/// direction `(seed, length)`, and checks that both arrive whole and byte-exact.
+fn cross_both_ways(
+    k: u16,
+    s: UnixStream,
+    d: &mut UnixStream,
+    up: (u64, usize),
+    down: (u64, usize),
+) {
+    let s2 = s.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_noise(s2, up.0, up.1));
+    let d2 = d.try_clone().expect("clone");
+    let sent_down = std::thread::spawn(move || send_noise(d2, down.0, down.1));
+    let (got_up, up_len) = recv_hash(d);
+    let mut s = s;
+    let (got_down, down_len) = recv_hash(&mut s);
+    assert_eq!((up_len, down_len), (up.1, down.1), "stream {k}");
+    assert!(
+        got_up == sent_up.join().expect("up"),
+        "stream {k} differs upstream"
+    );
+    assert!(
+        got_down == sent_down.join().expect("down"),
+        "stream {k} differs downstream"
+    );
+}
+
 #[test]
 fn four_streams_arrive_byte_exact_in_order_and_the_tunnel_closes_cleanly() {
     const N: u16 = 4;
@@ -192,24 +219,7 @@ fn four_streams_arrive_byte_exact_in_order_and_the_tunnel_closes_cleanly() {
     for (i, (s, (k, mut d))) in src.into_iter().zip(dst).enumerate() {
         threads.push(std::thread::spawn(move || {
             let seed = 1000 + i as u64;
-            let s2 = s.try_clone().expect("clone");
-            let up = std::thread::spawn(move || send_noise(s2, seed, UP));
-            let down = {
-                let d2 = d.try_clone().expect("clone");
-                std::thread::spawn(move || send_noise(d2, seed + 7, DOWN))
-            };
-            let (got_up, up_len) = recv_hash(&mut d);
-            let mut s = s;
-            let (got_down, down_len) = recv_hash(&mut s);
-            assert_eq!((up_len, down_len), (UP, DOWN), "stream {k}");
-            assert!(
-                got_up == up.join().expect("up"),
-                "stream {k} differs upstream"
-            );
-            assert!(
-                got_down == down.join().expect("down"),
-                "stream {k} differs downstream"
-            );
+            cross_both_ways(k, s, &mut d, (seed, UP), (seed + 7, DOWN));
         }));
     }
     for t in threads {
@@ -502,21 +512,12 @@ fn streams_with_any_index_get_lanes_and_cross_byte_exact_both_ways() {
     for (i, s) in src.into_iter().enumerate() {
         let (k, mut d) = arrival(&p.arrivals);
         assert_eq!(k, KS[i]);
-        let s2 = s.try_clone().expect("clone");
-        let up = std::thread::spawn(move || send_noise(s2, 11 + i as u64, 3 << 20));
-        let d2 = d.try_clone().expect("clone");
-        let down = std::thread::spawn(move || send_noise(d2, 99 + i as u64, 5000));
-        let (got_up, up_len) = recv_hash(&mut d);
-        let mut s = s;
-        let (got_down, down_len) = recv_hash(&mut s);
-        assert_eq!((up_len, down_len), (3 << 20, 5000), "stream {k}");
-        assert!(
-            got_up == up.join().expect("up"),
-            "stream {k} differs upstream"
-        );
-        assert!(
-            got_down == down.join().expect("down"),
-            "stream {k} differs downstream"
+        cross_both_ways(
+            k,
+            s,
+            &mut d,
+            (11 + i as u64, 3 << 20),
+            (99 + i as u64, 5000),
         );
     }
     p.client
